@@ -1,0 +1,163 @@
+"""CIFAR-10-C and CIFAR-100-C in their published layout (see CORRUPTIONS.md).
+
+``<data_dir>/CIFAR-10-C/<corruption>.npy`` holds uint8 (50000, 32, 32, 3) NHWC images, severities 1..5 in blocks
+of 10,000 in test order; ``labels.npy`` holds the labels repeated five times. Files are memory-mapped and read one
+batch at a time, so memory stays flat however many corruptions run. Missing files are downloaded from Zenodo when
+the machine is online (through robustbench's downloader); offline, a ``DownloadError`` says what to fetch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tta.data.stream import Domain, Stream
+from tta.errors import ConfigError, DataError, DownloadError
+
+BENCHMARK_CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+ALL_CORRUPTIONS: tuple[str, ...] = BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
+SEVERITIES: tuple[int, ...] = (5, 4, 3, 2, 1)  # the Tent protocol's order
+N_PER_SEVERITY = 10_000
+
+
+# name -> (directory, Zenodo record, archive, number of classes)
+DATASETS: dict[str, tuple[str, str, str, int]] = {
+    "cifar10c": ("CIFAR-10-C", "2535967", "CIFAR-10-C.tar", 10),
+    "cifar100c": ("CIFAR-100-C", "3555552", "CIFAR-100-C.tar", 100),
+}
+
+
+def dataset_info(name: str) -> tuple[str, str, str, int]:
+    """``(directory, zenodo_record, archive, num_classes)`` of a corruption benchmark, or a ``ConfigError``."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown corruption benchmark {name!r}; choose one of: {', '.join(DATASETS)}") from None
+
+
+def check_selection(corruptions: Sequence[str], severities: Sequence[int]) -> None:
+    """``ConfigError`` for unknown corruption names or severities outside 1..5."""
+    unknown = [c for c in corruptions if c not in ALL_CORRUPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown corruption(s) {', '.join(map(repr, unknown))}; valid names are: "
+                          f"{', '.join(ALL_CORRUPTIONS)}")
+    bad = [s for s in severities if not (isinstance(s, int) and 1 <= s <= 5)]
+    if bad:
+        raise ConfigError(f"severities must be integers from 1 to 5, got {', '.join(map(str, bad))}")
+    if not corruptions or not severities:
+        raise ConfigError("select at least one corruption and one severity")
+
+
+def _open_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Memory-map a uint8 .npy and check its shape, turning numpy's errors into a fix-it ``DataError``."""
+    fix = f"delete {path} and download it again (or regenerate it with `tta corrupt`)"
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path} is corrupt or truncated ({err}); {fix}") from None
+    if arr.dtype != np.uint8 or arr.shape != shape:
+        raise DataError(f"{path} holds {arr.dtype} {arr.shape}, expected uint8 {shape}; {fix}")
+    return arr
+
+
+class CifarCFiles:
+    """Reads the published CIFAR-10-C / CIFAR-100-C files of ``root`` (a ``DomainSource``)."""
+
+    label = "files"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._labels: np.ndarray | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = _open_npy(self.root / "labels.npy", (5 * N_PER_SEVERITY,))
+        return self._labels
+
+    def array(self, corruption: str) -> np.ndarray:
+        if corruption not in self._arrays:
+            self._arrays[corruption] = _open_npy(self.root / f"{corruption}.npy", (5 * N_PER_SEVERITY, 32, 32, 3))
+        return self._arrays[corruption]
+
+    def size(self, domain: Domain) -> int:
+        return N_PER_SEVERITY
+
+    def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = (domain.severity - 1) * N_PER_SEVERITY
+        rows = slice(offset + int(index[0]), offset + int(index[-1]) + 1)
+        if len(index) == rows.stop - rows.start:  # contiguous: one slice of the memory map
+            x, y = self.array(domain.corruption)[rows], self.labels()[rows]
+        else:
+            x, y = self.array(domain.corruption)[offset + index], self.labels()[offset + index]
+        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+        return x, torch.from_numpy(y.astype(np.int64))
+
+
+def download_cifar_c(dataset: str, data_dir: str | Path) -> None:
+    """Download and extract ``dataset`` (e.g. ``cifar10c``) from Zenodo into ``data_dir`` via robustbench."""
+    from tta.compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.zenodo_download import zenodo_download
+
+    _, record, archive, _ = dataset_info(dataset)
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    zenodo_download(record, {archive}, save_dir=Path(data_dir))
+
+
+def ensure_files(dataset: str, data_dir: str | Path, corruptions: Sequence[str], download: bool = True) -> Path:
+    """The dataset directory, downloading it when files are missing; offline, a ``DownloadError`` naming them."""
+    directory, record, archive, _ = dataset_info(dataset)
+    root = Path(data_dir) / directory
+    needed = ["labels.npy", *(f"{c}.npy" for c in corruptions)]
+    missing = [name for name in needed if not (root / name).is_file()]
+    if missing and download:
+        try:
+            download_cifar_c(dataset, data_dir)
+        except Exception as err:  # network errors come from requests, urllib3 or socket: report them all the same
+            reason = f"{type(err).__name__}: {err}"
+        else:
+            reason = "the downloaded archive does not contain them"
+        missing = [name for name in needed if not (root / name).is_file()]
+    else:
+        reason = "downloading is switched off"
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DownloadError(
+            f"{dataset} files are missing from {root}: {shown}. Could not download them ({reason}). Fetch {archive} "
+            f"from https://zenodo.org/records/{record} and extract it into {Path(data_dir)} so that {root}/labels.npy "
+            "exists, or generate the corruptions locally with `tta corrupt`."
+        )
+    return root
+
+
+def cifar_c_stream(
+    dataset: str = "cifar10c",
+    data_dir: str | Path = "data",
+    corruptions: Sequence[str] = BENCHMARK_CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    n_examples: int | None = None,
+    batch_size: int = 200,
+    download: bool = True,
+) -> Stream:
+    """A stream over CIFAR-10-C/100-C files: severities in the given order, corruptions within each severity.
+
+    This is the Tent protocol's order (severity 5 first, the 15 corruptions in the standard order); each domain
+    yields its first ``n_examples`` images (all 10,000 by default) in test order.
+    """
+    check_selection(corruptions, severities)
+    root = ensure_files(dataset, data_dir, corruptions, download)
+    source = CifarCFiles(root)
+    source.labels()
+    for c in corruptions:  # fail on a corrupt file now, not hours into the run
+        source.array(c)
+    domains = [Domain(c, s) for s in severities for c in corruptions]
+    return Stream(source, domains, n_examples=n_examples, batch_size=batch_size)
