@@ -4,6 +4,7 @@
 of 10,000 in test order; ``labels.npy`` holds the labels repeated five times. Files are memory-mapped and read one
 batch at a time, so memory stays flat however many corruptions run. Missing files are downloaded from Zenodo when
 the machine is online (through robustbench's downloader); offline, a ``DownloadError`` says what to fetch.
+The published files hold 10,000 images per severity; the loader accepts any count divisible into 5 blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ BENCHMARK_CORRUPTIONS: tuple[str, ...] = (
 EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 ALL_CORRUPTIONS: tuple[str, ...] = BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
 SEVERITIES: tuple[int, ...] = (5, 4, 3, 2, 1)  # the Tent protocol's order
-N_PER_SEVERITY = 10_000
 
 
 # name -> (directory, Zenodo record, archive, number of classes)
@@ -55,20 +55,24 @@ def check_selection(corruptions: Sequence[str], severities: Sequence[int]) -> No
         raise ConfigError("select at least one corruption and one severity")
 
 
-def _open_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """Memory-map a uint8 .npy and check its shape, turning numpy's errors into a fix-it ``DataError``."""
+def _open_npy(path: Path, ndim: int) -> np.ndarray:
+    """Memory-map a uint8 .npy of ``ndim`` dimensions, turning numpy's errors into a fix-it ``DataError``."""
     fix = f"delete {path} and download it again (or regenerate it with `tta corrupt`)"
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"{path} is corrupt or truncated ({err}); {fix}") from None
-    if arr.dtype != np.uint8 or arr.shape != shape:
-        raise DataError(f"{path} holds {arr.dtype} {arr.shape}, expected uint8 {shape}; {fix}")
+    if arr.dtype != np.uint8 or arr.ndim != ndim:
+        raise DataError(f"{path} holds {arr.dtype} of shape {arr.shape}, expected uint8 with {ndim} dimensions; {fix}")
     return arr
 
 
 class CifarCFiles:
-    """Reads the published CIFAR-10-C / CIFAR-100-C files of ``root`` (a ``DomainSource``)."""
+    """Reads CIFAR-10-C / CIFAR-100-C files of ``root`` (a ``DomainSource``).
+
+    The published files hold 10,000 images per severity; files written by ``tta corrupt`` from a smaller clean
+    set hold ``len(labels.npy) / 5``. Every corruption file must match the labels file.
+    """
 
     label = "files"
 
@@ -78,20 +82,36 @@ class CifarCFiles:
         self._arrays: dict[str, np.ndarray] = {}
 
     def labels(self) -> np.ndarray:
+        """The labels of all five severities (memory-mapped)."""
         if self._labels is None:
-            self._labels = _open_npy(self.root / "labels.npy", (5 * N_PER_SEVERITY,))
+            labels = _open_npy(self.root / "labels.npy", 1)
+            if len(labels) == 0 or len(labels) % 5:
+                raise DataError(f"{self.root / 'labels.npy'} holds {len(labels)} labels, not 5 equal severity "
+                                "blocks; download it again (or regenerate the set with `tta corrupt`)")
+            self._labels = labels
         return self._labels
 
+    @property
+    def per_severity(self) -> int:
+        """Images per severity block."""
+        return len(self.labels()) // 5
+
     def array(self, corruption: str) -> np.ndarray:
+        """The memory-mapped images of one corruption, all severities."""
         if corruption not in self._arrays:
-            self._arrays[corruption] = _open_npy(self.root / f"{corruption}.npy", (5 * N_PER_SEVERITY, 32, 32, 3))
+            path = self.root / f"{corruption}.npy"
+            arr = _open_npy(path, 4)
+            if arr.shape[0] != len(self.labels()) or arr.shape[3] != 3:
+                raise DataError(f"{path} has shape {arr.shape} but labels.npy has {len(self.labels())} rows; "
+                                f"expected ({len(self.labels())}, H, W, 3): delete it and download or regenerate it")
+            self._arrays[corruption] = arr
         return self._arrays[corruption]
 
     def size(self, domain: Domain) -> int:
-        return N_PER_SEVERITY
+        return self.per_severity
 
     def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        offset = (domain.severity - 1) * N_PER_SEVERITY
+        offset = (domain.severity - 1) * self.per_severity
         rows = slice(offset + int(index[0]), offset + int(index[-1]) + 1)
         if len(index) == rows.stop - rows.start:  # contiguous: one slice of the memory map
             x, y = self.array(domain.corruption)[rows], self.labels()[rows]
