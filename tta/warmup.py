@@ -177,9 +177,9 @@ def warmup_afn(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == labels[idx]).sum())
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         history.append({"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n,
                         "seconds": time.perf_counter() - start})
         if progress:

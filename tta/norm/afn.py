@@ -28,6 +28,7 @@ from tta.norm.convert import replace_batchnorms
 
 LambdaInit = Literal["paper", "official"]
 LAMBDA_INITS: tuple[str, ...] = ("paper", "official")
+IDENTITY_SIGMA_HAT = 1e-3
 
 
 class AFN(nn.Module):
@@ -36,7 +37,8 @@ class AFN(nn.Module):
     ``lambda_init``: ``paper`` starts l_mu = l_sigma = sigmoid(-3) ~ 0.047 as the paper intends; ``official``
     reproduces the official code, which stores sigmoid(-3) in the parameter and applies sigmoid again in the
     forward pass (l ~ 0.512 at initialisation). ``identity_init`` zero-initialises the last layer of every decoder,
-    so the estimates start at mu_hat = sigma_hat = beta_hat = 0 and gamma_hat = 0.5. ``source_prior_n`` (N) blends
+    so the estimates start at mu_hat = beta_hat = 0, gamma_hat = 0.5 and sigma_hat = 1e-3 (the sigma decoder's
+    bias is not 0 exactly, or its final ReLU would block every gradient to it). ``source_prior_n`` (N) blends
     the batch statistics with the source statistics (METHODS.md 1.3) before anything else; None uses the batch only.
     """
 
@@ -79,6 +81,9 @@ class AFN(nn.Module):
             for layer in (self.dec_mu, self.dec_sigma, self.dec_beta, self.dec_gamma):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+            # sigma_hat = ReLU(dec_sigma(...)): at exactly 0 the ReLU passes no gradient and that decoder could
+            # never train, so its bias starts just above 0 (sigma_hat = 1e-3, weighted by l_sigma ~ 0.047).
+            nn.init.constant_(self.dec_sigma.bias, IDENTITY_SIGMA_HAT)
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d, **kwargs: object) -> AFN:
