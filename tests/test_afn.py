@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from click.testing import CliRunner
 from torch import nn
 
+import tta
+from tta.cli import cli
 from tta.config import resolve_config
-from tta.errors import ConfigError, ModelError
+from tta.errors import ConfigError, DownloadError, ModelError
 from tta.methods.afn import AFNConfig, AFNMethod
+from tta.models import cifar_resnet
 from tta.norm.afn import AFN, afn_layers, afn_parameters, convert_to_afn
 from tta.registry import get_method
-from tta.warmup import _random_crop_flip, load_afn_checkpoint, model_fingerprint, warmup_afn
+from tta.warmup import _random_crop_flip, load_afn_checkpoint, load_source, model_fingerprint, warmup_afn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -331,3 +338,59 @@ def test_random_crop_flip_moves_pixels_only() -> None:
 def test_afn_parameters_rejects_unknown_set(bn_model: nn.Module) -> None:
     with pytest.raises(ValueError, match="affine"):
         afn_parameters(bn_model, "bias")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture
+def resnet_checkpoint(tmp_path: Path) -> Path:
+    """A randomly initialised CIFAR ResNet-20 in the layout of the shared checkpoints (``module.`` prefixes)."""
+    torch.manual_seed(0)
+    path = tmp_path / "r20.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in cifar_resnet("resnet20").state_dict().items()}}, path)
+    return path
+
+
+def test_cli_adapt_loads_a_warmup_checkpoint(
+    resnet_checkpoint: Path, tmp_path: Path, fake_cifar_c: Callable[..., Path]
+) -> None:
+    model = tta.load_model(checkpoint=resnet_checkpoint, arch="resnet20")
+    x, y = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,))
+    warm = warmup_afn(model, x, y, epochs=1, batch_size=8, progress=False).save(tmp_path / "warm.pt")
+    data_dir = fake_cifar_c(("fog",), per_severity=8)
+    args = ["adapt", "--checkpoint", str(resnet_checkpoint), "--arch", "resnet20", "--data-dir", str(data_dir),
+            "--corruptions", "fog", "--severities", "5", "--batch-size", "8", "--no-progress", "--device", "cpu",
+            "--no-download"]
+    out = tmp_path / "afn.csv"
+    result = CliRunner().invoke(cli, [*args, "--method", "afn", "--afn-checkpoint", str(warm), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(out.with_suffix(".yaml").read_text())["settings"]["afn_checkpoint"] == str(warm)
+    result = CliRunner().invoke(cli, [*args, "--method", "tent", "--afn-checkpoint", str(warm)])
+    assert result.exit_code != 0 and "--afn-checkpoint applies to --method afn" in result.output
+    other = tmp_path / "other.th"
+    torch.manual_seed(1)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in cifar_resnet("resnet20").state_dict().items()}}, other)
+    args[2] = str(other)
+    result = CliRunner().invoke(cli, [*args, "--method", "afn", "--afn-checkpoint", str(warm)])
+    assert result.exit_code != 0 and "warmed up on a different model" in result.output
+
+
+def test_cli_warmup_from_npz(resnet_checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tta.data.clean", reason="npz:PATH sources are read by tta.data.clean.load_clean (issue 3)")
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "src.npz", x=g.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
+             y=g.integers(0, 10, 24, dtype=np.int64))
+    out = tmp_path / "warm.pt"
+    result = CliRunner().invoke(cli, ["warmup", "--method", "afn", "--source", f"npz:{tmp_path / 'src.npz'}",
+                                      "--checkpoint", str(resnet_checkpoint), "--arch", "resnet20", "--epochs", "2",
+                                      "--batch-size", "8", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "epoch 2: loss" in result.output and "tta adapt --method afn --afn-checkpoint" in result.output
+    ckpt = load_afn_checkpoint(out)
+    assert ckpt["warmup"]["epochs"] == 2 and ckpt["warmup"]["n_images"] == 24 and ckpt["base"] == "resnet20:r20.th"
+    model = tta.load_model(checkpoint=resnet_checkpoint, arch="resnet20")
+    assert ckpt["base_fingerprint"] == model_fingerprint(model)
+
+
+def test_training_split_offline_is_a_download_error(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match=r"cifar-10-python\.tar\.gz"):
+        load_source("cifar10", tmp_path, download=False)

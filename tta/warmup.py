@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from tta.errors import ConfigError, InputError, ModelError
 from tta.norm.afn import afn_layers, afn_parameters, convert_to_afn
@@ -104,13 +103,6 @@ def _random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4)
     return out.permute(0, 3, 1, 2).contiguous()  # advanced indexing put the channel axis last
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``auto`` picks CUDA when available, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def warmup_afn(
     model: nn.Module,
     x: np.ndarray | torch.Tensor,
@@ -122,7 +114,7 @@ def warmup_afn(
     augment: bool = True,
     lambda_init: Literal["paper", "official"] = "paper",
     identity_init: bool = True,
-    device: str | torch.device | None = None,
+    device: str | torch.device = "auto",
     seed: int = 0,
     progress: bool = True,
     base: str = "",
@@ -141,6 +133,11 @@ def warmup_afn(
         raise ConfigError(f"batch_size must be >= 2 (AFN normalises with batch statistics), got {batch_size}")
     if lr <= 0:
         raise ConfigError(f"lr must be > 0, got {lr}")
+    # Lazy: tta.methods imports this module, and importing it must stay cheap.
+    from tqdm.auto import tqdm
+
+    from tta.engine import resolve_device
+
     x, y = _as_images(x, y)
     dev = resolve_device(device)
     model = copy.deepcopy(model).eval()
@@ -229,3 +226,85 @@ def apply_afn_checkpoint(
                    source_prior_n=source_prior_n, p_drop=settings["p_drop"])
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return model
+
+
+TRAIN_SETS: dict[str, tuple[str, str]] = {
+    "cifar10": ("CIFAR10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": ("CIFAR100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+
+
+def load_source(spec: str, data_dir: str | Path = "data", download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Clean source images (uint8 NHWC) and labels for a warm-up: ``cifar10``/``cifar100`` or a ``load_clean`` spec.
+
+    ``cifar10`` and ``cifar100`` mean the *training* split here (``load_clean`` gives the test split, which a
+    warm-up must never see); every other spec (``npz:PATH``, ``folder:PATH``) goes to ``tta.data.clean.load_clean``.
+    """
+    if spec not in TRAIN_SETS:
+        from tta.data.clean import load_clean
+
+        return load_clean(spec, data_dir, download)
+    import torchvision.datasets
+
+    from tta.errors import DownloadError
+
+    cls_name, url = TRAIN_SETS[spec]
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        ds = cls(root=str(data_dir), train=True, download=False)
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted": fetch it when allowed
+        try:
+            if not download:
+                raise RuntimeError("downloading is switched off") from None
+            ds = cls(root=str(data_dir), train=True, download=True)
+        except Exception as err:  # urllib, ssl and socket errors alike mean "could not download"
+            raise DownloadError(f"the {spec} training set is not in {data_dir} and could not be downloaded "
+                                f"({type(err).__name__}: {err}); fetch {url} and extract it into {data_dir}") from None
+    return np.ascontiguousarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+
+
+def run_warmup(
+    method: str = "afn",
+    *,
+    source: str,
+    out: str | Path,
+    model: str | None = "Standard",
+    checkpoint: str | Path | None = None,
+    arch: str | None = None,
+    dataset: str = "cifar10",
+    data_dir: str | Path = "data",
+    n_images: int | None = None,
+    epochs: int = 5,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    augment: bool = True,
+    lambda_init: Literal["paper", "official"] = "paper",
+    identity_init: bool = True,
+    device: str = "auto",
+    seed: int = 0,
+    download: bool = True,
+    progress: bool = True,
+) -> tuple[AFNWarmup, Path]:
+    """What ``tta warmup`` does: load the model and clean ``source`` data, warm up, save to ``out``.
+
+    ``source`` is ``cifar10``/``cifar100`` (the training split, downloaded into ``data_dir``) or a
+    ``tta.data.clean.load_clean`` spec such as ``npz:PATH`` (see ``load_source``). Returns the warm-up and the
+    checkpoint path.
+    """
+    if method != "afn":
+        raise ConfigError(f"only afn has a source warm-up, got method {method!r}; use --method afn")
+    from tta.engine import resolve_device
+    from tta.models import load_model
+
+    resolve_device(device)  # a bad device fails before the data is read
+    net = load_model(model, dataset=dataset, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
+    x, y = load_source(source, data_dir, download)
+    if n_images is not None:
+        x, y = x[:n_images], y[:n_images]
+    base = f"{arch}:{Path(checkpoint).name}" if checkpoint is not None else str(model)
+    warm = warmup_afn(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      augment=augment, lambda_init=lambda_init, identity_init=identity_init, device=device,
+                      seed=seed, progress=progress, base=base)
+    warm.warmup["source"] = source
+    return warm, warm.save(out)
