@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import tta
 from tta.data import BENCHMARK_CORRUPTIONS
-from tta.data.stream import Stream
+from tta.data.stream import Domain, Stream
 from tta.warmup import warmup_afn
 
 METHODS: list[tuple[str, str, dict[str, object]]] = [
@@ -33,6 +34,25 @@ METHODS: list[tuple[str, str, dict[str, object]]] = [
 ]
 
 
+class CachedSource:
+    """Every image of another source's domains, materialised once so that each method sees the same bytes."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.label = stream.label
+        self.data = {}
+        for domain, n in zip(stream.domains, stream.sizes, strict=True):
+            x, y = stream.source.load(domain, np.arange(n))
+            self.data[domain] = (x.cpu(), y.cpu())
+
+    def size(self, domain: Domain) -> int:
+        return len(self.data[domain][1])
+
+    def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data[domain]
+        idx = torch.as_tensor(index)
+        return x[idx], y[idx]
+
+
 def make_stream(args: argparse.Namespace, shared: Path) -> Stream:
     """Generated CIFAR-10-C corruptions of the clean test head when available, else the JPEG test set."""
     if not args.jpeg:
@@ -41,10 +61,11 @@ def make_stream(args: argparse.Namespace, shared: Path) -> Stream:
         except ImportError:
             print("tta.data.generated is not installed: evaluating on test_jpeg.npz instead")
         else:
-            return generated_stream("cifar10c", corruptions=args.corruptions.split(","),
-                                    severities=[int(s) for s in args.severities.split(",")],
-                                    n_examples=args.n_examples, batch_size=200, seed=0,
-                                    source=f"npz:{shared / 'data' / 'cifar10' / args.clean}")
+            stream = generated_stream("cifar10c", corruptions=args.corruptions.split(","),
+                                      severities=[int(s) for s in args.severities.split(",")],
+                                      n_examples=args.n_examples, batch_size=200, seed=0,
+                                      source=f"npz:{shared / 'data' / 'cifar10' / args.clean}")
+            return Stream(CachedSource(stream), stream.domains, args.n_examples, batch_size=200)
     from tta.data.arrays import npz_stream
 
     return npz_stream(shared / "data" / "cifar10" / "test_jpeg.npz", batch_size=200, n_examples=args.n_examples)
@@ -62,13 +83,15 @@ def main() -> None:
     parser.add_argument("--corruptions", default=",".join(BENCHMARK_CORRUPTIONS))
     parser.add_argument("--severities", default="1,3,5")
     parser.add_argument("--jpeg", action="store_true", help="evaluate on test_jpeg.npz instead of corruptions")
-    parser.add_argument("--methods", default=",".join(label for label, _, _ in METHODS))
+    parser.add_argument("--methods", default=",".join(label for label, _, _ in METHODS),
+                        help="comma-separated labels of the table's columns, or 'warmup' to only warm up")
     parser.add_argument("--out", type=Path, default=Path("results/afn_table.csv"))
     args = parser.parse_args()
 
     shared = args.shared
+    wanted = set(args.methods.split(","))
     model = tta.load_model(checkpoint=shared / "models" / f"cifar10_{args.arch}.th", arch=args.arch)
-    if not args.warm.is_file():
+    if not args.warm.is_file() and (args.methods == "warmup" or "afn (warm-up)" in wanted):
         with np.load(shared / "data" / "cifar10" / "train_jpeg_10k.npz") as data:
             x, y = data["x"], data["y"]
         start = time.perf_counter()
@@ -79,13 +102,13 @@ def main() -> None:
         warm.save(args.warm)
 
     frames = []
-    wanted = set(args.methods.split(","))
+    stream = make_stream(args, shared)
     for label, method, overrides in METHODS:
         if label not in wanted:
             continue
         settings = {k: str(args.warm) if k == "afn_checkpoint" else v for k, v in overrides.items()}
         start = time.perf_counter()
-        df = tta.evaluate(tta.adapt(model, method, **settings), make_stream(args, shared), "domain",
+        df = tta.evaluate(tta.adapt(model, method, **settings), stream, "domain",
                           device=args.device, model_name=args.arch, seed=1)
         print(f"{label}: mean {df.accuracy.mean():.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         frames.append(df.assign(method=label))
