@@ -1,0 +1,157 @@
+"""Stream settings: the sequence of (corruption, severity), segments and per-sample accounting of each setting."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from itertools import groupby
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tta.data import SETTINGS, Domain, Stream, cifar_c_stream
+from tta.data.settings import SettingStream, gradual_severities
+from tta.errors import ConfigError
+
+CORRUPTIONS = ("gaussian_noise", "fog", "snow")
+
+
+class CodedSource:
+    """A domain source whose images spell out where they come from: channels (corruption, severity, index)."""
+
+    label = "coded"
+
+    def __init__(self, size: int = 10) -> None:
+        self.n = size
+        self.loads: list[tuple[Domain, list[int]]] = []
+
+    def size(self, domain: Domain) -> int:
+        return self.n
+
+    def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        assert np.all(np.diff(index) > 0), "DomainSource.load is called with ascending indices"
+        self.loads.append((domain, index.tolist()))
+        x = torch.zeros(len(index), 3, 2, 2)
+        x[:, 0] = CORRUPTIONS.index(domain.corruption)
+        x[:, 1] = domain.severity
+        x[:, 2] = torch.as_tensor(index, dtype=torch.float32)[:, None, None]
+        return x, torch.as_tensor(index, dtype=torch.long) % 10
+
+
+def samples(stream: Stream) -> list[tuple[Domain, int, int]]:
+    """(domain, image index, segment) of every sample in stream order, checking that ids match the content."""
+    out = []
+    for batch in stream:
+        for x, d, y in zip(batch.x, batch.domain, batch.y, strict=True):
+            domain = stream.domains[int(d)]
+            assert (CORRUPTIONS[int(x[0, 0, 0])], int(x[1, 0, 0])) == (domain.corruption, domain.severity)
+            assert int(y) == int(x[2, 0, 0]) % 10
+            out.append((domain, int(x[2, 0, 0]), batch.segment))
+    return out
+
+
+def runs_of(items: list[tuple[Domain, int, int]]) -> list[tuple[str, int]]:
+    """The sequence of (corruption, severity) stretches in stream order."""
+    return [(d.corruption, d.severity) for d, _ in groupby(items, key=lambda t: t[0])]
+
+
+def make(setting: str, severities: tuple[int, ...] = (5, 3), size: int = 10, batch_size: int = 4,
+         seed: int = 0) -> SettingStream:
+    return SettingStream(CodedSource(size), CORRUPTIONS, severities, setting=setting, batch_size=batch_size, seed=seed)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_every_image_is_predicted_exactly_once(setting: str) -> None:
+    stream = make(setting)
+    items = samples(stream)
+    counts = Counter((d, i) for d, i, _ in items)
+    assert set(counts.values()) == {1}
+    assert set(counts) == {(d, i) for d in stream.domains for i in range(10)}
+    assert len(list(stream)) == len(stream)
+
+
+def test_per_domain_is_the_tent_protocol_and_matches_the_plain_stream() -> None:
+    stream = make("per-domain")
+    items = samples(stream)
+    assert runs_of(items) == [(c, s) for s in (5, 3) for c in CORRUPTIONS]
+    segments = [seg for _, _, seg in items]
+    assert segments == [stream.domains.index(d) for d, _, _ in items]
+    plain = Stream(CodedSource(10), stream.domains, batch_size=4)
+    for a, b in zip(stream, plain, strict=True):
+        assert torch.equal(a.x, b.x) and torch.equal(a.domain, b.domain) and a.segment == b.segment
+
+
+def test_continual_runs_corruptions_back_to_back_without_reset_within_a_severity() -> None:
+    items = samples(make("continual"))
+    assert runs_of(items) == [(c, s) for s in (5, 3) for c in CORRUPTIONS]
+    by_segment: dict[int, set[tuple[str, int]]] = {}
+    for d, _, seg in items:
+        by_segment.setdefault(seg, set()).add((d.corruption, d.severity))
+    # One segment per severity, spanning every corruption: no reset between corruptions.
+    assert by_segment == {0: {(c, 5) for c in CORRUPTIONS}, 1: {(c, 3) for c in CORRUPTIONS}}
+
+
+def test_mixed_shuffles_all_corruptions_of_a_severity_into_each_batch() -> None:
+    stream = make("mixed", size=20, batch_size=15)
+    batches = list(stream)
+    for batch in batches:
+        severities = {stream.domains[int(d)].severity for d in batch.domain}
+        assert len(severities) == 1  # batches never straddle two severities
+        assert batch.segment == (0 if severities == {5} else 1)
+    assert max(len(set(b.domain.tolist())) for b in batches) == len(CORRUPTIONS)
+    # The first severity comes first, completely.
+    items = samples(stream)
+    assert [d.severity for d, _, _ in items] == [5] * 60 + [3] * 60
+
+
+def test_mixed_is_seeded() -> None:
+    def order(seed: int) -> list[tuple[Domain, int, int]]:
+        return samples(make("mixed", seed=seed))
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+
+
+def test_gradual_goes_up_and_down_per_corruption_on_disjoint_images() -> None:
+    assert gradual_severities([5, 1, 3, 2, 4]) == [1, 2, 3, 4, 5, 4, 3, 2, 1]
+    stream = make("gradual", severities=(1, 2, 3, 4, 5), size=10, batch_size=3)
+    items = samples(stream)
+    expected = [(c, s) for c in CORRUPTIONS for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)]
+    assert runs_of(items) == expected
+    for c_i, c in enumerate(CORRUPTIONS):
+        assert {seg for d, _, seg in items if d.corruption == c} == {c_i}  # no reset within a corruption
+    # Severity 2 is visited twice, each visit on its own half of the images; severity 5 once, on all of them.
+    visits = [(k, [i for _, i, _ in g]) for k, g in groupby(items, key=lambda t: t[0])]
+    sev2 = [idx for d, idx in visits if d == Domain("fog", 2)]
+    assert sev2 == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [idx for d, idx in visits if d == Domain("fog", 5)] == [list(range(10))]
+
+
+def test_batches_never_straddle_a_visit() -> None:
+    stream = make("gradual", severities=(1, 2), size=5, batch_size=4)
+    for batch in stream:
+        assert len(set(batch.domain.tolist())) == 1
+
+
+def test_unknown_setting_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="per-domain, continual, mixed, gradual"):
+        make("shuffled")
+
+
+def test_cifar_c_stream_mixed_loads_the_right_images(fake_cifar_c: Callable[..., Path]) -> None:
+    data = fake_cifar_c(("gaussian_noise", "fog"), per_severity=12)
+    stream = cifar_c_stream(data_dir=data, corruptions=["gaussian_noise", "fog"], severities=[5, 2],
+                            batch_size=8, download=False, setting="mixed", seed=3)
+    arrays = {c: np.load(data / "CIFAR-10-C" / f"{c}.npy") for c in ("gaussian_noise", "fog")}
+    labels = np.load(data / "CIFAR-10-C" / "labels.npy")
+    seen: Counter[tuple[int, int]] = Counter()
+    for batch in stream:
+        for x, y, d in zip(batch.x, batch.y, batch.domain, strict=True):
+            domain = stream.domains[int(d)]
+            block = arrays[domain.corruption][(domain.severity - 1) * 12:domain.severity * 12]
+            rows = np.flatnonzero((block == x.permute(1, 2, 0).numpy()).all(axis=(1, 2, 3)))
+            assert len(rows) == 1 and labels[rows[0]] == int(y)
+            seen[(int(d), int(rows[0]))] += 1
+    assert len(seen) == 4 * 12 and set(seen.values()) == {1}
