@@ -150,12 +150,14 @@ def test_grown_state_dict_loads_into_a_fresh_adapted_model(bn_model: nn.Module) 
 
 
 # ------------------------------------------------------------------------------- contexts: oracle / infer
-def test_oracle_contexts_need_domain_ids(bn_model: nn.Module) -> None:
-    adapted = make("context-norm", bn_model)
-    with pytest.raises(InputError, match="contexts=infer"):
-        adapted(domain_batch(0, 4, 0))
+def test_oracle_calls_without_ids_go_to_the_fallback(bn_model: nn.Module) -> None:
+    x = domain_batch(0, 4, 0)
+    torch.testing.assert_close(make("context-norm", bn_model, fallback="source")(x), bn_model(x), atol=1e-5, rtol=0)
+    spawn = make("context-norm", bn_model, fallback="spawn", min_spawn=4)
+    spawn(x)
+    assert spawn.model.router.num_contexts == 2
     with pytest.raises(InputError, match="one id per image"):
-        adapted(domain_batch(0, 4, 0), domain=torch.tensor([0, 1]))
+        spawn(x, domain=torch.tensor([0, 1]))
 
 
 def test_infer_never_looks_at_the_ids(bn_model: nn.Module) -> None:

@@ -155,3 +155,13 @@ def test_cifar_c_stream_mixed_loads_the_right_images(fake_cifar_c: Callable[...,
             assert len(rows) == 1 and labels[rows[0]] == int(y)
             seen[(int(d), int(rows[0]))] += 1
     assert len(seen) == 4 * 12 and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("per-domain", [0, 1, 2, 3, 4, 5]),
+    ("continual", [0, 0, 0, 1, 1, 1]),
+    ("mixed", [0, 0, 0, 1, 1, 1]),
+    ("gradual", [0, 0, 1, 1, 2, 2]),  # domains are (corruption, severity) in corruption-major order here
+])
+def test_last_segments_tell_the_engine_when_a_domain_is_finished(setting: str, expected: list[int]) -> None:
+    assert make(setting).last_segments == expected

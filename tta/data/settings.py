@@ -111,6 +111,15 @@ class SettingStream(Stream):
                         runs.append(Run(c_i, np.full(len(part), d), part))
         return runs
 
+    @property
+    def last_segments(self) -> list[int]:
+        """Per domain, the last segment it appears in: the engine reports a domain once that segment is over."""
+        last = [0] * len(self.domains)
+        for run in self.runs:
+            for d in np.unique(run.domain):
+                last[int(d)] = max(last[int(d)], run.segment)
+        return last
+
     def __len__(self) -> int:
         return sum(-(-len(run) // self.batch_size) for run in self.runs)
 

@@ -3,7 +3,9 @@
 Every BatchNorm becomes a ``DomainContextNorm`` with the BN's shared affine and per-context statistics blended with
 a source prior of pseudo-count ``prior_n``. ``contexts="oracle"`` routes each sample by the domain id it comes with
 (``adapted(x, domain=ids)``; the engine passes the stream's ids), ``contexts="infer"`` ignores ids and infers
-contexts with ``fallback`` ``source``, ``soft`` or ``spawn`` (see ``tta.norm.domain``). ``learned=True`` trains
+contexts with ``fallback`` ``source``, ``soft`` or ``spawn`` (see ``tta.norm.domain``). With ``oracle``, a call
+without ids (``adapted(x)``) is an unknown context and also goes to the ``fallback``; do not mix calls with and
+without ids in one run, as spawned contexts and id contexts share numbers. ``learned=True`` trains
 per-context mean and log-std by entropy minimisation instead of estimating statistics.
 """
 
@@ -15,7 +17,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tta.errors import InputError
 from tta.methods.adabn import require_batchnorm
 from tta.methods.base import AdaptedModel, entropy
 from tta.norm.domain import ContextNormModel, convert_context_norm
@@ -102,13 +103,6 @@ class DomainNormMethod(AdaptedModel):
             return None
         # Contexts (and their parameters) appear at test time: start with an empty group, add them as they come.
         return torch.optim.Adam([{"params": self.params()}], lr=self.config.lr)
-
-    def check_input(self, x: torch.Tensor, domain: torch.Tensor | int | None = None) -> torch.Tensor | None:
-        domain = super().check_input(x, domain)
-        if self.config.contexts == "oracle" and domain is None:
-            raise InputError(f"{self.name} with contexts=oracle routes every image by its domain id; pass "
-                             "domain=ids (one id per image, or one for the batch) or set contexts=infer")
-        return domain
 
     def adapt(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
         ids = domain if self.config.contexts == "oracle" else None  # infer: ids are never looked at

@@ -25,7 +25,10 @@ input of the first layer the forward reaches) with the ``fallback``:
 - ``source``: every sample goes to context 0 (the source statistics: no adaptation);
 - ``spawn``: hard assignment to the most likely context (tau below); samples whose signature lies further than
   ``spawn_threshold`` (mean squared z-score over signature dimensions) from every context spawn a new one when
-  there are at least ``min_spawn`` of them (clustered around the densest one), up to ``max_contexts``;
+  there are at least ``min_spawn`` of them within ``spawn_threshold`` of a centre (found by mean shift from the
+  tightest group of ``min_spawn`` unseen signatures; distances scaled by ``spawn_var`` x the signature variance
+  of the first batch seen),
+  up to ``max_contexts``;
 - ``soft``: contexts are created as in ``spawn``, but each sample is normalised with the mixture
   sum_k tau_k (x - mu_k) / sigma_k, tau = softmax_k(log lambda_k + log N(s; m_k, diag v_k)), the same tau in every
   layer; context statistics are updated with tau-weighted moments.
@@ -215,14 +218,20 @@ class ContextRouter(_Float64State):
                 break
             cand = s[unseen]
             d = ((cand[:, None, :] - cand[None]) ** 2 / self.sig_prior).mean(2)
-            near = d < self.spawn_threshold
-            seed = int(near.sum(1).argmax())  # the densest unseen signature seeds the new context
-            members = cand[near[seed]]
-            if len(members) < self.min_spawn:
+            # Start from the tightest group of min_spawn unseen signatures (smallest k-nearest-neighbour radius),
+            # then a few mean-shift steps to the centre of its cluster.
+            radius, neighbours = d.topk(self.min_spawn, dim=1, largest=False)
+            centre = cand[neighbours[int(radius[:, -1].argmin())]].mean(0)
+            for _ in range(3):
+                near = ((cand - centre) ** 2 / self.sig_prior).mean(1) < self.spawn_threshold
+                if int(near.sum()) < self.min_spawn:
+                    break
+                centre = cand[near].mean(0)
+            if int(near.sum()) < self.min_spawn:
                 break
             k = self.num_contexts
             self.resize(k + 1)
-            self.sig_mean[k] = members.mean(0)  # its spread is the prior's until samples are merged below
+            self.sig_mean[k] = centre  # its spread is the prior's until samples are merged below
             self._fresh.append(k)
         ll = self._log_likelihood(s)
         self._fresh = []
