@@ -27,8 +27,8 @@ class DSBNConfig:
     momentum: float = 0.1
     min_subset: int = 2
     declared_contexts: int = 0
-    spawn_threshold: float = 6.0
-    spawn_var: float = 0.25
+    spawn_threshold: float = 4.0
+    spawn_var: float = 0.5
     min_spawn: int = 8
     max_contexts: int = 16
     tent: bool = False

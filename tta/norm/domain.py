@@ -85,8 +85,8 @@ class ContextRouter(_Float64State):
         signature_dim: int,
         declared: int = 0,
         fallback: Fallback = "source",
-        spawn_threshold: float = 6.0,
-        spawn_var: float = 0.25,
+        spawn_threshold: float = 4.0,
+        spawn_var: float = 0.5,
         min_spawn: int = 8,
         max_contexts: int = 16,
     ) -> None:
@@ -529,8 +529,8 @@ def convert_context_norm(
     learned: bool = False,
     declared: int = 0,
     fallback: Fallback = "source",
-    spawn_threshold: float = 6.0,
-    spawn_var: float = 0.25,
+    spawn_threshold: float = 4.0,
+    spawn_var: float = 0.5,
     min_spawn: int = 8,
     max_contexts: int = 16,
 ) -> ContextNormModel:
