@@ -165,3 +165,57 @@ def test_cifar_c_stream_mixed_loads_the_right_images(fake_cifar_c: Callable[...,
 ])
 def test_last_segments_tell_the_engine_when_a_domain_is_finished(setting: str, expected: list[int]) -> None:
     assert make(setting).last_segments == expected
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture
+def cli_args(tmp_path: Path, fake_cifar_c: Callable[..., Path]) -> list[str]:
+    from tta.models import cifar_resnet
+
+    data_dir = fake_cifar_c(("gaussian_noise", "fog"), per_severity=12)
+    checkpoint = tmp_path / "r20.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in cifar_resnet("resnet20").state_dict().items()}},
+               checkpoint)
+    return ["adapt", "--checkpoint", str(checkpoint), "--arch", "resnet20", "--data-dir", str(data_dir),
+            "--corruptions", "gaussian_noise,fog", "--severities", "5,3", "--batch-size", "10", "--no-progress",
+            "--device", "cpu"]
+
+
+@pytest.mark.parametrize(("method", "setting", "contexts"), [
+    ("context-norm", "mixed", "infer"), ("dsbn", "mixed", "oracle"), ("adabn", "gradual", None),
+])
+def test_cli_setting_and_contexts_reach_the_stream_and_method(
+    cli_args: list[str], tmp_path: Path, method: str, setting: str, contexts: str | None
+) -> None:
+    import pandas as pd
+    import yaml
+    from click.testing import CliRunner
+
+    from tta.cli import cli
+
+    out = tmp_path / "r.csv"
+    extra = ["--contexts", contexts] if contexts else []
+    result = CliRunner().invoke(cli, [*cli_args, "--method", method, "--setting", setting, *extra,
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(out)
+    # One row per (corruption, severity), every image predicted once (gradual visits 3, 5, 3: 6 + 6 images of 3).
+    assert sorted(zip(df.corruption, df.severity, strict=True)) == [(c, s) for c in ("fog", "gaussian_noise")
+                                                                    for s in (3, 5)]
+    assert (df.n == 12).all()
+    resolved = yaml.safe_load(out.with_suffix(".yaml").read_text())
+    assert resolved["setting"] == setting
+    if contexts:
+        assert resolved["settings"]["contexts"] == contexts
+
+
+def test_cli_contexts_is_refused_for_methods_without_contexts(cli_args: list[str], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tta.cli import adapt_command, cli
+
+    result = CliRunner().invoke(cli, [*cli_args, "--method", "tent", "--contexts", "oracle",
+                                      "--out", str(tmp_path / "r.csv")])
+    assert result.exit_code != 0 and "--contexts only applies to methods that route samples by domain" in result.output
+    choices = next(p for p in adapt_command.params if p.name == "setting").type.choices
+    assert tuple(choices) == SETTINGS
