@@ -294,3 +294,52 @@ def test_converter_handles_a_bare_batchnorm_and_leaves_the_original_alone() -> N
     x = torch.rand(4, 3, 5, 5)
     torch.testing.assert_close(wrapped(x), bn(x))  # no ids, fallback source: the source BN
     assert all(torch.equal(v, bn.state_dict()[k]) for k, v in original.items())
+
+
+# ------------------------------------------------------------------------------------------------ real data
+class _ShiftedSource:
+    """Two simple, seeded shifts of real CIFAR-10 test images held in memory: low contrast and additive noise."""
+
+    label = "shifted"
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = {"contrast": 0.5 + 0.2 * (x - 0.5),
+                       "gaussian_noise": (x + 0.12 * torch.randn(x.shape, generator=g)).clamp(0, 1)}
+        self.y = y
+
+    def size(self, domain: object) -> int:
+        return len(self.y)
+
+    def load(self, domain: object, index: object) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(index)
+        return self.images[domain.corruption][idx], self.y[idx]  # type: ignore[attr-defined]
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_domain_aware_methods_keep_per_domain_accuracy_on_a_mixed_real_stream(shared: Path) -> None:
+    """ResNet-20 on 2 x 300 real test images, mixed: pooled statistics lose, per-domain statistics do not."""
+    import numpy as np
+
+    import tta
+    from tta.data.settings import SettingStream
+
+    with np.load(shared / "data" / "cifar10" / "test_exact_head.npz") as data:
+        x = torch.from_numpy(data["x"][:300]).permute(0, 3, 1, 2).float() / 255
+        y = torch.from_numpy(data["y"][:300]).long()
+    model = tta.load_model(checkpoint=shared / "models" / "cifar10_resnet20.th", arch="resnet20")
+    source = _ShiftedSource(x, y)
+
+    def accuracy(setting: str, method: str, **overrides: object) -> float:
+        stream = SettingStream(source, ["contrast", "gaussian_noise"], [5], setting=setting, batch_size=100)
+        df = tta.evaluate(tta.adapt(model, method, **overrides), stream, device="cpu", seed=1)
+        return float(df.accuracy.mean())
+
+    adabn_alone, adabn_mixed = accuracy("per-domain", "adabn"), accuracy("mixed", "adabn")
+    oracle = accuracy("mixed", "context-norm")
+    print(f"adabn per-domain {adabn_alone:.2f} mixed {adabn_mixed:.2f}; context-norm oracle mixed {oracle:.2f}")
+    assert adabn_mixed < adabn_alone - 3.0
+    assert oracle > adabn_mixed + 3.0
+    assert accuracy("mixed", "dsbn") == pytest.approx(accuracy("per-domain", "dsbn"), abs=1.5)
+    assert accuracy("mixed", "context-norm", contexts="infer") > adabn_mixed

@@ -28,7 +28,7 @@ class DSBNConfig:
     min_subset: int = 2
     declared_contexts: int = 0
     spawn_threshold: float = 4.0
-    spawn_var: float = 0.5
+    spawn_var: float = 1.0
     min_spawn: int = 8
     max_contexts: int = 16
     tent: bool = False
