@@ -6,9 +6,12 @@ moved to the images, so a seeded CPU generator gives the same result on CPU and 
 CUDA generator to draw on the GPU instead (faster, but a different random stream).
 
 ``corrupt_indexed`` is what the dataset writer and the on-the-fly streams use: the output for image i depends only
-on (seed, corruption, severity, i). Images are processed in index-aligned chunks of ``CHUNK`` images
-(chunk k holds images [k CHUNK, (k+1) CHUNK)), each with a fresh CPU generator seeded from
-(seed, corruption, severity, k), so any batch size, any device and any restart give the same images.
+on (seed, corruption, severity, i), whatever the batch size, device or restart. Images are processed in
+index-aligned chunks of ``CHUNK`` images (chunk k holds images [k CHUNK, (k+1) CHUNK)), each with a fresh CPU
+generator seeded from (seed, corruption, severity, k); a short last chunk is padded with black images, so every
+chunk draws the same random numbers for the same position. One caveat: Poisson sampling (shot noise) consumes a
+value-dependent number of draws, so there image i also depends on the clean images before it in its chunk (fixed
+for a given dataset, so still independent of batching).
 """
 
 from __future__ import annotations
@@ -112,12 +115,15 @@ def corrupt_indexed(
     frost_images: str | Path | None = None,
 ) -> torch.Tensor:
     """Corrupt images ``start .. start + N - 1`` of a dataset so that image i depends only on (seed, name, severity,
-    i); ``start`` and ``start + N`` must be multiples of ``CHUNK`` unless ``start + N`` is the dataset's end."""
+    i); ``start`` must be a multiple of ``CHUNK`` and only the dataset's last chunk may be short."""
     if start % CHUNK:
         raise ValueError(f"start {start} is not a multiple of the chunk size {CHUNK}")
     out = torch.empty_like(images)
     for offset in range(0, len(images), CHUNK):
         g = torch.Generator().manual_seed(chunk_seed(seed, name, severity, (start + offset) // CHUNK))
         part = images[offset:offset + CHUNK]
-        out[offset:offset + CHUNK] = corrupt(part, name, severity, generator=g, frost_images=frost_images)
+        if len(part) < CHUNK:  # pad, so that the draws of each position do not depend on the chunk's length
+            part = torch.cat([part, part.new_zeros(CHUNK - len(part), *part.shape[1:])])
+        result = corrupt(part, name, severity, generator=g, frost_images=frost_images)
+        out[offset:offset + CHUNK] = result[:len(out) - offset]
     return out

@@ -1,14 +1,14 @@
 """Digital corruptions: brightness, contrast, saturate, elastic transform, pixelate and JPEG compression.
 
-JPEG is a batched torch codec, not a call into libjpeg: baseline JPEG as Pillow writes and reads it (JFIF YCbCr,
-4:2:0 chroma subsampling with libjpeg's rounding, the IJG quality-scaled standard tables, 8x8 DCT, libjpeg's
-"fancy" triangular chroma upsampling when decoding). It uses a float DCT where libjpeg uses integer arithmetic, so
-a few values differ from Pillow's by one or two levels; the test suite bounds the difference.
+JPEG is a batched torch codec, not a call into libjpeg: baseline JPEG as Pillow writes and reads it, ported from
+libjpeg's integer code paths (fixed-point JFIF YCbCr, 4:2:0 chroma subsampling with its rounding bias, the IJG
+quality-scaled standard tables, the "islow" integer DCT and inverse DCT, "fancy" triangular chroma upsampling).
+On images whose sides are multiples of 16 it reproduces Pillow's output; other sizes are padded by edge
+replication, which can differ from libjpeg at the right and bottom edges.
 """
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -104,38 +104,84 @@ def quant_tables(quality: int) -> torch.Tensor:
     return torch.floor((base * scale + 50) / 100).clamp(1, 255)
 
 
-@lru_cache(maxsize=1)
-def _dct_matrix() -> torch.Tensor:
-    """The orthonormal 8-point DCT-II matrix."""
-    k = torch.arange(8, dtype=torch.float64)
-    m = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * math.sqrt(2 / 8)
-    m[0] /= math.sqrt(2)
-    return m
+# libjpeg's fixed-point constants (CONST_BITS = 13) of its "islow" integer DCT, jfdctint.c and jidctint.c
+_CONST_BITS, _PASS1_BITS = 13, 2
+_F0298, _F0390, _F0541, _F0765, _F0899, _F1175 = 2446, 3196, 4433, 6270, 7373, 9633
+_F1501, _F1847, _F1961, _F2053, _F2562, _F3072 = 12299, 15137, 16069, 16819, 20995, 25172
+
+
+def _descale(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Round a fixed-point value right by ``n`` bits (libjpeg's DESCALE, an arithmetic shift)."""
+    return (x + (1 << (n - 1))) >> n
+
+
+def _odd_part(t0: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, t3: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The shared rotation of the odd coefficients in libjpeg's islow forward and inverse DCTs."""
+    z1, z2, z3, z4 = t0 + t3, t1 + t2, t0 + t2, t1 + t3
+    z5 = (z3 + z4) * _F1175
+    z1, z2 = z1 * -_F0899, z2 * -_F2562
+    z3, z4 = z3 * -_F1961 + z5, z4 * -_F0390 + z5
+    return t0 * _F0298 + z1 + z3, t1 * _F2053 + z2 + z4, t2 * _F3072 + z2 + z3, t3 * _F1501 + z1 + z4
+
+
+def _fdct_1d(d: torch.Tensor, first: bool) -> torch.Tensor:
+    """One pass of ``jpeg_fdct_islow`` along the last axis (the rows first, then the columns)."""
+    x = d.unbind(-1)
+    t0, t7, t1, t6 = x[0] + x[7], x[0] - x[7], x[1] + x[6], x[1] - x[6]
+    t2, t5, t3, t4 = x[2] + x[5], x[2] - x[5], x[3] + x[4], x[3] - x[4]
+    t10, t13, t11, t12 = t0 + t3, t0 - t3, t1 + t2, t1 - t2
+    shift = _CONST_BITS - _PASS1_BITS if first else _CONST_BITS + _PASS1_BITS
+    if first:
+        o0, o4 = (t10 + t11) << _PASS1_BITS, (t10 - t11) << _PASS1_BITS
+    else:
+        o0, o4 = _descale(t10 + t11, _PASS1_BITS), _descale(t10 - t11, _PASS1_BITS)
+    z1 = (t12 + t13) * _F0541
+    o2, o6 = _descale(z1 + t13 * _F0765, shift), _descale(z1 - t12 * _F1847, shift)
+    a7, a5, a3, a1 = _odd_part(t4, t5, t6, t7)
+    o7, o5, o3, o1 = (_descale(v, shift) for v in (a7, a5, a3, a1))
+    return torch.stack([o0, o1, o2, o3, o4, o5, o6, o7], -1)
+
+
+def _idct_1d(c: torch.Tensor, first: bool) -> torch.Tensor:
+    """One pass of ``jpeg_idct_islow`` along the last axis (the columns first, then the rows)."""
+    x = c.unbind(-1)
+    z1 = (x[2] + x[6]) * _F0541
+    t2, t3 = z1 - x[6] * _F1847, z1 + x[2] * _F0765
+    t0, t1 = (x[0] + x[4]) << _CONST_BITS, (x[0] - x[4]) << _CONST_BITS
+    t10, t13, t11, t12 = t0 + t3, t0 - t3, t1 + t2, t1 - t2
+    o0, o1, o2, o3 = _odd_part(x[7], x[5], x[3], x[1])  # tmp0..tmp3 of jidctint.c
+    shift = _CONST_BITS - _PASS1_BITS if first else _CONST_BITS + _PASS1_BITS + 3
+    out = (t10 + o3, t11 + o2, t12 + o1, t13 + o0, t13 - o0, t12 - o1, t11 - o2, t10 - o3)
+    return torch.stack([_descale(v, shift) for v in out], -1)
 
 
 def _blocks_roundtrip(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """DCT, quantise, dequantise and inverse-DCT every 8x8 block of (N, P, H, W) level-shifted samples."""
+    """libjpeg's integer DCT, quantisation, dequantisation and inverse DCT of every 8x8 block of (N, P, H, W)
+    integer samples in 0..255; returns the decoded samples (int64, 0..255)."""
     n, p, h, w = plane.shape
-    d = _dct_matrix().to(plane.device, plane.dtype)
-    q = table.to(plane.device, plane.dtype)
-    blocks = plane.reshape(n, p, h // 8, 8, w // 8, 8).transpose(3, 4)
-    coef = d @ blocks @ d.T
-    coef = torch.round(coef / q) * q
-    return (d.T @ coef @ d).transpose(3, 4).reshape(n, p, h, w)
+    q = table.to(plane.device, torch.int64)
+    blocks = plane.reshape(n, p, h // 8, 8, w // 8, 8).transpose(3, 4).long() - 128  # (..., row, col)
+    coef = _fdct_1d(_fdct_1d(blocks, True).transpose(-1, -2), False).transpose(-1, -2)  # scaled up by 8
+    qval = q * 8
+    quant = torch.sign(coef) * torch.div(coef.abs() + qval // 2, qval, rounding_mode="floor")
+    deq = quant * q
+    rows = _idct_1d(deq.transpose(-1, -2), True).transpose(-1, -2)  # columns first
+    out = (_idct_1d(rows, False) + 128).clamp(0, 255)
+    return out.transpose(3, 4).reshape(n, p, h, w)
 
 
 def _fancy_upsample(c: torch.Tensor) -> torch.Tensor:
-    """libjpeg's h2v2 "fancy" (triangular) upsampling of (N, P, h, w) chroma to (N, P, 2h, 2w), integer rounding."""
+    """libjpeg's h2v2 "fancy" (triangular) upsampling of (N, P, h, w) int chroma to (N, P, 2h, 2w), jdsample.c."""
     up = torch.cat([c[:, :, :1], c[:, :, :-1]], 2)
     down = torch.cat([c[:, :, 1:], c[:, :, -1:]], 2)
     # vertical: 3 x nearer row + farther row, for the upper and the lower output row of each input row
     v = torch.stack([3 * c + up, 3 * c + down], 3).flatten(2, 3)
     left = torch.cat([v[..., :1], v[..., :-1]], 3)
     right = torch.cat([v[..., 1:], v[..., -1:]], 3)
-    even = torch.floor((3 * v + left + 8) / 16)
-    odd = torch.floor((3 * v + right + 7) / 16)
-    even[..., 0] = torch.floor((4 * v[..., 0] + 8) / 16)
-    odd[..., -1] = torch.floor((4 * v[..., -1] + 7) / 16)
+    even = (3 * v + left + 8) >> 4
+    odd = (3 * v + right + 7) >> 4
+    even[..., 0] = (4 * v[..., 0] + 8) >> 4
+    odd[..., -1] = (4 * v[..., -1] + 7) >> 4
     return torch.stack([even, odd], 4).flatten(3, 4)
 
 
@@ -146,20 +192,23 @@ def jpeg_compression(x: torch.Tensor, c: int, rng: Rng) -> torch.Tensor:
     rgb = torch.round(x.clamp(0, 1) * 255)
     if ph or pw:
         rgb = F.pad(rgb, (0, pw, 0, ph), mode="replicate")
-    r, g, b = rgb.unbind(1)
-    y = torch.round(0.299 * r + 0.587 * g + 0.114 * b)
-    cb = torch.round(-0.168735892 * r - 0.331264108 * g + 0.5 * b + 128)
-    cr = torch.round(0.5 * r - 0.418687589 * g - 0.081312411 * b + 128)
+    r, g, b = rgb.long().unbind(1)
+    # jccolor.c: 16-bit fixed-point RGB -> YCbCr
+    y = (19595 * r + 38470 * g + 7471 * b + 32768) >> 16
+    cb = (-11059 * r - 21709 * g + 32768 * b + (128 << 16) + 32767) >> 16
+    cr = (32768 * r - 27439 * g - 5329 * b + (128 << 16) + 32767) >> 16
     chroma = torch.stack([cb, cr], 1)
-    # libjpeg's h2v2 downsampling: the 2x2 sum plus an alternating bias of 1 and 2, divided by 4
-    sums = F.avg_pool2d(chroma, 2) * 4
-    bias = torch.tensor([1.0, 2.0], device=x.device).repeat(sums.shape[-1] // 2)
-    chroma = torch.floor((sums + bias) / 4)
+    # jcsample.c h2v2: the 2x2 sum plus an alternating bias of 1 and 2, divided by 4
+    sums = chroma[..., 0::2, 0::2] + chroma[..., 0::2, 1::2] + chroma[..., 1::2, 0::2] + chroma[..., 1::2, 1::2]
+    bias = torch.tensor([1, 2], device=x.device).repeat(sums.shape[-1] // 2)
+    chroma = (sums + bias) >> 2
     tables = quant_tables(int(c))
-    y = (_blocks_roundtrip(y[:, None] - 128, tables[0]) + 128).round().clamp(0, 255)[:, 0]
-    chroma = (_blocks_roundtrip(chroma - 128, tables[1]) + 128).round().clamp(0, 255)
-    cb, cr = _fancy_upsample(chroma).unbind(1)
-    out = torch.stack([y + 1.402 * (cr - 128), y - 0.344136286 * (cb - 128) - 0.714136286 * (cr - 128),
-                       y + 1.772 * (cb - 128)], 1)
-    out = torch.round(out).clamp(0, 255) / 255
+    y = _blocks_roundtrip(y[:, None], tables[0])[:, 0]
+    cb, cr = _fancy_upsample(_blocks_roundtrip(chroma, tables[1])).unbind(1)
+    # jdcolor.c: YCbCr -> RGB through its rounded fixed-point tables
+    cb, cr = cb - 128, cr - 128
+    red = y + ((91881 * cr + 32768) >> 16)
+    green = y + ((-22554 * cb + 32768 - 46802 * cr) >> 16)
+    blue = y + ((116130 * cb + 32768) >> 16)
+    out = torch.stack([red, green, blue], 1).clamp(0, 255).to(x.dtype) / 255
     return out[..., :h, :w]

@@ -55,7 +55,7 @@ def frost_texture(rng: Rng, n: int, h: int, w: int) -> torch.Tensor:
     fine = plasma_fractal(rng, n, size, 1.3)[:, :h, :w]
     base = plasma_fractal(rng, n, size, 2.5)[:, :h, :w]
     ridges = (1 - (2 * fine - 1).abs()) ** 6  # bright where the rough fractal crosses its mid-level: crystal veins
-    ice = (0.2 + 0.35 * base + 0.45 * ridges).clamp(0, 1)
+    ice = (0.35 + 0.35 * base + 0.5 * ridges).clamp(0, 1)
     tint = torch.tensor((0.86, 0.93, 1.0), device=rng.device).view(1, 3, 1, 1)
     return ice[:, None] * tint
 
