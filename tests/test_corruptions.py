@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -22,6 +23,15 @@ RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gla
 # affine (severity 1) for local displacements, spatter switches from water to mud at 4, saturate goes from
 # desaturating (1-2) to saturating (3-5).
 NOT_MONOTONE = {"glass_blur", "frost", "elastic_transform", "spatter", "saturate"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny tensors on a small shared machine: intra-op threads only add contention
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def natural_images(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -75,15 +75,20 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
 
 
 def filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
-    """Correlate every (H, W) plane of ``x`` with one odd-sized 2-D ``kernel``, borders padded by ``mode``."""
-    shape = x.shape
+    """Correlate every (H, W) plane of ``x`` with one odd-sized 2-D ``kernel``, borders padded by ``mode``.
+
+    A weighted sum of shifted views, one per non-zero tap: for the small kernels here this is several times faster
+    than a single-channel ``conv2d`` on CPU, and as fast on GPU.
+    """
     kh, kw = kernel.shape
-    planes = x.reshape(-1, 1, shape[-2], shape[-1])
-    rows = pad_index(shape[-2], kh // 2, kh // 2, mode, x.device)
-    cols = pad_index(shape[-1], kw // 2, kw // 2, mode, x.device)
-    planes = planes.index_select(-2, rows).index_select(-1, cols)
-    out = F.conv2d(planes, kernel.to(x.device, x.dtype)[None, None])
-    return out.reshape(shape)
+    h, w = x.shape[-2:]
+    rows = pad_index(h, kh // 2, kh // 2, mode, x.device)
+    cols = pad_index(w, kw // 2, kw // 2, mode, x.device)
+    padded = x.index_select(-2, rows).index_select(-1, cols)
+    out = torch.zeros_like(x)
+    for (i, j), weight in zip(torch.nonzero(kernel).tolist(), kernel[kernel != 0].tolist(), strict=True):
+        out.add_(padded[..., i:i + h, j:j + w], alpha=weight)
+    return out
 
 
 def separable_filter(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
