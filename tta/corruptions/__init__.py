@@ -77,7 +77,8 @@ def _check_images(images: torch.Tensor) -> None:
                          "permute NHWC arrays with x.permute(0, 3, 1, 2)")
     if not images.is_floating_point():
         raise InputError(f"expected float images in [0, 1], got {images.dtype}; convert uint8 with x.float() / 255")
-    if images.numel() and (images.min() < 0 or images.max() > 1 or not torch.isfinite(images).all()):
+    low, high = torch.aminmax(images) if images.numel() else (torch.zeros(()), torch.zeros(()))
+    if not (low >= 0 and high <= 1):  # also catches NaN
         raise InputError("images must be finite and in [0, 1]; divide uint8 data by 255 and clip with x.clamp(0, 1)")
 
 

@@ -20,8 +20,7 @@ def shot_noise(x: torch.Tensor, c: float, rng: Rng) -> torch.Tensor:
 def impulse_noise(x: torch.Tensor, c: float, rng: Rng) -> torch.Tensor:
     """Salt and pepper on a fraction c of the values (per channel value), half set to 0 and half to 1."""
     u = rng.uniform(*x.shape)
-    out = torch.where(u < c / 2, torch.zeros_like(x), x)
-    return torch.where((u >= c / 2) & (u < c), torch.ones_like(x), out)
+    return x.masked_fill(u < c, 1.0).masked_fill(u < c / 2, 0.0)
 
 
 def speckle_noise(x: torch.Tensor, c: float, rng: Rng) -> torch.Tensor:
