@@ -251,3 +251,21 @@ def test_cpu_and_cuda_agree(name: str) -> None:
         assert cuda.device.type == "cpu" and cuda.shape == cpu.shape
         # identical draws; float kernels may differ slightly, and a threshold may then flip a few values
         assert ((cuda - cpu).abs() > 1e-3).float().mean() < 0.01, name
+
+
+@pytest.mark.realdata
+def test_real_images_jpeg_exact_and_deviation_monotone(shared) -> None:
+    data = np.load(shared / "data" / "cifar10" / "test_exact_head.npz")
+    nhwc = data["x"][:64]
+    x = torch.from_numpy(nhwc).permute(0, 3, 1, 2).float() / 255
+
+    def pil_jpeg(im: Image.Image) -> Image.Image:
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=PARAMS["jpeg_compression"][4])
+        return Image.open(buf).convert("RGB")
+
+    torch.testing.assert_close(corrupt(x, "jpeg_compression", 5) * 255, _pil_roundtrip(nhwc, pil_jpeg), rtol=0,
+                               atol=1e-3)
+    for name in sorted(set(ALL_CORRUPTIONS) - NOT_MONOTONE):
+        dev = [(corrupt(x, name, s, generator=gen()) - x).abs().mean().item() for s in range(1, 6)]
+        assert all(b >= a for a, b in itertools.pairwise(dev)), (name, dev)

@@ -144,3 +144,31 @@ def missing_blocks(root: str | Path, corruptions: Sequence[str]) -> dict[str, li
     root = Path(root)
     return {c: [s for s in range(1, 6) if not (root / ".parts" / f"{c}.s{s}.npy").is_file()]
             for c in corruptions if not (root / f"{c}.npy").is_file()}
+
+
+def corrupt_dataset(
+    source: str,
+    out_dir: str | Path = "data",
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dataset: str | None = None,
+    frost_images: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """``tta corrupt``: load the clean set ``source`` (see ``load_clean``) and write its corruptions (all 19 by
+    default) as ``<out_dir>/CIFAR-10-C`` (``CIFAR-100-C`` for ``dataset='cifar100c'``, the default for the
+    ``cifar100`` source). torchvision sets are looked for and downloaded in ``data_dir`` (default ``out_dir``)."""
+    from tta.corruptions import ALL_CORRUPTIONS
+    from tta.data.cifar_c import dataset_info
+    from tta.data.clean import load_clean
+
+    corruptions = list(corruptions or ALL_CORRUPTIONS)
+    check_selection(corruptions, severities)  # before a possibly long load or download
+    directory = dataset_info(dataset or ("cifar100c" if source == "cifar100" else "cifar10c"))[0]
+    images, labels = load_clean(source, data_dir if data_dir is not None else out_dir)
+    return write_corruptions(images, labels, out_dir, corruptions, severities, seed=seed,
+                             device=device, directory=directory, frost_images=frost_images, source=source,
+                             progress=progress)
