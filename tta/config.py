@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -80,8 +79,11 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and value.lower() in ("inf", ".inf", "infinity"):
-            return math.inf
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) and inf as strings
+            try:
+                return float(value.replace(".inf", "inf"))
+            except ValueError:
+                raise TypeError from None
         raise TypeError
     if tp is str:
         if isinstance(value, str):

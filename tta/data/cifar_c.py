@@ -117,7 +117,7 @@ class CifarCFiles:
             x, y = self.array(domain.corruption)[rows], self.labels()[rows]
         else:
             x, y = self.array(domain.corruption)[offset + index], self.labels()[offset + index]
-        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)  # copy out of the read-only memory map
         return x, torch.from_numpy(y.astype(np.int64))
 
 

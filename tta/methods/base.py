@@ -111,8 +111,11 @@ class AdaptedModel(nn.Module):
         self.optimizer = self.make_optimizer()
 
     def get_extra_state(self) -> dict[str, Any]:
-        """Optimizer state travels with ``state_dict()`` so that a saved adapted model resumes exactly."""
-        return {"optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+        """Optimizer state travels with ``state_dict()`` so that a saved adapted model resumes exactly.
+
+        A deep copy: optimizers load state by reference, and two models must never share Adam moments.
+        """
+        return {"optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict())}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Counterpart of ``get_extra_state``."""

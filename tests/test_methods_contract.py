@@ -1,0 +1,82 @@
+"""Contract tests every registered method must pass: input checks, no side effects, reset, state round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tta
+
+METHODS = tta.list_methods()
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(params=METHODS)
+def adapted(request: pytest.FixtureRequest, bn_model: nn.Module) -> tta.AdaptedModel:
+    return tta.adapt(bn_model, request.param)
+
+
+@pytest.mark.parametrize(("x", "message"), [
+    (torch.rand(3, 16, 16), r"shape \(N, C, H, W\)"),
+    (torch.rand(4, 1, 16, 16), "expects 3 input channels but the batch has 1"),
+    (torch.rand(4, 16, 16, 3), "expects 3 input channels but the batch has 16"),
+    (torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), "expected float images"),
+    (torch.rand(0, 3, 16, 16), "empty"),
+    ("not a tensor", "expected a torch.Tensor"),
+])
+def test_bad_batches_are_rejected(adapted: tta.AdaptedModel, x: object, message: str) -> None:
+    with pytest.raises(tta.InputError, match=message):
+        adapted(x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_changes_nothing(adapted: tta.AdaptedModel, bad: float) -> None:
+    adapted(torch.rand(8, 3, 16, 16))  # some adaptation state first
+    before = _snapshot(adapted)
+    x = torch.rand(8, 3, 16, 16)
+    x[3, 1, 2, 2] = bad
+    with pytest.raises(tta.InputError, match="NaN or inf"):
+        adapted(x)
+    assert _same(before, _snapshot(adapted))
+
+
+def test_caller_model_is_never_modified(bn_model: nn.Module) -> None:
+    before = _snapshot(bn_model)
+    for method in METHODS:
+        adapted = tta.adapt(bn_model, method)
+        adapted(torch.rand(8, 3, 16, 16))
+    assert _same(before, _snapshot(bn_model))
+    assert not bn_model.training
+
+
+def test_reset_returns_to_the_first_prediction(adapted: tta.AdaptedModel) -> None:
+    x = torch.rand(8, 3, 16, 16) * 0.5
+    first = adapted(x)
+    for _ in range(3):
+        adapted(torch.rand(8, 3, 16, 16))
+    adapted.reset()
+    torch.testing.assert_close(adapted(x), first, atol=0, rtol=0)
+
+
+def test_state_dict_round_trip_resumes_exactly(adapted: tta.AdaptedModel, bn_model: nn.Module) -> None:
+    for _ in range(2):
+        adapted(torch.rand(8, 3, 16, 16))
+    fresh = tta.adapt(bn_model, adapted.name)
+    fresh.load_state_dict(adapted.state_dict())
+    x = torch.rand(8, 3, 16, 16)
+    torch.testing.assert_close(fresh(x), adapted(x), atol=0, rtol=0)
+    torch.testing.assert_close(fresh(x), adapted(x), atol=0, rtol=0)  # optimizer state resumed too
+
+
+def test_domain_argument_is_checked(adapted: tta.AdaptedModel) -> None:
+    with pytest.raises(tta.InputError, match="one id per image"):
+        adapted(torch.rand(4, 3, 16, 16), domain=torch.zeros(3, dtype=torch.long))
+    adapted(torch.rand(4, 3, 16, 16), domain=0)

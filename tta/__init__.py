@@ -1,0 +1,48 @@
+"""tta: test-time adaptation for PyTorch.
+
+>>> import tta
+>>> adapted = tta.adapt(model, method="tent")   # any nn.Module with norm layers, inputs in [0, 1]
+>>> logits = adapted(x)                          # predicts and adapts
+>>> adapted.reset()                              # back to the source model
+
+Names are imported on first use, so ``import tta`` (and ``tta --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "adapt": "tta.api",
+    "run_benchmark": "tta.api",
+    "AdaptedModel": "tta.methods.base",
+    "evaluate": "tta.engine",
+    "load_model": "tta.models",
+    "cifar_c_stream": "tta.data.cifar_c",
+    "Domain": "tta.data.stream",
+    "Batch": "tta.data.stream",
+    "Stream": "tta.data.stream",
+    "list_methods": "tta.registry",
+    "TTAError": "tta.errors",
+    "ConfigError": "tta.errors",
+    "DataError": "tta.errors",
+    "DownloadError": "tta.errors",
+    "InputError": "tta.errors",
+    "ModelError": "tta.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tta' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

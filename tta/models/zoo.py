@@ -1,0 +1,157 @@
+"""Load pretrained models that take [0, 1] images: input normalisation always lives inside the returned model.
+
+Sources, tried in this order for ``name``: robustbench's corruption model zoo for the dataset (``Standard``,
+``Hendrycks2020AugMix_WRN``, ...), torchvision's ImageNet classifiers, timm's. With ``checkpoint`` and ``arch``, a
+classic CIFAR ResNet from a local file (the akamaster/pytorch_resnet_cifar10 format). Downloads go under
+``<data_dir>/models``; offline, a ``DownloadError`` says what to fetch and where to put it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tta.errors import ConfigError, DownloadError, ModelError
+from tta.models.resnet_cifar import DEPTHS, cifar_resnet
+
+# Mean/std the classic CIFAR ResNet checkpoints were trained with (see DATA.md); ImageNet's for torchvision.
+CIFAR_RESNET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar10c": "cifar10", "cifar100": "cifar100", "cifar100c": "cifar100"}
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std, so that the wrapped model takes [0, 1] images."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def normalized(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Sequential:
+    """``model`` preceded by input normalisation, as one module (``[0]`` normalises, ``[1]`` is the model)."""
+    return nn.Sequential(Normalize(mean, std), model)
+
+
+def load_checkpoint(path: str | Path, arch: str, num_classes: int = 10) -> nn.Module:
+    """A CIFAR ResNet from ``path`` (a dict with ``state_dict``, keys optionally prefixed ``module.``)."""
+    if arch not in DEPTHS:
+        raise ConfigError(f"unknown architecture {arch!r} for --arch; choose one of: {', '.join(DEPTHS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {str(path)!r} does not exist; check the path passed to --checkpoint")
+    try:
+        ckpt: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file (pickle, zip, runtime): report them all
+        raise ModelError(f"checkpoint {str(path)!r} could not be read ({type(err).__name__}: {err}); "
+                         "pass a file saved with torch.save") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ModelError(f"checkpoint {str(path)!r} holds no state_dict; save a dict with a 'state_dict' entry")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "linear.weight" in state:
+        num_classes = state["linear.weight"].shape[0]
+    net = cifar_resnet(arch, num_classes)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"checkpoint {str(path)!r} does not fit --arch {arch} ({len(missing)} missing keys such as "
+                         f"{missing[:2]}, {len(unexpected)} unexpected such as {unexpected[:2]}); pick the "
+                         "architecture the checkpoint was trained with")
+    return normalized(net, *CIFAR_RESNET_NORM).eval()
+
+
+def robustbench_names(dataset: str) -> list[str]:
+    """Names in robustbench's corruption model zoo for ``cifar10`` or ``cifar100``."""
+    from tta.compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    return list(model_dicts[BenchmarkDataset(dataset)][ThreatModel.corruptions])
+
+
+def _load_robustbench(name: str, dataset: str, model_dir: Path) -> nn.Module:
+    import robustbench
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    path = model_dir / dataset / "corruptions" / f"{name}.pt"
+    try:
+        return robustbench.load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model="corruptions")
+    except Exception as err:  # gdown/requests/OS errors when offline: all mean "fetch it yourself"
+        gid = model_dicts[BenchmarkDataset(dataset)][ThreatModel.corruptions][name]["gdrive_id"]
+        ids = gid if isinstance(gid, list) else [gid]
+        where = ", ".join(f"https://drive.google.com/uc?id={i}" for i in ids)
+        target = path if len(ids) == 1 else f"{path}_m0.pt ... _m{len(ids) - 1}.pt"
+        raise DownloadError(f"could not load robustbench model {name!r} ({type(err).__name__}: {err}); download it "
+                            f"from {where} and save it as {target}") from None
+
+
+def _load_torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, weights="DEFAULT")
+    except Exception as err:  # torch.hub download errors when offline
+        raise DownloadError(f"could not fetch torchvision weights for {name!r} ({type(err).__name__}: {err}); "
+                            f"download them on a machine with internet into {torch.hub.get_dir()}/checkpoints") from None
+    return normalized(model, *IMAGENET_NORM)
+
+
+def _load_timm(name: str) -> nn.Module:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as err:  # hub download errors when offline
+        raise DownloadError(f"could not fetch timm weights for {name!r} ({type(err).__name__}: {err}); download "
+                            "them with internet access (they are cached by huggingface_hub)") from None
+    cfg = model.pretrained_cfg
+    return normalized(model, cfg.get("mean", IMAGENET_NORM[0]), cfg.get("std", IMAGENET_NORM[1]))
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    dataset: str = "cifar10",
+    checkpoint: str | Path | None = None,
+    arch: str | None = None,
+    data_dir: str | Path = "data",
+) -> nn.Module:
+    """A pretrained model in eval mode that takes [0, 1] images.
+
+    ``load_model(checkpoint="resnet20.th", arch="resnet20")`` reads a CIFAR ResNet checkpoint; otherwise ``name`` is
+    looked up in robustbench's corruption zoo for ``dataset`` (``cifar10``/``cifar100``), then torchvision, then timm.
+    """
+    if checkpoint is not None or arch is not None:
+        if checkpoint is None or arch is None:
+            raise ConfigError("a CIFAR ResNet needs both --checkpoint PATH and --arch "
+                              f"({'|'.join(DEPTHS)})")
+        return load_checkpoint(checkpoint, arch, num_classes=100 if "100" in dataset else 10)
+    if not name:
+        raise ConfigError("name a model (--model Standard) or give --checkpoint PATH --arch resnet20")
+    rb_dataset = ROBUSTBENCH_DATASETS.get(dataset)
+    if rb_dataset is not None and name in robustbench_names(rb_dataset):
+        return _load_robustbench(name, rb_dataset, Path(data_dir) / "models").eval()
+    import torchvision
+
+    if name in torchvision.models.list_models(torchvision.models):
+        return _load_torchvision(name).eval()
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is not None and timm.is_model(name):
+        return _load_timm(name).eval()
+    zoo = ", ".join(robustbench_names(rb_dataset)) if rb_dataset else "(none for this dataset)"
+    raise ConfigError(f"unknown model {name!r}: not in robustbench's {dataset} corruption zoo ({zoo}), torchvision "
+                      "or timm; check the spelling, or pass --checkpoint PATH --arch resnet20 for a CIFAR ResNet")
