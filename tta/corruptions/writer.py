@@ -62,10 +62,10 @@ def _check_manifest(root: Path, settings: dict) -> None:
         except ValueError:
             old = None
         if old != settings:
-            raise ConfigError(
-                f"{root} already holds corruptions generated with other settings ({path}: {old}); "
-                f"choose another --out directory or delete {root} to start over"
-            )
+            old = old if isinstance(old, dict) else {}
+            changed = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+            raise ConfigError(f"{root} already holds corruptions generated with other settings ({changed}); "
+                              f"choose another --out directory or delete {root} to start over")
     else:
         root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")

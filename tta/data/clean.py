@@ -27,10 +27,10 @@ def describe_specs() -> str:
     return f"{', '.join(TORCHVISION_SETS)}, npz:PATH (arrays x uint8 NHWC and y) or folder:PATH (an ImageFolder)"
 
 
-def load_clean(spec: str, data_dir: str | Path = "data") -> tuple[np.ndarray, np.ndarray]:
+def load_clean(spec: str, data_dir: str | Path = "data", download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Images (uint8 (N, H, W, 3)) and int64 labels (N,) of a clean set named by ``spec`` (see the module docs)."""
     if spec in TORCHVISION_SETS:
-        return _load_torchvision(spec, Path(data_dir))
+        return _load_torchvision(spec, Path(data_dir), download)
     kind, _, path = spec.partition(":")
     if kind == "npz" and path:
         return _load_npz(Path(path))
@@ -39,7 +39,7 @@ def load_clean(spec: str, data_dir: str | Path = "data") -> tuple[np.ndarray, np
     raise ConfigError(f"unknown clean source {spec!r}; use one of: {describe_specs()}")
 
 
-def _load_torchvision(name: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_torchvision(name: str, data_dir: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
     import torchvision.datasets
 
     cls_name, url, folder = TORCHVISION_SETS[name]
@@ -48,6 +48,8 @@ def _load_torchvision(name: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray
         ds = cls(root=str(data_dir), train=False, download=False)
     except RuntimeError:  # torchvision's "Dataset not found or corrupted": try to fetch it
         try:
+            if not download:
+                raise RuntimeError("downloading is switched off")
             ds = cls(root=str(data_dir), train=False, download=True)
         except Exception as err:  # urllib, ssl and socket errors alike mean "could not download"
             raise DownloadError(

@@ -73,17 +73,18 @@ def generated_stream(
     device: str | torch.device = "cpu",
     source: str | None = None,
     frost_images: str | Path | None = None,
+    download: bool = True,
 ) -> Stream:
     """The stream ``cifar_c_stream`` would give, generated from the clean set on the fly (see the module docs).
 
     ``source`` is a ``load_clean`` spec; by default the benchmark's own clean test set (``cifar10`` for
-    ``cifar10c``), which needs only the clean archive in ``data_dir``.
+    ``cifar10c``), which needs only the clean archive in ``data_dir`` (downloaded there unless ``download`` is off).
     """
     from tta.data.clean import load_clean
 
     dataset_info(dataset)
     check_selection(corruptions, severities)
-    images, labels = load_clean(source or CLEAN_SOURCES[dataset], data_dir)
+    images, labels = load_clean(source or CLEAN_SOURCES[dataset], data_dir, download)
     if n_examples is not None:  # only the first n_examples of each domain are requested: keep their whole chunks
         keep = -(-n_examples // CHUNK) * CHUNK
         images, labels = images[:keep], labels[:keep]
