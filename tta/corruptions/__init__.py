@@ -29,8 +29,8 @@ from tta.corruptions.constants import PARAMS
 from tta.corruptions.digital import brightness, contrast, elastic_transform, jpeg_compression, pixelate, saturate
 from tta.corruptions.noise import gaussian_noise, impulse_noise, shot_noise, speckle_noise
 from tta.corruptions.weather import fog, frost, snow, spatter
-from tta.data.cifar_c import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
-from tta.errors import ConfigError, InputError
+from tta.data.cifar_c import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, check_selection
+from tta.errors import InputError
 
 Op = Callable[[torch.Tensor, object, Rng], torch.Tensor]
 
@@ -58,15 +58,7 @@ CORRUPTIONS: dict[str, Op] = {
 CHUNK = 250  # images per seeded chunk of corrupt_indexed; changing it changes every generated dataset
 
 __all__ = ["ALL_CORRUPTIONS", "BENCHMARK_CORRUPTIONS", "CHUNK", "CORRUPTIONS", "EXTRA_CORRUPTIONS", "PARAMS",
-           "check_name", "chunk_seed", "corrupt", "corrupt_indexed"]
-
-
-def check_name(name: str, severity: int) -> None:
-    """``ConfigError`` for an unknown corruption or a severity outside 1..5."""
-    if name not in CORRUPTIONS:
-        raise ConfigError(f"unknown corruption {name!r}; valid names are: {', '.join(ALL_CORRUPTIONS)}")
-    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
-        raise ConfigError(f"severity must be an integer from 1 to 5, got {severity!r}")
+           "chunk_seed", "corrupt", "corrupt_indexed"]
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -90,7 +82,7 @@ def corrupt(
     frost_images: str | Path | None = None,
 ) -> torch.Tensor:
     """Corrupt float images (N, 3, H, W) in [0, 1] with ``name`` at ``severity`` 1..5; returns them in [0, 1]."""
-    check_name(name, severity)
+    check_selection([name], [severity])
     _check_images(images)
     op = CORRUPTIONS[name]
     if name == "frost" and frost_images is not None:

@@ -6,7 +6,8 @@ views. Because the right-hand side holds views, that statement copies x[h', w'] 
 unchanged; and since the scan runs downwards and leftwards while the offsets point upwards and leftwards, every
 source pixel is read before it is written. So each iteration is exactly one gather of the unmodified image,
 which is what we do, batched over images (one gather per iteration instead of (H-2d)^2 sequential swaps). This
-reproduces the published CIFAR-10-C files' behaviour, not the "swap" the comment describes.
+reproduces the published CIFAR-10-C files' behaviour, not the "swap" the comment describes. (The argument needs
+offsets that point only upwards and leftwards, i.e. d = 1, which all five published severities use.)
 """
 
 from __future__ import annotations
