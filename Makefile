@@ -21,4 +21,3 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check tta tests benchmarks
-	$(VENV)/bin/ruff format --check tta tests benchmarks

@@ -28,12 +28,12 @@ def test_builtin_methods_are_registered() -> None:
 
 
 def test_unknown_method_names_the_choices() -> None:
-    with pytest.raises(ConfigError, match="unknown method 'tnet'.*tent"):
+    with pytest.raises(ConfigError, match=r"unknown method 'tnet'.*tent"):
         get_method("tnet")
 
 
 def test_unknown_key_names_the_valid_keys() -> None:
-    with pytest.raises(ConfigError, match="'learning_rate'.*valid keys are: optimizer, lr, betas"):
+    with pytest.raises(ConfigError, match=r"'learning_rate'.*valid keys are: optimizer, lr, betas"):
         resolve_config(get_method("tent").Config, overrides={"learning_rate": 0.1})
 
 

@@ -23,7 +23,7 @@ def test_one_corruption_loads_as_float_images_and_test_labels(fake_cifar_c: Call
     [batch] = list(stream)
     x = batch.to(torch.device("cpu")).x
     assert x.dtype == torch.float32 and x.shape == (30, 3, 32, 32)
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert batch.y.dtype == torch.int64
     assert torch.equal(batch.y, torch.from_numpy(labels[:30].astype(np.int64)))  # test order, labels x5
     expected = torch.from_numpy(raw[60:90]).permute(0, 3, 1, 2).float() / 255  # severity 3 block
@@ -101,7 +101,7 @@ def test_garbage_file_is_a_clear_error(fake_cifar_c: Callable[..., Path]) -> Non
 def test_mismatched_shapes_are_a_clear_error(fake_cifar_c: Callable[..., Path]) -> None:
     root = fake_cifar_c(("fog",)) / "CIFAR-10-C"
     np.save(root / "fog.npy", np.zeros((7, 32, 32, 3), np.uint8))
-    with pytest.raises(DataError, match="labels.npy has 100 rows"):
+    with pytest.raises(DataError, match=r"labels\.npy has 100 rows"):
         cifar_c_stream("cifar10c", root.parent, ["fog"], [5])
     np.save(root / "fog.npy", np.zeros((100, 32, 32, 3), np.float32))
     with pytest.raises(DataError, match="expected uint8"):

@@ -11,8 +11,7 @@ import torch
 import tta
 from tta.compat import alias_autoattack, import_robustbench
 from tta.errors import ConfigError, DownloadError, ModelError
-from tta.models import cifar_resnet, load_model
-from tta.models import zoo
+from tta.models import cifar_resnet, load_model, zoo
 
 
 def _save_akamaster(net: torch.nn.Module, path: Path) -> Path:
@@ -93,7 +92,7 @@ def test_robustbench_model_loads_from_the_cache_layout(tmp_path: Path) -> None:
 
 
 def test_unknown_model_names_the_zoo() -> None:
-    with pytest.raises(ConfigError, match="unknown model 'Standart'.*Hendrycks2020AugMix_WRN"):
+    with pytest.raises(ConfigError, match=r"unknown model 'Standart'.*Hendrycks2020AugMix_WRN"):
         load_model("Standart", dataset="cifar10")
 
 

@@ -62,7 +62,8 @@ def cli() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a method setting, e.g. --set lr=0.0005 (repeatable)")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML file of method settings")
-@click.option("--out", type=click.Path(dir_okay=False), help="CSV to write (default results/<method>_<model>_<time>.csv)")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="CSV to write (default: results/<method>_<model>_<time>.csv)")
 @click.option("--download/--no-download", default=True, show_default=True, help="download missing dataset files")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--generate", is_flag=True,

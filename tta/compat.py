@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 from types import ModuleType
 
 from tta.errors import TTAError
@@ -36,7 +37,12 @@ def import_robustbench() -> ModuleType:
     """Import robustbench with the shim applied; a ``TTAError`` with the fix if it is not installed."""
     alias_autoattack()
     try:
-        return importlib.import_module("robustbench")
+        with warnings.catch_warnings():
+            # robustbench's own imports warn about pkg_resources and torch.jit; nothing a user can act on.
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return importlib.import_module("robustbench")
     except ImportError as err:
         raise TTAError(f"robustbench could not be imported ({err}); install it with "
                        "`pip install robustbench==1.1.1 'setuptools<81'`") from None

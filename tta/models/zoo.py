@@ -103,7 +103,8 @@ def _load_torchvision(name: str) -> nn.Module:
         model = torchvision.models.get_model(name, weights="DEFAULT")
     except Exception as err:  # torch.hub download errors when offline
         raise DownloadError(f"could not fetch torchvision weights for {name!r} ({type(err).__name__}: {err}); "
-                            f"download them on a machine with internet into {torch.hub.get_dir()}/checkpoints") from None
+                            "download them on a machine with internet into "
+                            f"{torch.hub.get_dir()}/checkpoints") from None
     return normalized(model, *IMAGENET_NORM)
 
 
