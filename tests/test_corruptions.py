@@ -269,3 +269,26 @@ def test_real_images_jpeg_exact_and_deviation_monotone(shared) -> None:
     for name in sorted(set(ALL_CORRUPTIONS) - NOT_MONOTONE):
         dev = [(corrupt(x, name, s, generator=gen()) - x).abs().mean().item() for s in range(1, 6)]
         assert all(b >= a for a, b in itertools.pairwise(dev)), (name, dev)
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+def test_gaussian_and_zoom_blur_match_scipy(severity: int) -> None:
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = natural_images(4)
+    nhwc = x.permute(0, 2, 3, 1).double().numpy()
+    sigma = PARAMS["gaussian_blur"][severity - 1]
+    ref = np.stack([ndimage.gaussian_filter(im, sigma=(sigma, sigma, 0), mode="nearest") for im in nhwc])
+    ours = corrupt(x, "gaussian_blur", severity).permute(0, 2, 3, 1).double().numpy()
+    np.testing.assert_allclose(ours, np.clip(ref, 0, 1), atol=1e-5)
+
+    def clipped_zoom(im: np.ndarray, z: float) -> np.ndarray:  # the published generator's helper
+        ch = int(np.ceil(32 / z))
+        top = (32 - ch) // 2
+        out = ndimage.zoom(im[top:top + ch, top:top + ch], (z, z, 1), order=1)
+        trim = (out.shape[0] - 32) // 2
+        return out[trim:trim + 32, trim:trim + 32]
+
+    zs = PARAMS["zoom_blur"][severity - 1]
+    ref = np.stack([(im + sum(clipped_zoom(im, z) for z in zs)) / (len(zs) + 1) for im in nhwc])
+    ours = corrupt(x, "zoom_blur", severity).permute(0, 2, 3, 1).double().numpy()
+    np.testing.assert_allclose(ours, np.clip(ref, 0, 1), atol=1e-5)
