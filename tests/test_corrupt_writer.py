@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,7 @@ from tta.data.generated import GeneratedSource, generated_stream
 from tta.data.stream import Domain, Stream
 from tta.errors import ConfigError, DataError, DownloadError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clean_npz(path: Path, n: int = 20, size: int = 32, seed: int = 0) -> Path:
@@ -60,6 +53,13 @@ def test_load_clean_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     np.savez(tmp_path / "float.npz", x=np.zeros((2, 4, 4, 3)), y=np.zeros(2, int))
     with pytest.raises(DataError, match="uint8"):
         load_clean(f"npz:{tmp_path / 'float.npz'}")
+    np.savez(tmp_path / "short.npz", x=np.zeros((2, 4, 4, 3), np.uint8), y=np.zeros(3, int))
+    with pytest.raises(DataError, match="one integer label per image"):
+        load_clean(f"npz:{tmp_path / 'short.npz'}")
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_clean(f"folder:{tmp_path / 'flat'}")
 
     import torchvision.datasets
 

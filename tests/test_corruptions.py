@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,13 +24,7 @@ RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gla
 NOT_MONOTONE = {"glass_blur", "frost", "elastic_transform", "spatter", "saturate"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny tensors on a small shared machine: intra-op threads only add contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def natural_images(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -218,6 +211,8 @@ def test_frost_uses_photographs_when_given(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
         corrupt(x, "frost", 1, frost_images=tmp_path / "empty")
+    with pytest.raises(ConfigError, match="does not exist"):
+        corrupt(x, "frost", 1, frost_images=tmp_path / "missing")
 
 
 @pytest.mark.parametrize("name", ["shot_noise", "glass_blur", "elastic_transform", "fog"])
