@@ -118,15 +118,6 @@ def pad_index(n: int, before: int, after: int, mode: str, device: torch.device) 
     raise ValueError(f"unknown padding mode {mode!r}")
 
 
-def pad2d(x: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
-    """Pad the last two dimensions by ``pad`` on every side (any pad, even larger than the image)."""
-    if pad == 0:
-        return x
-    rows = pad_index(x.shape[-2], pad, pad, mode, x.device)
-    cols = pad_index(x.shape[-1], pad, pad, mode, x.device)
-    return x.index_select(-2, rows).index_select(-1, cols)
-
-
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """scipy's normalised 1-D Gaussian kernel (radius ``int(truncate * sigma + 0.5)``)."""
     radius = int(truncate * sigma + 0.5)
