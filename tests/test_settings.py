@@ -219,3 +219,30 @@ def test_cli_contexts_is_refused_for_methods_without_contexts(cli_args: list[str
     assert result.exit_code != 0 and "--contexts only applies to methods that route samples by domain" in result.output
     choices = next(p for p in adapt_command.params if p.name == "setting").type.choices
     assert tuple(choices) == SETTINGS
+
+
+def test_generated_mixed_stream_generates_each_domain_once_with_the_same_bytes(tmp_path: Path) -> None:
+    from tta.data.generated import generated_stream
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "clean.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+             y=rng.integers(0, 10, 20))
+    kwargs = {"data_dir": tmp_path, "corruptions": ["contrast", "brightness"], "severities": [5, 2],
+              "batch_size": 8, "source": f"npz:{tmp_path / 'clean.npz'}", "download": False}
+    plain = {}
+    for batch in generated_stream(**kwargs):
+        d = int(batch.domain[0])
+        plain[d] = torch.cat([plain[d], batch.x]) if d in plain else batch.x
+    mixed = generated_stream(**kwargs, setting="mixed", shuffle_seed=4)
+    inner = mixed.source.source
+    calls: list[Domain] = []
+    original = inner.load
+    inner.load = lambda domain, index: calls.append(domain) or original(domain, index)
+    seen: Counter[tuple[int, int]] = Counter()
+    for batch in mixed:
+        assert batch.x.dtype == torch.uint8
+        for x, d in zip(batch.x, batch.domain, strict=True):
+            rows = [i for i in range(20) if torch.equal(plain[int(d)][i], x)]
+            assert rows  # the very bytes the per-domain stream gives
+            seen[(int(d), rows[0])] += 1
+    assert sum(seen.values()) == 4 * 20 and len(calls) == 4  # each domain generated once, whole

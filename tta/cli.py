@@ -73,6 +73,13 @@ def cli() -> None:
               help="CSV to write (default: results/<method>_<model>_<time>.csv)")
 @click.option("--download/--no-download", default=True, show_default=True, help="download missing dataset files")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--generate", is_flag=True,
+              help="corrupt the clean test set on the fly on the device instead of reading corruption files")
+@click.option("--data-seed", default=0, show_default=True, type=int, help="seed of the --generate corruptions")
+@click.option("--source", help="clean set for --generate: cifar10, cifar100, npz:PATH or folder:PATH "
+              "(default: the benchmark's clean test set)")
+@click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
+              help="folder of frost photographs for --generate (default: a procedural frost texture)")
 def adapt_command(overrides: tuple[str, ...], progress: bool, **kwargs: Any) -> None:
     """Adapt a model over a corruption benchmark and report accuracy per corruption x severity."""
     from tta.api import run_benchmark
@@ -83,6 +90,41 @@ def adapt_command(overrides: tuple[str, ...], progress: bool, **kwargs: Any) -> 
     click.echo(format_results(df))
     click.echo(f"\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} corruption x severity pairs; "
                f"wrote {out} (+ {out.with_suffix('.yaml').name})")
+
+
+@cli.command("corrupt")
+@click.option("--source", required=True,
+              help="clean set: cifar10, cifar100 (test split), npz:PATH (arrays x uint8 NHWC, y) or folder:PATH")
+@click.option("--out", default="data", show_default=True, type=click.Path(file_okay=False),
+              help="writes OUT/CIFAR-10-C (OUT/CIFAR-100-C for cifar100) in the published layout")
+@click.option("--corruptions", callback=_split(str, "names"), metavar="gaussian_noise,fog",
+              help="comma-separated corruption names (default: all 19, the 15 benchmark and 4 extra ones)")
+@click.option("--severities", callback=_split(int, "integers"), metavar="1,2,3,4,5",
+              help="severity blocks to generate in this run (default all); a corruption's .npy appears once all "
+              "five blocks exist, so runs can be split across machines")
+@click.option("--seed", default=0, show_default=True, type=int, help="image i depends only on (seed, corruption, "
+              "severity, i)")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
+@click.option("--dataset", type=click.Choice(["cifar10c", "cifar100c"]),
+              help="directory layout to write (default: cifar100c for --source cifar100, else cifar10c)")
+@click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
+              help="folder of frost photographs (default: a procedural frost texture)")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="where cifar10/cifar100 are looked for and downloaded (default: --out)")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def corrupt_command(out: str, severities: list[int] | None, device: str, **kwargs: Any) -> None:
+    """Write corrupted copies of a clean image set in the CIFAR-10-C layout; a killed run resumes where it stopped."""
+    from tta.corruptions.writer import corrupt_dataset, missing_blocks
+    from tta.data.cifar_c import ALL_CORRUPTIONS
+    from tta.engine import resolve_device
+
+    root = corrupt_dataset(out_dir=out, severities=severities or [1, 2, 3, 4, 5], device=resolve_device(device),
+                           **kwargs)
+    files = sorted(p.name for p in root.glob("*.npy"))
+    click.echo(f"{root}: {len(files)} files ({', '.join(files)})")
+    waiting = missing_blocks(root, kwargs["corruptions"] or ALL_CORRUPTIONS)
+    for name, missing in waiting.items():
+        click.echo(f"{name}.npy waits for severities {','.join(map(str, missing))} (run again with --severities)")
 
 
 @cli.command("methods")

@@ -20,6 +20,7 @@ Batches never straddle two segments (nor two visits of ``gradual``); the last ba
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -132,28 +133,43 @@ class SettingStream(Stream):
                 yield Batch(x, y, torch.as_tensor(domain, dtype=torch.long), segment=run.segment)
 
 
+class WholeDomainCache:
+    """Wraps a ``DomainSource`` whose reads are costly (corruptions generated on the fly): each domain is loaded
+    whole on first use and the last ``capacity`` domains are kept, so interleaved streams load every domain once."""
+
+    def __init__(self, source: DomainSource, capacity: int) -> None:
+        self.source, self.capacity, self.label = source, max(capacity, 1), source.label
+        self._cache: OrderedDict[Domain, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def size(self, domain: Domain) -> int:
+        return self.source.size(domain)
+
+    def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if domain in self._cache:
+            self._cache.move_to_end(domain)
+        else:
+            self._cache[domain] = self.source.load(domain, np.arange(self.source.size(domain)))
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        x, y = self._cache[domain]
+        return x[torch.as_tensor(index, device=x.device)], y[torch.as_tensor(index, device=y.device)]
+
+
 def gather(
     source: DomainSource, domains: Sequence[Domain], domain: np.ndarray, index: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load the samples (domain[i], index[i]) in that order: one ``load`` per domain (ascending), then scatter."""
-    unique = np.unique(domain)
-    if len(unique) == 1:
-        order = np.argsort(index, kind="stable")
-        x, y = source.load(domains[int(unique[0])], index[order])
-        if np.array_equal(order, np.arange(len(order))):
-            return x, y
-        inverse = torch.as_tensor(np.argsort(order))
-        return x[inverse], y[inverse]
-    x_out: torch.Tensor | None = None
-    y_out = torch.empty(len(index), dtype=torch.long)
-    for d in unique:
+    parts = []
+    for d in np.unique(domain):
         positions = np.flatnonzero(domain == d)
         positions = positions[np.argsort(index[positions], kind="stable")]
-        x, y = source.load(domains[int(d)], index[positions])
-        if x_out is None:
-            x_out = torch.empty((len(index), *x.shape[1:]), dtype=x.dtype)
-        pos = torch.as_tensor(positions)
-        x_out[pos] = x
-        y_out[pos] = y
-    assert x_out is not None  # internal invariant: at least one domain was loaded
+        parts.append((positions, *source.load(domains[int(d)], index[positions])))
+    if len(parts) == 1 and np.array_equal(parts[0][0], np.arange(len(index))):
+        return parts[0][1], parts[0][2]  # one domain, already in order (per-domain streams): no copy
+    x0, y0 = parts[0][1], parts[0][2]
+    x_out = torch.empty((len(index), *x0.shape[1:]), dtype=x0.dtype, device=x0.device)
+    y_out = torch.empty(len(index), dtype=y0.dtype, device=y0.device)
+    for positions, x, y in parts:
+        x_out[torch.as_tensor(positions, device=x_out.device)] = x
+        y_out[torch.as_tensor(positions, device=y_out.device)] = y
     return x_out, y_out
