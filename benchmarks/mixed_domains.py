@@ -35,6 +35,7 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "dsbn (oracle)": ("dsbn", {}),
     "dsbn+tent (oracle)": ("dsbn", {"tent": True}),
     "context-norm (oracle)": ("context-norm", {}),
+    "context-norm (oracle, learned)": ("context-norm", {"learned": True}),
     "context-norm (infer, spawn)": ("context-norm", {"contexts": "infer", "fallback": "spawn"}),
     "context-norm (infer, soft)": ("context-norm", {"contexts": "infer", "fallback": "soft"}),
     "context-norm (infer, source)": ("context-norm", {"contexts": "infer", "fallback": "source"}),
