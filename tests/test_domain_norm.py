@@ -343,3 +343,18 @@ def test_domain_aware_methods_keep_per_domain_accuracy_on_a_mixed_real_stream(sh
     assert oracle > adabn_mixed + 3.0
     assert accuracy("mixed", "dsbn") == pytest.approx(accuracy("per-domain", "dsbn"), abs=1.5)
     assert accuracy("mixed", "context-norm", contexts="infer") > adabn_mixed
+
+
+@pytest.mark.parametrize("overrides", [{"tent": True}, {"learned": True}])
+def test_trained_contexts_and_their_optimizer_state_round_trip(bn_model: nn.Module, overrides: dict) -> None:
+    name = "dsbn" if "tent" in overrides else "context-norm"
+    adapted = make(name, bn_model, lr=1e-2, **overrides)
+    for seed in range(2):
+        x, ids = mixed_batch(seed)
+        adapted(x, domain=ids)
+    adapted(domain_batch(0, 8, 5), domain=7)  # a context that appears later
+    fresh = make(name, bn_model, lr=1e-2, **overrides)
+    fresh.load_state_dict(adapted.state_dict())
+    for seed in (3, 4):  # the second batch shows that the Adam moments were restored too
+        x, ids = mixed_batch(seed)
+        torch.testing.assert_close(fresh(x, domain=ids), adapted(x, domain=ids), atol=0, rtol=0)

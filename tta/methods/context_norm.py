@@ -11,6 +11,7 @@ per-context mean and log-std by entropy minimisation instead of estimating stati
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,7 +102,7 @@ class DomainNormMethod(AdaptedModel):
     def make_optimizer(self) -> torch.optim.Optimizer | None:
         if not self.trains():
             return None
-        # Contexts (and their parameters) appear at test time: start with an empty group, add them as they come.
+        # Contexts (and their parameters) appear at test time: one group, kept equal to params() as they come.
         return torch.optim.Adam([{"params": self.params()}], lr=self.config.lr)
 
     def adapt(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
@@ -116,12 +117,31 @@ class DomainNormMethod(AdaptedModel):
         return logits.detach()
 
     def _sync_optimizer(self) -> None:
-        """Add the parameters of contexts created during the last forward to the optimizer."""
+        """Give the optimizer the parameters of contexts created during the last forward.
+
+        The group is replaced by ``params()`` (module order) rather than extended, so that a saved optimizer state
+        lines up with the parameters of a model rebuilt from the same state dict; Adam keeps its moments per
+        parameter, so existing parameters keep theirs.
+        """
         assert self.optimizer is not None  # only called when training
-        known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        new = [p for p in self.params() if id(p) not in known]
-        if new:
-            self.optimizer.add_param_group({"params": new})
+        params = self.params()
+        if len(params) != len(self.optimizer.param_groups[0]["params"]):
+            self.optimizer.param_groups[0]["params"] = params
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # Called before the layers below have grown to the saved number of contexts: apply it in load_state_dict.
+        self._pending_optimizer = state.get("optimizer") if self.optimizer is not None else None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a saved adapted model, growing the contexts it had, then its optimizer state."""
+        self._pending_optimizer = None
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._pending_optimizer is not None:
+            self.optimizer = self.make_optimizer()
+            assert self.optimizer is not None  # trains, since the saved model had an optimizer state
+            self.optimizer.load_state_dict(self._pending_optimizer)
+        self._pending_optimizer = None
+        return result
 
 
 @register("context-norm")
