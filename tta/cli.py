@@ -58,6 +58,13 @@ def cli() -> None:
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--reset", default="domain", show_default=True, type=click.Choice(["domain", "batch", "never"]),
               help="reset before each corruption x severity, before every batch (episodic), or never (continual)")
+@click.option("--setting", default="per-domain", show_default=True,
+              type=click.Choice(["per-domain", "continual", "mixed", "gradual"]),
+              help="stream order: one corruption x severity at a time, corruptions back to back per severity, all "
+                   "corruptions of a severity shuffled together (--seed), or severities 1..5..1 per corruption")
+@click.option("--contexts", type=click.Choice(["oracle", "infer"]),
+              help="dsbn/context-norm: route samples by the stream's domain ids (oracle) or infer them (infer); "
+                   "same as --set contexts=...")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a method setting, e.g. --set lr=0.0005 (repeatable)")

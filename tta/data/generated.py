@@ -17,7 +17,8 @@ import torch
 from tta.corruptions import CHUNK, corrupt_indexed
 from tta.corruptions.writer import to_uint8
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, check_selection, dataset_info
-from tta.data.stream import Domain, Stream
+from tta.data.settings import SettingStream, WholeDomainCache, check_setting
+from tta.data.stream import Domain, DomainSource, Stream
 
 # the clean test set each benchmark corrupts
 CLEAN_SOURCES: dict[str, str] = {"cifar10c": "cifar10", "cifar100c": "cifar100"}
@@ -74,20 +75,28 @@ def generated_stream(
     source: str | None = None,
     frost_images: str | Path | None = None,
     download: bool = True,
+    setting: str = "per-domain",
+    shuffle_seed: int = 0,
 ) -> Stream:
     """The stream ``cifar_c_stream`` would give, generated from the clean set on the fly (see the module docs).
 
     ``source`` is a ``load_clean`` spec; by default the benchmark's own clean test set (``cifar10`` for
     ``cifar10c``), which needs only the clean archive in ``data_dir`` (downloaded there unless ``download`` is off).
+    ``setting`` orders the stream as ``tta.data.settings`` describes (``shuffle_seed`` shuffles ``mixed``); the
+    interleaved settings generate each domain whole, once, and keep one severity's worth of domains in memory.
     """
     from tta.data.clean import load_clean
 
     dataset_info(dataset)
+    check_setting(setting)
     check_selection(corruptions, severities)
     images, labels = load_clean(source or CLEAN_SOURCES[dataset], data_dir, download)
     if n_examples is not None:  # only the first n_examples of each domain are requested: keep their whole chunks
         keep = -(-n_examples // CHUNK) * CHUNK
         images, labels = images[:keep], labels[:keep]
-    gen = GeneratedSource(images, labels, seed=seed, device=device, frost_images=frost_images)
-    domains = [Domain(c, s) for s in severities for c in corruptions]
-    return Stream(gen, domains, n_examples=n_examples, batch_size=batch_size)
+    gen: DomainSource = GeneratedSource(images, labels, seed=seed, device=device, frost_images=frost_images)
+    if setting in ("mixed", "gradual"):
+        # Their batches jump between domains, which would regenerate chunks again and again.
+        gen = WholeDomainCache(gen, capacity=max(len(corruptions), len(set(severities))))
+    return SettingStream(gen, corruptions, severities, setting=setting, n_examples=n_examples,
+                         batch_size=batch_size, seed=shuffle_seed)
