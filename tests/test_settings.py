@@ -202,7 +202,7 @@ def test_cli_setting_and_contexts_reach_the_stream_and_method(
     # One row per (corruption, severity), every image predicted once (gradual visits 3, 5, 3: 6 + 6 images of 3).
     assert sorted(zip(df.corruption, df.severity, strict=True)) == [(c, s) for c in ("fog", "gaussian_noise")
                                                                     for s in (3, 5)]
-    assert (df.n == 12).all()
+    assert (df.n == 12).all() and (df.setting == setting).all()
     resolved = yaml.safe_load(out.with_suffix(".yaml").read_text())
     assert resolved["setting"] == setting
     if contexts:

@@ -50,7 +50,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.errors import ModelError
 from tta.norm.adaptive_bn import blend_prior
-from tta.norm.convert import replace_batchnorms
+from tta.norm.convert import Float64State, replace_batchnorms
 
 Update = Literal["cumulative", "ema"]
 Fallback = Literal["source", "soft", "spawn"]
@@ -70,18 +70,7 @@ def _resize_rows(t: torch.Tensor, k: int, fill: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, extra], 0)
 
 
-class _Float64State(nn.Module):
-    """Keeps float64 buffers (exact pooled statistics) float64 through ``.to(dtype)``/``.float()``/``.half()``."""
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        wide = [name for name, b in self._buffers.items() if b is not None and b.dtype == torch.float64]
-        super()._apply(fn, recurse)
-        for name in wide:
-            self._buffers[name] = self._buffers[name].to(torch.float64)  # device moves stay, dtype casts do not
-        return self
-
-
-class ContextRouter(_Float64State):
+class ContextRouter(Float64State):
     """Which context each sample of the current forward belongs to; shared by every layer of one model."""
 
     def __init__(
@@ -307,7 +296,7 @@ def signature(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, torch.log(var + 1e-5)], 1)
 
 
-class DomainContextNorm(_Float64State):
+class DomainContextNorm(Float64State):
     """BatchNorm with per-context statistics (and optionally per-context affine): DomainContextNorm and DSBN."""
 
     def __init__(
