@@ -107,3 +107,11 @@ def test_adabn_modes_adapt_and_reset(bn_model: nn.Module, mode: str) -> None:
 def test_adabn_without_batchnorm_is_a_clear_error(ln_model: nn.Module) -> None:
     with pytest.raises(tta.ModelError, match="no BatchNorm layers"):
         tta.adapt(ln_model, "adabn")
+
+
+def test_pooled_statistics_stay_float64_through_conversion_and_casts(bn_model: nn.Module) -> None:
+    adapted = tta.adapt(bn_model, "adabn", mode="cumulative")
+    adapted.float()
+    layers = [m for m in adapted.modules() if isinstance(m, AdaptiveBN)]
+    assert layers and all(m.pool_mean.dtype == m.pool_m2.dtype == torch.float64 for m in layers)
+    assert all(m.weight.dtype == torch.float32 for m in layers)

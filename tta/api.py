@@ -10,6 +10,7 @@ import pandas as pd
 from torch import nn
 
 from tta.config import resolve_config
+from tta.errors import ConfigError
 from tta.methods.base import AdaptedModel
 from tta.registry import get_method
 
@@ -39,39 +40,66 @@ def run_benchmark(
     batch_size: int = 200,
     seed: int = 1,
     reset: str = "domain",
+    setting: str = "per-domain",
+    contexts: str | None = None,
     device: str = "auto",
     config: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     out: str | Path | None = None,
     download: bool = True,
     progress: bool = False,
+    generate: bool = False,
+    data_seed: int = 0,
+    source: str | None = None,
+    frost_images: str | Path | None = None,
 ) -> tuple[pd.DataFrame, Path]:
     """What ``tta adapt`` does: adapt a model over a corruption benchmark, writing rows to ``out`` as they finish.
 
     Returns the results table and the CSV path; the resolved configuration is written beside it (``.yaml``).
     Everything is checked (method settings, selection, files, model) before the first batch runs.
+    ``generate`` corrupts the clean set (``source``, see ``tta.data.clean.load_clean``; by default the benchmark's
+    clean test set) on the fly on the device with seed ``data_seed`` instead of reading the corruption files; the
+    rows then say ``generated:<data_seed>`` in their ``data`` column. ``setting`` orders the stream
+    (``per-domain``, ``continual``, ``mixed`` shuffled with ``seed``, ``gradual``; see ``tta.data.settings``);
+    ``contexts`` (``oracle``/``infer``) is the ``contexts`` setting of the methods that route samples by domain
+    (dsbn, context-norm).
     """
-    from tta.config import config_hash, to_dict
+    from tta.config import config_hash, field_names, to_dict
     from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, cifar_c_stream, dataset_info
     from tta.engine import evaluate, resolve_device
     from tta.models import load_model
     from tta.report import CsvWriter, default_output, write_config
 
     cls = get_method(method)
+    if contexts is not None:
+        if "contexts" not in field_names(cls.Config):
+            raise ConfigError(f"--contexts only applies to methods that route samples by domain (dsbn, "
+                              f"context-norm), not {method}; drop --contexts or choose one of those")
+        overrides = {**(overrides or {}), "contexts": contexts}
     settings = resolve_config(cls.Config, config, overrides)
     dataset_info(benchmark)
     dev = resolve_device(device)
     corruptions = list(corruptions or BENCHMARK_CORRUPTIONS)
     severities = list(severities or SEVERITIES)
-    stream = cifar_c_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size, download=download)
+    if generate:
+        from tta.data.generated import generated_stream
+
+        stream = generated_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size, seed=data_seed,
+                                  device=dev, source=source, frost_images=frost_images, download=download,
+                                  setting=setting, shuffle_seed=seed)
+    else:
+        stream = cifar_c_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
+                                download=download, setting=setting, seed=seed)
     model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
     adapted = cls(net, settings)
 
     resolved = {
         "method": method, "settings": to_dict(settings), "model": model_name, "checkpoint": str(checkpoint or ""),
-        "arch": arch, "benchmark": benchmark, "data": stream.label, "corruptions": corruptions,
+        "arch": arch, "benchmark": benchmark, "data": stream.label, "clean_source": source if generate else None,
+        "frost_images": str(frost_images) if generate and frost_images else None, "corruptions": corruptions,
         "severities": severities, "n_examples": n_examples, "batch_size": batch_size, "seed": seed, "reset": reset,
+        "setting": setting,
     }
     digest = config_hash(resolved)
     out = Path(out) if out is not None else default_output(method, model_name)

@@ -58,6 +58,13 @@ def cli() -> None:
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--reset", default="domain", show_default=True, type=click.Choice(["domain", "batch", "never"]),
               help="reset before each corruption x severity, before every batch (episodic), or never (continual)")
+@click.option("--setting", default="per-domain", show_default=True,
+              type=click.Choice(["per-domain", "continual", "mixed", "gradual"]),
+              help="stream order: one corruption x severity at a time, corruptions back to back per severity, all "
+                   "corruptions of a severity shuffled together (--seed), or severities 1..5..1 per corruption")
+@click.option("--contexts", type=click.Choice(["oracle", "infer"]),
+              help="dsbn/context-norm: route samples by the stream's domain ids (oracle) or infer them (infer); "
+                   "same as --set contexts=...")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a method setting, e.g. --set lr=0.0005 (repeatable)")
@@ -66,6 +73,13 @@ def cli() -> None:
               help="CSV to write (default: results/<method>_<model>_<time>.csv)")
 @click.option("--download/--no-download", default=True, show_default=True, help="download missing dataset files")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--generate", is_flag=True,
+              help="corrupt the clean test set on the fly on the device instead of reading corruption files")
+@click.option("--data-seed", default=0, show_default=True, type=int, help="seed of the --generate corruptions")
+@click.option("--source", help="clean set for --generate: cifar10, cifar100, npz:PATH or folder:PATH "
+              "(default: the benchmark's clean test set)")
+@click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
+              help="folder of frost photographs for --generate (default: a procedural frost texture)")
 @click.option("--afn-checkpoint", type=click.Path(dir_okay=False),
               help="with --method afn: AFN layers warmed up by `tta warmup` (same as --set afn_checkpoint=FILE)")
 def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: str | None, **kwargs: Any) -> None:
@@ -83,6 +97,41 @@ def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: st
     click.echo(format_results(df))
     click.echo(f"\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} corruption x severity pairs; "
                f"wrote {out} (+ {out.with_suffix('.yaml').name})")
+
+
+@cli.command("corrupt")
+@click.option("--source", required=True,
+              help="clean set: cifar10, cifar100 (test split), npz:PATH (arrays x uint8 NHWC, y) or folder:PATH")
+@click.option("--out", default="data", show_default=True, type=click.Path(file_okay=False),
+              help="writes OUT/CIFAR-10-C (OUT/CIFAR-100-C for cifar100) in the published layout")
+@click.option("--corruptions", callback=_split(str, "names"), metavar="gaussian_noise,fog",
+              help="comma-separated corruption names (default: all 19, the 15 benchmark and 4 extra ones)")
+@click.option("--severities", callback=_split(int, "integers"), metavar="1,2,3,4,5",
+              help="severity blocks to generate in this run (default all); a corruption's .npy appears once all "
+              "five blocks exist, so runs can be split across machines")
+@click.option("--seed", default=0, show_default=True, type=int, help="image i depends only on (seed, corruption, "
+              "severity, i)")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
+@click.option("--dataset", type=click.Choice(["cifar10c", "cifar100c"]),
+              help="directory layout to write (default: cifar100c for --source cifar100, else cifar10c)")
+@click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
+              help="folder of frost photographs (default: a procedural frost texture)")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="where cifar10/cifar100 are looked for and downloaded (default: --out)")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def corrupt_command(out: str, severities: list[int] | None, device: str, **kwargs: Any) -> None:
+    """Write corrupted copies of a clean image set in the CIFAR-10-C layout; a killed run resumes where it stopped."""
+    from tta.corruptions.writer import corrupt_dataset, missing_blocks
+    from tta.data.cifar_c import ALL_CORRUPTIONS
+    from tta.engine import resolve_device
+
+    root = corrupt_dataset(out_dir=out, severities=severities or [1, 2, 3, 4, 5], device=resolve_device(device),
+                           **kwargs)
+    files = sorted(p.name for p in root.glob("*.npy"))
+    click.echo(f"{root}: {len(files)} files ({', '.join(files)})")
+    waiting = missing_blocks(root, kwargs["corruptions"] or ALL_CORRUPTIONS)
+    for name, missing in waiting.items():
+        click.echo(f"{name}.npy waits for severities {','.join(map(str, missing))} (run again with --severities)")
 
 
 @cli.command("warmup")

@@ -22,7 +22,7 @@ ResetPolicy = Literal["domain", "batch", "never"]
 RESET_POLICIES: tuple[str, ...] = ("domain", "batch", "never")
 COLUMNS: list[str] = [
     "method", "model", "corruption", "severity", "n", "accuracy", "error", "seconds", "images_per_second", "data",
-    "seed", "batch_size", "reset", "device", "config_hash",
+    "seed", "batch_size", "reset", "setting", "device", "config_hash",
 ]
 
 
@@ -78,7 +78,8 @@ def evaluate(
     seen = [0] * n_domains  # counts read back at the end of each segment
     rows: dict[int, dict[str, Any]] = {}
     common = {"method": adapted.name, "model": model_name, "data": stream.label, "seed": seed,
-              "batch_size": getattr(stream, "batch_size", None), "reset": reset, "device": str(dev),
+              "batch_size": getattr(stream, "batch_size", None), "reset": reset,
+              "setting": getattr(stream, "setting", "per-domain"), "device": str(dev),
               **(metadata or {})}
 
     def close_segment(segment: int | None, started: float, final: bool) -> None:

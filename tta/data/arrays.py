@@ -32,6 +32,9 @@ class ArraySource:
         return len(self.labels)
 
     def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        start, stop = int(index[0]), int(index[-1]) + 1
+        if len(index) == stop - start:  # a contiguous run: a view, in the layout the images are stored in
+            return self.images[start:stop], self.labels[start:stop]
         idx = torch.as_tensor(index)
         return self.images[idx], self.labels[idx]
 

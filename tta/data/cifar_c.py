@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tta.data.settings import SettingStream, check_setting
 from tta.data.stream import Domain, Stream
 from tta.errors import ConfigError, DataError, DownloadError
 
@@ -167,17 +168,22 @@ def cifar_c_stream(
     n_examples: int | None = None,
     batch_size: int = 200,
     download: bool = True,
+    setting: str = "per-domain",
+    seed: int = 0,
 ) -> Stream:
-    """A stream over CIFAR-10-C/100-C files: severities in the given order, corruptions within each severity.
+    """A stream over CIFAR-10-C/100-C files ordered as ``setting`` (see ``tta.data.settings``).
 
-    This is the Tent protocol's order (severity 5 first, the 15 corruptions in the standard order); each domain
-    yields its first ``n_examples`` images (all 10,000 by default) in test order.
+    The default ``per-domain`` setting is the Tent protocol's order: severities in the given order (5 first), the
+    corruptions in the standard order within each; each domain yields its first ``n_examples`` images (all 10,000 by
+    default) in test order. ``continual``, ``mixed`` and ``gradual`` reorder the same images; ``seed`` shuffles
+    ``mixed``.
     """
+    check_setting(setting)
     check_selection(corruptions, severities)
     root = ensure_files(dataset, data_dir, corruptions, download)
     source = CifarCFiles(root)
     source.labels()
     for c in corruptions:  # fail on a corrupt file now, not hours into the run
         source.array(c)
-    domains = [Domain(c, s) for s in severities for c in corruptions]
-    return Stream(source, domains, n_examples=n_examples, batch_size=batch_size)
+    return SettingStream(source, corruptions, severities, setting=setting, n_examples=n_examples,
+                         batch_size=batch_size, seed=seed)

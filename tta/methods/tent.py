@@ -88,6 +88,7 @@ class Tent(AdaptedModel):
                 m.running_var = None
         for p in norm_affine_params(model):
             p.requires_grad_(True)
+        self.has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
         return model
 
     def params(self) -> list[nn.Parameter]:
@@ -98,7 +99,7 @@ class Tent(AdaptedModel):
 
     def check_input(self, x: torch.Tensor, domain: torch.Tensor | int | None = None) -> torch.Tensor | None:
         domain = super().check_input(x, domain)
-        if x.shape[0] < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.model.modules()):
+        if x.shape[0] < 2 and self.has_bn1d:
             raise InputError("tent normalises with batch statistics and this model has BatchNorm1d layers, which "
                              "need at least 2 images per batch; use a larger batch")
         return domain

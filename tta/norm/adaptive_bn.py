@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tta.norm.convert import Float64State
+
 Mode = Literal["source", "batch", "prior", "ema", "cumulative", "cumulative_prior"]
 MODES: tuple[str, ...] = ("source", "batch", "prior", "ema", "cumulative", "cumulative_prior")
 
@@ -45,7 +47,7 @@ def blend_prior(
     return out_mean, out_var
 
 
-class AdaptiveBN(nn.Module):
+class AdaptiveBN(Float64State):
     """BatchNorm with selectable test-time statistics; built from a pretrained BN with ``AdaptiveBN.from_bn``."""
 
     def __init__(

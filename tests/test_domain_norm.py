@@ -1,0 +1,360 @@
+"""Domain-aware normalisation: DomainContextNorm / DSBN layers, the router's inference, and both methods."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from tta.config import build_config, to_dict
+from tta.errors import ConfigError, InputError, ModelError
+from tta.methods.base import AdaptedModel
+from tta.norm.domain import ContextNormModel, DomainContextNorm, convert_context_norm
+from tta.registry import get_method
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make(name: str, model: nn.Module, **overrides: object) -> AdaptedModel:
+    cls = get_method(name)
+    return cls(model, build_config(cls.Config, overrides))
+
+
+def domain_batch(d: int, n: int, seed: int) -> torch.Tensor:
+    """Images of synthetic domain ``d``: 0 low contrast, 1 noisy, 2 bright; distinct first-layer statistics."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 16, 16, generator=g)
+    if d == 0:
+        return 0.45 + 0.1 * base
+    if d == 1:
+        return (base + 0.8 * torch.randn(n, 3, 16, 16, generator=g)).clamp(0, 1)
+    return 0.6 + 0.4 * base
+
+
+def mixed_batch(seed: int, sizes: tuple[int, ...] = (7, 9, 8)) -> tuple[torch.Tensor, torch.Tensor]:
+    xs = [domain_batch(d, n, seed * 10 + d) for d, n in enumerate(sizes)]
+    ids = torch.cat([torch.full((n,), d) for d, n in enumerate(sizes)])
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    return torch.cat(xs)[perm], ids[perm]
+
+
+def layers(adapted: AdaptedModel) -> list[DomainContextNorm]:
+    assert isinstance(adapted.model, ContextNormModel)
+    return adapted.model.layers()
+
+
+# ------------------------------------------------------------------------------ METHODS.md section 8 item 4
+@pytest.mark.parametrize(("name", "overrides", "adabn"), [
+    ("context-norm", {"prior_n": 0.0}, {"mode": "cumulative"}),
+    ("context-norm", {"prior_n": 16.0}, {"mode": "cumulative_prior", "prior_n": 16.0}),
+    ("context-norm", {"update": "ema"}, {"mode": "ema"}),
+    ("dsbn", {}, {"mode": "cumulative"}),
+    ("dsbn", {"update": "ema", "momentum": 0.3}, {"mode": "ema", "momentum": 0.3}),
+])
+def test_one_context_equals_adabn(bn_model: nn.Module, name: str, overrides: dict, adabn: dict) -> None:
+    ours, reference = make(name, bn_model, **overrides), make("adabn", bn_model, **adabn)
+    for step in range(4):
+        x = domain_batch(step % 3, 12, step)
+        torch.testing.assert_close(ours(x, domain=5), reference(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["context-norm", "dsbn"])
+def test_per_sample_routing_is_invariant_to_batch_order(bn_model: nn.Module, name: str) -> None:
+    a, b = make(name, bn_model), make(name, bn_model)
+    for seed in range(3):
+        x, ids = mixed_batch(seed)
+        perm = torch.randperm(len(ids))
+        out_a, out_b = a(x, domain=ids), b(x[perm], domain=ids[perm])
+        torch.testing.assert_close(out_b, out_a[perm], atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_equals_each_domain_adapted_alone(bn_model: nn.Module) -> None:
+    mixed = make("context-norm", bn_model)
+    alone = {d: make("context-norm", bn_model) for d in range(3)}
+    for seed in range(3):
+        x, ids = mixed_batch(seed)
+        out = mixed(x, domain=ids)
+        for d, adapted in alone.items():
+            torch.testing.assert_close(out[ids == d], adapted(x[ids == d], domain=d), atol=1e-5, rtol=1e-5)
+
+
+def test_mixing_domains_is_what_hurts_adabn(bn_model: nn.Module) -> None:
+    # The point of the method: pooled statistics (adabn) differ from per-domain ones on a mixed batch.
+    x, ids = mixed_batch(0)
+    pooled = make("adabn", bn_model, mode="cumulative")(x)
+    per_domain = make("context-norm", bn_model, prior_n=0.0)(x, domain=ids)
+    assert (pooled - per_domain).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------- branches and reset
+def test_branches_are_created_on_first_sight_from_the_source_bn(bn_model: nn.Module) -> None:
+    adapted = make("dsbn", bn_model)
+    source_bns = [m for m in bn_model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    assert all(layer.num_contexts == 1 for layer in layers(adapted))
+    adapted(domain_batch(0, 6, 0), domain=3)  # domain id 3 -> context 4; contexts 1..3 exist, unused
+    for layer, bn in zip(layers(adapted), source_bns, strict=True):
+        assert layer.num_contexts == 5 and len(layer.ctx_weight) == 5
+        for k in range(5):
+            torch.testing.assert_close(layer.ctx_weight[k].data, bn.weight.data)
+            torch.testing.assert_close(layer.ctx_bias[k].data, bn.bias.data)
+        for k in range(4):  # untouched contexts still hold the source statistics and no count
+            torch.testing.assert_close(layer.ctx_mean[k].float(), bn.running_mean)
+            torch.testing.assert_close(layer.ctx_var[k].float(), bn.running_var)
+            assert float(layer.ctx_images[k]) == 0.0
+        assert float(layer.ctx_images[4]) == 6.0
+        assert not torch.allclose(layer.ctx_mean[4].float(), bn.running_mean)
+
+
+def test_declared_contexts_exist_up_front_and_survive_reset(bn_model: nn.Module) -> None:
+    adapted = make("context-norm", bn_model, declared_contexts=2)
+    before = {k: v.clone() for k, v in adapted.model.state_dict().items()}
+    assert all(layer.num_contexts == 3 for layer in layers(adapted))
+    adapted(domain_batch(0, 8, 0), domain=torch.arange(8) % 5)
+    assert all(layer.num_contexts == 6 for layer in layers(adapted))
+    adapted.reset()
+    assert all(layer.num_contexts == 3 for layer in layers(adapted))
+    after = adapted.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_context_zero_is_the_source_model(bn_model: nn.Module) -> None:
+    adapted = make("context-norm", bn_model, contexts="infer", fallback="source")
+    for seed in range(3):
+        x = domain_batch(seed % 3, 10, seed)
+        torch.testing.assert_close(adapted(x), bn_model(x), atol=1e-5, rtol=1e-5)
+    assert adapted.model.router.num_contexts == 1
+
+
+def test_small_subsets_use_the_branch_running_statistics(bn_model: nn.Module) -> None:
+    adapted = make("context-norm", bn_model, min_subset=2)
+    x, ids = domain_batch(1, 9, 0), torch.tensor([0] * 8 + [1])
+    out = adapted(x, domain=ids)
+    # The lone sample of a fresh context is normalised with its (source-initialised) running statistics.
+    torch.testing.assert_close(out[8:], bn_model(x[8:]), atol=1e-5, rtol=1e-5)
+    assert all(float(layer.ctx_images[2]) == 0.0 for layer in layers(adapted))
+
+
+def test_grown_state_dict_loads_into_a_fresh_adapted_model(bn_model: nn.Module) -> None:
+    adapted = make("context-norm", bn_model)
+    x, ids = mixed_batch(0)
+    adapted(x, domain=ids)
+    fresh = make("context-norm", bn_model)
+    fresh.load_state_dict(adapted.state_dict())
+    x2, ids2 = mixed_batch(1)
+    torch.testing.assert_close(fresh(x2, domain=ids2), adapted(x2, domain=ids2))
+
+
+# ------------------------------------------------------------------------------- contexts: oracle / infer
+def test_oracle_calls_without_ids_go_to_the_fallback(bn_model: nn.Module) -> None:
+    x = domain_batch(0, 4, 0)
+    torch.testing.assert_close(make("context-norm", bn_model, fallback="source")(x), bn_model(x), atol=1e-5, rtol=0)
+    spawn = make("context-norm", bn_model, fallback="spawn", min_spawn=4)
+    spawn(x)
+    assert spawn.model.router.num_contexts == 2
+    with pytest.raises(InputError, match="one id per image"):
+        spawn(x, domain=torch.tensor([0, 1]))
+
+
+def test_infer_never_looks_at_the_ids(bn_model: nn.Module) -> None:
+    a = make("context-norm", bn_model, contexts="infer", min_spawn=4)
+    b = make("context-norm", bn_model, contexts="infer", min_spawn=4)
+    for seed in range(3):
+        x, ids = mixed_batch(seed)
+        torch.testing.assert_close(a(x, domain=ids), b(x, domain=torch.zeros_like(ids)))
+
+
+def _purity(assigned: torch.Tensor, ids: torch.Tensor) -> float:
+    """Fraction of samples whose inferred context is the majority context of their true domain."""
+    hits = 0
+    for d in ids.unique():
+        hits += int(assigned[ids == d].bincount().max())
+    return hits / len(ids)
+
+
+def _routing(adapted: AdaptedModel, x: torch.Tensor) -> torch.Tensor:
+    """The context ids the router picked for ``x`` (recorded by the first layer's forward)."""
+    seen: list[torch.Tensor] = []
+    router = adapted.model.router
+    handle = layers(adapted)[0].register_forward_hook(lambda m, i, o: seen.append(router.ids.clone()))
+    adapted(x)
+    handle.remove()
+    return seen[0]
+
+
+def test_spawn_creates_one_context_per_distinct_domain(bn_model: nn.Module) -> None:
+    adapted = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=4)
+    purities = []
+    for seed in range(4):
+        x, ids = mixed_batch(seed, sizes=(12, 12, 12))
+        purities.append(_purity(_routing(adapted, x), ids))
+    assert adapted.model.router.num_contexts == 4  # the source and one per domain, no more on later batches
+    assert min(purities) >= 0.95
+
+
+def test_spawn_respects_min_spawn_and_max_contexts(bn_model: nn.Module) -> None:
+    few = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=20)
+    x = domain_batch(1, 10, 0)
+    torch.testing.assert_close(few(x), bn_model(x), atol=1e-5, rtol=1e-5)  # too few to spawn: source context
+    assert few.model.router.num_contexts == 1
+    capped = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=4, max_contexts=2)
+    for seed in range(3):
+        capped(mixed_batch(seed, sizes=(12, 12, 12))[0])
+    assert capped.model.router.num_contexts == 2
+    assert all(layer.num_contexts == 2 for layer in layers(capped))
+
+
+def test_soft_mixes_the_contexts_with_responsibilities(bn_model: nn.Module) -> None:
+    soft = make("context-norm", bn_model, contexts="infer", fallback="soft", min_spawn=4)
+    hard = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=4)
+    taus = []
+    router = soft.model.router
+    hook = layers(soft)[0].register_forward_hook(lambda m, i, o: taus.append(router.tau.clone()))
+    for seed in range(3):
+        x, _ = mixed_batch(seed, sizes=(12, 12, 12))
+        out_soft, out_hard = soft(x), hard(x)
+    hook.remove()
+    assert router.num_contexts == hard.model.router.num_contexts == 4
+    for tau in taus:
+        torch.testing.assert_close(tau.sum(1), torch.ones(len(tau), dtype=tau.dtype))
+        assert bool((tau[:, 0] == 0).all())  # the source context has no signature model once others exist
+    # Well-separated domains: responsibilities are nearly one-hot, so soft and hard routing nearly agree.
+    assert float(taus[-1].max(1).values.min()) > 0.9
+    torch.testing.assert_close(out_soft, out_hard, atol=2e-2, rtol=0)
+
+
+def test_soft_with_one_context_equals_hard_routing(bn_model: nn.Module) -> None:
+    soft = make("context-norm", bn_model, contexts="infer", fallback="soft", min_spawn=4)
+    hard = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=4)
+    for seed in range(3):
+        x = domain_batch(1, 16, seed)
+        torch.testing.assert_close(soft(x), hard(x), atol=1e-5, rtol=1e-5)
+    assert soft.model.router.num_contexts == 2
+
+
+# ------------------------------------------------------------------------------------ training variants
+def test_dsbn_branch_local_tent_trains_only_the_branches_in_use(bn_model: nn.Module) -> None:
+    adapted = make("dsbn", bn_model, tent=True, lr=1e-2)
+    x = domain_batch(0, 10, 0)
+    first = adapted(x, domain=1)  # context 2; context 1 exists but is unused
+    torch.testing.assert_close(first, make("dsbn", bn_model)(x, domain=1))  # logits before the update
+    bns = [m for m in bn_model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    trained = {id(p) for p in adapted.params()}
+    for layer, bn in zip(layers(adapted), bns, strict=True):
+        assert id(layer.ctx_weight[0]) not in trained and not layer.ctx_weight[0].requires_grad
+        torch.testing.assert_close(layer.ctx_weight[0].data, bn.weight.data)  # the source branch never moves
+        torch.testing.assert_close(layer.ctx_weight[1].data, bn.weight.data)  # unused branch: no gradient
+        assert not torch.equal(layer.ctx_weight[2].data, bn.weight.data)
+    assert {id(p) for g in adapted.optimizer.param_groups for p in g["params"]} == trained
+    adapted.reset()
+    assert all(layer.num_contexts == 1 for layer in layers(adapted))
+    assert adapted.params() == [] and not adapted.optimizer.state
+
+
+def test_learned_mode_starts_at_the_source_and_trains_mu_and_log_std(bn_model: nn.Module) -> None:
+    adapted = make("context-norm", bn_model, learned=True, lr=1e-2)
+    x = domain_batch(2, 10, 0)
+    torch.testing.assert_close(adapted(x, domain=0), bn_model(x), atol=1e-5, rtol=1e-5)
+    layer = layers(adapted)[0]
+    moved = layer.ctx_mu[1].data - layer.source_mean
+    assert moved.abs().max() > 0 and not layer.ctx_mu[0].requires_grad
+    assert {id(p) for p in adapted.params()} == {id(p) for la in layers(adapted) for p in la.context_params()}
+    assert all(float(la.ctx_images[1]) == 0 for la in layers(adapted))  # statistics are not estimated
+
+
+# ----------------------------------------------------------------------------------------------- plumbing
+@pytest.mark.parametrize("name", ["dsbn", "context-norm"])
+def test_config_file_equals_the_dataclass(name: str) -> None:
+    cls = get_method(name)
+    assert yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()) == to_dict(cls.Config())
+
+
+@pytest.mark.parametrize(("key", "value"), [("prior_n", -1.0), ("min_subset", 0), ("max_contexts", 1),
+                                            ("fallback", "nearest"), ("contexts", "guess")])
+def test_bad_settings_are_config_errors(key: str, value: object) -> None:
+    with pytest.raises(ConfigError):
+        build_config(get_method("context-norm").Config, {key: value})
+
+
+@pytest.mark.parametrize("name", ["dsbn", "context-norm"])
+def test_models_without_batchnorm_are_refused(ln_model: nn.Module, name: str) -> None:
+    with pytest.raises(ModelError, match="no BatchNorm"):
+        make(name, ln_model)
+
+
+def test_converter_handles_a_bare_batchnorm_and_leaves_the_original_alone() -> None:
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.fill_(0.5)
+    original = copy.deepcopy(bn.state_dict())
+    wrapped = convert_context_norm(copy.deepcopy(bn))
+    x = torch.rand(4, 3, 5, 5)
+    torch.testing.assert_close(wrapped(x), bn(x))  # no ids, fallback source: the source BN
+    assert all(torch.equal(v, bn.state_dict()[k]) for k, v in original.items())
+
+
+# ------------------------------------------------------------------------------------------------ real data
+class _ShiftedSource:
+    """Two simple, seeded shifts of real CIFAR-10 test images held in memory: low contrast and additive noise."""
+
+    label = "shifted"
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = {"contrast": 0.5 + 0.2 * (x - 0.5),
+                       "gaussian_noise": (x + 0.12 * torch.randn(x.shape, generator=g)).clamp(0, 1)}
+        self.y = y
+
+    def size(self, domain: object) -> int:
+        return len(self.y)
+
+    def load(self, domain: object, index: object) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(index)
+        return self.images[domain.corruption][idx], self.y[idx]  # type: ignore[attr-defined]
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_domain_aware_methods_keep_per_domain_accuracy_on_a_mixed_real_stream(shared: Path) -> None:
+    """ResNet-20 on 2 x 300 real test images, mixed: pooled statistics lose, per-domain statistics do not."""
+    import numpy as np
+
+    import tta
+    from tta.data.settings import SettingStream
+
+    with np.load(shared / "data" / "cifar10" / "test_exact_head.npz") as data:
+        x = torch.from_numpy(data["x"][:300]).permute(0, 3, 1, 2).float() / 255
+        y = torch.from_numpy(data["y"][:300]).long()
+    model = tta.load_model(checkpoint=shared / "models" / "cifar10_resnet20.th", arch="resnet20")
+    source = _ShiftedSource(x, y)
+
+    def accuracy(setting: str, method: str, **overrides: object) -> float:
+        stream = SettingStream(source, ["contrast", "gaussian_noise"], [5], setting=setting, batch_size=100)
+        df = tta.evaluate(tta.adapt(model, method, **overrides), stream, device="cpu", seed=1)
+        return float(df.accuracy.mean())
+
+    adabn_alone, adabn_mixed = accuracy("per-domain", "adabn"), accuracy("mixed", "adabn")
+    oracle = accuracy("mixed", "context-norm")
+    print(f"adabn per-domain {adabn_alone:.2f} mixed {adabn_mixed:.2f}; context-norm oracle mixed {oracle:.2f}")
+    assert adabn_mixed < adabn_alone - 3.0
+    assert oracle > adabn_mixed + 3.0
+    assert accuracy("mixed", "dsbn") == pytest.approx(accuracy("per-domain", "dsbn"), abs=1.5)
+    assert accuracy("mixed", "context-norm", contexts="infer") > adabn_mixed
+
+
+@pytest.mark.parametrize("overrides", [{"tent": True}, {"learned": True}])
+def test_trained_contexts_and_their_optimizer_state_round_trip(bn_model: nn.Module, overrides: dict) -> None:
+    name = "dsbn" if "tent" in overrides else "context-norm"
+    adapted = make(name, bn_model, lr=1e-2, **overrides)
+    for seed in range(2):
+        x, ids = mixed_batch(seed)
+        adapted(x, domain=ids)
+    adapted(domain_batch(0, 8, 5), domain=7)  # a context that appears later
+    fresh = make(name, bn_model, lr=1e-2, **overrides)
+    fresh.load_state_dict(adapted.state_dict())
+    for seed in (3, 4):  # the second batch shows that the Adam moments were restored too
+        x, ids = mixed_batch(seed)
+        torch.testing.assert_close(fresh(x, domain=ids), adapted(x, domain=ids), atol=0, rtol=0)
