@@ -160,10 +160,12 @@ def warmup_afn(
         for layer in afn_layers(model):
             layer.train()  # dropout on the statistic vectors; the rest of the network stays in eval mode
         order = torch.randperm(n, generator=generator).to(dev)
-        total_loss, correct = 0.0, 0
+        # Summed on the device and read back once per epoch (every 20 batches for the bar): no per-batch sync.
+        total_loss = torch.zeros((), device=dev)
+        correct = torch.zeros((), dtype=torch.long, device=dev)
         bar = tqdm(range(0, n, batch_size), desc=f"AFN warm-up {epoch + 1}/{epochs}", disable=not progress,
                    leave=False)
-        for i in bar:
+        for step, i in enumerate(bar):
             idx = order[i:i + batch_size]
             xb = images[idx]
             xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
@@ -174,14 +176,15 @@ def warmup_afn(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == labels[idx]).sum())
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        history.append({"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n,
+            total_loss += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == labels[idx]).sum()
+            if progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        mean_loss, accuracy = float(total_loss) / n, int(correct) / n
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": accuracy,
                         "seconds": time.perf_counter() - start})
         if progress:
-            tqdm.write(f"AFN warm-up epoch {epoch + 1}/{epochs}: loss {total_loss / n:.4f}, "
-                       f"train accuracy {correct / n:.4f}")
+            tqdm.write(f"AFN warm-up epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}, train accuracy {accuracy:.4f}")
     model.eval().requires_grad_(False)
     model.cpu()
     settings = {"lambda_init": lambda_init, "identity_init": identity_init, "p_drop": afn_layers(model)[0].drop.p}
