@@ -294,7 +294,7 @@ def test_saved_warmup_reproduces_logits_exactly(bn_model: nn.Module, tmp_path: P
     batch = torch.rand(16, 3, 16, 16)
     with torch.no_grad():
         expected = warm.model(batch)
-    adapted = get_method("afn")(bn_model, AFNConfig(afn_checkpoint=str(path)))
+    adapted = tta.adapt(bn_model, "afn", afn_checkpoint=str(path))  # the public API
     assert torch.equal(adapted(batch), expected)
     adapted.reset()
     assert all(torch.equal(v, warm.model.state_dict()[k]) for k, v in adapted.model.state_dict().items())
