@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "adapt": "tta.api",
     "run_benchmark": "tta.api",
+    "warmup_afn": "tta.warmup",
     "AdaptedModel": "tta.methods.base",
     "evaluate": "tta.engine",
     "load_model": "tta.models",

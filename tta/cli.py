@@ -80,13 +80,20 @@ def cli() -> None:
               "(default: the benchmark's clean test set)")
 @click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
               help="folder of frost photographs for --generate (default: a procedural frost texture)")
-def adapt_command(overrides: tuple[str, ...], progress: bool, **kwargs: Any) -> None:
+@click.option("--afn-checkpoint", type=click.Path(dir_okay=False),
+              help="with --method afn: AFN layers warmed up by `tta warmup` (same as --set afn_checkpoint=FILE)")
+def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: str | None, **kwargs: Any) -> None:
     """Adapt a model over a corruption benchmark and report accuracy per corruption x severity."""
     from tta.api import run_benchmark
     from tta.config import parse_overrides
     from tta.report import format_results
 
-    df, out = run_benchmark(overrides=parse_overrides(overrides), progress=progress, **kwargs)
+    settings = parse_overrides(overrides)
+    if afn_checkpoint is not None:
+        if kwargs["method"] != "afn":
+            raise click.UsageError(f"--afn-checkpoint applies to --method afn, not {kwargs['method']}")
+        settings["afn_checkpoint"] = afn_checkpoint
+    df, out = run_benchmark(overrides=settings, progress=progress, **kwargs)
     click.echo(format_results(df))
     click.echo(f"\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} corruption x severity pairs; "
                f"wrote {out} (+ {out.with_suffix('.yaml').name})")
@@ -125,6 +132,47 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, **kwarg
     waiting = missing_blocks(root, kwargs["corruptions"] or ALL_CORRUPTIONS)
     for name, missing in waiting.items():
         click.echo(f"{name}.npy waits for severities {','.join(map(str, missing))} (run again with --severities)")
+
+
+@cli.command("warmup")
+@click.option("--method", default="afn", show_default=True, type=click.Choice(["afn"]),
+              help="method whose layers to warm up on clean source data")
+@click.option("--source", required=True,
+              help="clean source data: cifar10|cifar100 (the training split, in --data-dir), npz:PATH (x uint8 NHWC, "
+              "y int labels) or folder:PATH (an ImageFolder)")
+@click.option("--model", default="Standard", show_default=True,
+              help="robustbench corruption-zoo name, torchvision or timm name (or --checkpoint with --arch)")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="local CIFAR ResNet checkpoint (with --arch)")
+@click.option("--arch", help="architecture of --checkpoint: resnet20|resnet32|resnet44|resnet56|resnet110")
+@click.option("--dataset", default="cifar10", show_default=True, type=click.Choice(["cifar10", "cifar100"]),
+              help="what the model classifies (robustbench zoo and number of classes)")
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False),
+              help="where datasets and downloaded models live")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=2))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Adam learning rate")
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--augment/--no-augment", default=True, show_default=True, help="random crop (pad 4) and flip")
+@click.option("--n-images", type=click.IntRange(min=2), help="use only the first N source images (default: all)")
+@click.option("--lambda-init", default="paper", show_default=True, type=click.Choice(["paper", "official"]))
+@click.option("--identity-init/--no-identity-init", default=True, show_default=True,
+              help="start the AFN decoders at zero (close to the pretrained BN) instead of random")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint file to write")
+@click.option("--download/--no-download", default=True, show_default=True, help="download a missing training set")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def warmup_command(**kwargs: Any) -> None:
+    """Train only the AFN layers of a converted BN model with cross-entropy on clean source data."""
+    from tta.warmup import run_warmup
+
+    warm, out = run_warmup(**kwargs)
+    for h in warm.history:
+        click.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}, train accuracy {100 * h['train_accuracy']:.2f}%")
+    click.echo(f"warmed up {warm.warmup['n_images']} images x {warm.warmup['epochs']} epochs in "
+               f"{warm.warmup['seconds'] / 60:.1f} min on {warm.warmup['device']}; wrote {out}")
+    click.echo(f"use it with: tta adapt --method afn --afn-checkpoint {out} (and the same model options)")
 
 
 @cli.command("methods")
