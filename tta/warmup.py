@@ -231,39 +231,15 @@ def apply_afn_checkpoint(
     return model
 
 
-TRAIN_SETS: dict[str, tuple[str, str]] = {
-    "cifar10": ("CIFAR10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": ("CIFAR100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-}
-
-
 def load_source(spec: str, data_dir: str | Path = "data", download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Clean source images (uint8 NHWC) and labels for a warm-up: ``cifar10``/``cifar100`` or a ``load_clean`` spec.
 
-    ``cifar10`` and ``cifar100`` mean the *training* split here (``load_clean`` gives the test split, which a
-    warm-up must never see); every other spec (``npz:PATH``, ``folder:PATH``) goes to ``tta.data.clean.load_clean``.
+    ``cifar10`` and ``cifar100`` mean the *training* split here (a warm-up must never see the test images);
+    ``npz:PATH`` and ``folder:PATH`` are used as they are.
     """
-    if spec not in TRAIN_SETS:
-        from tta.data.clean import load_clean
+    from tta.data.clean import load_clean
 
-        return load_clean(spec, data_dir, download)
-    import torchvision.datasets
-
-    from tta.errors import DownloadError
-
-    cls_name, url = TRAIN_SETS[spec]
-    cls = getattr(torchvision.datasets, cls_name)
-    try:
-        ds = cls(root=str(data_dir), train=True, download=False)
-    except RuntimeError:  # torchvision's "Dataset not found or corrupted": fetch it when allowed
-        try:
-            if not download:
-                raise RuntimeError("downloading is switched off") from None
-            ds = cls(root=str(data_dir), train=True, download=True)
-        except Exception as err:  # urllib, ssl and socket errors alike mean "could not download"
-            raise DownloadError(f"the {spec} training set is not in {data_dir} and could not be downloaded "
-                                f"({type(err).__name__}: {err}); fetch {url} and extract it into {data_dir}") from None
-    return np.ascontiguousarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+    return load_clean(spec, data_dir, download, train=True)
 
 
 def run_warmup(

@@ -1,9 +1,9 @@
 """Clean image sets to corrupt: ``load_clean(spec, data_dir) -> (x uint8 NHWC, y int64)``.
 
-``spec`` is ``cifar10`` or ``cifar100`` (the test split, through torchvision: downloaded into ``data_dir`` when
-online, a ``DownloadError`` naming the archive and where to put it when not), ``npz:PATH`` (arrays ``x``, uint8
-(N, H, W, 3), and ``y``), or ``folder:PATH`` (an ImageFolder: one sub-folder per class, sorted names are the
-class ids; all images must share one size).
+``spec`` is ``cifar10`` or ``cifar100`` (the test split, or the training split with ``train=True``, through
+torchvision: downloaded into ``data_dir`` when online, a ``DownloadError`` naming the archive and where to put it
+when not), ``npz:PATH`` (arrays ``x``, uint8 (N, H, W, 3), and ``y``), or ``folder:PATH`` (an ImageFolder: one
+sub-folder per class, sorted names are the class ids; all images must share one size).
 """
 
 from __future__ import annotations
@@ -27,10 +27,16 @@ def describe_specs() -> str:
     return f"{', '.join(TORCHVISION_SETS)}, npz:PATH (arrays x uint8 NHWC and y) or folder:PATH (an ImageFolder)"
 
 
-def load_clean(spec: str, data_dir: str | Path = "data", download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Images (uint8 (N, H, W, 3)) and int64 labels (N,) of a clean set named by ``spec`` (see the module docs)."""
+def load_clean(
+    spec: str, data_dir: str | Path = "data", download: bool = True, train: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8 (N, H, W, 3)) and int64 labels (N,) of a clean set named by ``spec`` (see the module docs).
+
+    ``train`` picks the training split of ``cifar10``/``cifar100`` (for source warm-ups, which must never see the
+    test images); it does not apply to ``npz:``/``folder:`` specs, which are used as they are.
+    """
     if spec in TORCHVISION_SETS:
-        return _load_torchvision(spec, Path(data_dir), download)
+        return _load_torchvision(spec, Path(data_dir), download, train)
     kind, _, path = spec.partition(":")
     if kind == "npz" and path:
         return _load_npz(Path(path))
@@ -39,21 +45,22 @@ def load_clean(spec: str, data_dir: str | Path = "data", download: bool = True) 
     raise ConfigError(f"unknown clean source {spec!r}; use one of: {describe_specs()}")
 
 
-def _load_torchvision(name: str, data_dir: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
+def _load_torchvision(name: str, data_dir: Path, download: bool, train: bool) -> tuple[np.ndarray, np.ndarray]:
     import torchvision.datasets
 
     cls_name, url, folder = TORCHVISION_SETS[name]
     cls = getattr(torchvision.datasets, cls_name)
     try:
-        ds = cls(root=str(data_dir), train=False, download=False)
+        ds = cls(root=str(data_dir), train=train, download=False)
     except RuntimeError:  # torchvision's "Dataset not found or corrupted": try to fetch it
         try:
             if not download:
                 raise RuntimeError("downloading is switched off")
-            ds = cls(root=str(data_dir), train=False, download=True)
+            ds = cls(root=str(data_dir), train=train, download=True)
         except Exception as err:  # urllib, ssl and socket errors alike mean "could not download"
+            split = "training" if train else "test"
             raise DownloadError(
-                f"the {name} test set is not in {data_dir} and could not be downloaded ({type(err).__name__}: "
+                f"the {name} {split} set is not in {data_dir} and could not be downloaded ({type(err).__name__}: "
                 f"{err}); fetch {url} and extract it into {data_dir} so that {data_dir / folder} exists"
             ) from None
     return np.ascontiguousarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)

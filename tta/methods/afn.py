@@ -19,14 +19,14 @@ from torch import nn
 
 from tta.errors import ModelError
 from tta.methods.base import AdaptedModel
-from tta.methods.tent import entropy_step, make_optimizer
+from tta.methods.tent import OptimizerConfig, entropy_step, make_optimizer
 from tta.norm.afn import afn_parameters, convert_to_afn
 from tta.registry import register
 from tta.warmup import apply_afn_checkpoint
 
 
 @dataclass(frozen=True)
-class AFNConfig:
+class AFNConfig(OptimizerConfig):
     """Settings of ``afn``: Tent's optimiser defaults plus the AFN layer settings and an optional warm-up file."""
 
     trainable: Literal["affine", "all"] = "affine"
@@ -34,21 +34,9 @@ class AFNConfig:
     identity_init: bool = True
     source_prior_n: float | None = None
     afn_checkpoint: str | None = None
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    steps: int = 1
-    episodic: bool = False
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        super().__post_init__()
         if self.source_prior_n is not None and self.source_prior_n < 0:
             raise ValueError(f"source_prior_n must be >= 0 or null, got {self.source_prior_n}")
 

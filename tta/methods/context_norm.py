@@ -24,30 +24,9 @@ from tta.norm.domain import ContextNormModel, convert_context_norm
 from tta.registry import register
 
 
-def check_common(cfg: Any) -> None:
-    """Range checks shared by the configs of ``context-norm`` and ``dsbn``."""
-    if cfg.prior_n < 0:
-        raise ValueError(f"prior_n must be >= 0 (0 = full adaptation, inf = source), got {cfg.prior_n}")
-    if not 0.0 < cfg.momentum <= 1.0:
-        raise ValueError(f"momentum must be in (0, 1], got {cfg.momentum}")
-    if cfg.min_subset < 1:
-        raise ValueError(f"min_subset must be >= 1, got {cfg.min_subset}")
-    if cfg.declared_contexts < 0:
-        raise ValueError(f"declared_contexts must be >= 0, got {cfg.declared_contexts}")
-    if cfg.spawn_threshold <= 0 or cfg.spawn_var <= 0:
-        raise ValueError("spawn_threshold and spawn_var must be > 0")
-    if cfg.min_spawn < 1:
-        raise ValueError(f"min_spawn must be >= 1, got {cfg.min_spawn}")
-    if cfg.max_contexts < 2:
-        raise ValueError(f"max_contexts must be >= 2 (the source and at least one target context), "
-                         f"got {cfg.max_contexts}")
-    if cfg.lr <= 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr}")
-
-
 @dataclass(frozen=True)
-class ContextNormConfig:
-    """Settings of ``context-norm``; the spawn/soft keys only matter with ``contexts: infer``."""
+class DomainNormConfig:
+    """Settings shared by ``context-norm`` and ``dsbn``; the spawn keys only matter with ``contexts: infer``."""
 
     contexts: Literal["oracle", "infer"] = "oracle"
     fallback: Literal["source", "soft", "spawn"] = "spawn"
@@ -60,11 +39,33 @@ class ContextNormConfig:
     spawn_var: float = 1.0
     min_spawn: int = 8
     max_contexts: int = 16
-    learned: bool = False
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam's, for dsbn's branch-local Tent and context-norm's learned mode
 
     def __post_init__(self) -> None:
-        check_common(self)
+        if self.prior_n < 0:
+            raise ValueError(f"prior_n must be >= 0 (0 = full adaptation, inf = source), got {self.prior_n}")
+        if not 0.0 < self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {self.momentum}")
+        if self.min_subset < 1:
+            raise ValueError(f"min_subset must be >= 1, got {self.min_subset}")
+        if self.declared_contexts < 0:
+            raise ValueError(f"declared_contexts must be >= 0, got {self.declared_contexts}")
+        if self.spawn_threshold <= 0 or self.spawn_var <= 0:
+            raise ValueError("spawn_threshold and spawn_var must be > 0")
+        if self.min_spawn < 1:
+            raise ValueError(f"min_spawn must be >= 1, got {self.min_spawn}")
+        if self.max_contexts < 2:
+            raise ValueError(f"max_contexts must be >= 2 (the source and at least one target context), "
+                             f"got {self.max_contexts}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class ContextNormConfig(DomainNormConfig):
+    """Settings of ``context-norm``: the shared ones plus the learned mode."""
+
+    learned: bool = False
 
 
 class DomainNormMethod(AdaptedModel):

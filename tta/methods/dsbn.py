@@ -10,32 +10,17 @@ Tent: one Adam step per batch on the mean entropy, over the affine parameters of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from tta.methods.context_norm import DomainNormMethod, check_common
+from tta.methods.context_norm import DomainNormConfig, DomainNormMethod
 from tta.registry import register
 
 
 @dataclass(frozen=True)
-class DSBNConfig:
-    """Settings of ``dsbn``; the spawn keys only matter with ``contexts: infer``."""
+class DSBNConfig(DomainNormConfig):
+    """Settings of ``dsbn``: the shared ones (no source prior by default: plain per-domain AdaBN) plus branch Tent."""
 
-    contexts: Literal["oracle", "infer"] = "oracle"
-    fallback: Literal["source", "soft", "spawn"] = "spawn"
-    update: Literal["cumulative", "ema"] = "cumulative"
     prior_n: float = 0.0
-    momentum: float = 0.1
-    min_subset: int = 2
-    declared_contexts: int = 0
-    spawn_threshold: float = 4.0
-    spawn_var: float = 1.0
-    min_spawn: int = 8
-    max_contexts: int = 16
     tent: bool = False
-    lr: float = 1e-3
-
-    def __post_init__(self) -> None:
-        check_common(self)
 
 
 @register("dsbn")

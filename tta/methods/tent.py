@@ -21,8 +21,8 @@ from tta.registry import register
 
 
 @dataclass(frozen=True)
-class TentConfig:
-    """Settings of ``tent`` (CIFAR-10-C defaults of the paper)."""
+class OptimizerConfig:
+    """Tent's optimiser settings (CIFAR-10-C defaults of the paper), shared by the entropy-minimisation methods."""
 
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-3
@@ -31,7 +31,6 @@ class TentConfig:
     weight_decay: float = 0.0
     steps: int = 1
     episodic: bool = False
-    model_mode: Literal["train", "eval"] = "train"
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -42,13 +41,20 @@ class TentConfig:
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
 
 
+@dataclass(frozen=True)
+class TentConfig(OptimizerConfig):
+    """Settings of ``tent``: the optimiser's plus the mode the rest of the model runs in."""
+
+    model_mode: Literal["train", "eval"] = "train"
+
+
 def norm_affine_params(model: nn.Module) -> list[nn.Parameter]:
     """Affine weight and bias of every BatchNorm, LayerNorm and GroupNorm layer, in module order."""
     return [p for m in model.modules() if isinstance(m, NORM_TYPES)
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if p is not None]
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TentConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """Adam or SGD over ``params`` with Tent's settings (shared by the methods that reuse Tent's optimiser)."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
