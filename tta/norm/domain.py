@@ -70,8 +70,35 @@ def _resize_rows(t: torch.Tensor, k: int, fill: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, extra], 0)
 
 
-class ContextRouter(Float64State):
+class GrowingContexts(Float64State):
+    """A layer whose per-context rows grow at test time: ``reset()`` drops them, a saved state regrows them.
+
+    Subclasses set ``initial_contexts``, name the buffer whose first dimension counts the contexts
+    (``size_buffer``) and implement ``resize(k)``.
+    """
+
+    size_buffer: str
+    initial_contexts: int
+
+    def resize(self, k: int) -> None:
+        """Grow (new contexts start from their initial values) or shrink to ``k`` contexts."""
+        raise NotImplementedError
+
+    def reset_structure(self) -> None:
+        """Drop the contexts grown at test time (``AdaptedModel.reset`` then restores the values)."""
+        self.resize(self.initial_contexts)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        saved = state_dict.get(prefix + self.size_buffer)
+        if saved is not None:
+            self.resize(saved.shape[0])  # a saved adapted model may have grown contexts
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ContextRouter(GrowingContexts):
     """Which context each sample of the current forward belongs to; shared by every layer of one model."""
+
+    size_buffer = "sig_count"
 
     def __init__(
         self,
@@ -115,16 +142,6 @@ class ContextRouter(Float64State):
         self.sig_mean = _resize_rows(self.sig_mean, k, zero)
         self.sig_m2 = _resize_rows(self.sig_m2, k, zero)
         self.sig_count = _resize_rows(self.sig_count, k, zero)
-
-    def reset_structure(self) -> None:
-        """Drop the contexts grown at test time (``AdaptedModel.reset`` then restores the values)."""
-        self.resize(self.initial_contexts)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        saved = state_dict.get(prefix + "sig_count")
-        if saved is not None:
-            self.resize(saved.shape[0])  # a saved adapted model may have grown contexts
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- routing
     def begin(self, domain: torch.Tensor | None) -> None:
@@ -296,8 +313,10 @@ def signature(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, torch.log(var + 1e-5)], 1)
 
 
-class DomainContextNorm(Float64State):
+class DomainContextNorm(GrowingContexts):
     """BatchNorm with per-context statistics (and optionally per-context affine): DomainContextNorm and DSBN."""
+
+    size_buffer = "ctx_mean"
 
     def __init__(
         self,
@@ -400,16 +419,6 @@ class DomainContextNorm(Float64State):
         self.ctx_images = _resize_rows(self.ctx_images, k, zero)
         self._trim_params(k)
         self._grow_params(k)
-
-    def reset_structure(self) -> None:
-        """Drop the contexts grown at test time (``AdaptedModel.reset`` then restores the values)."""
-        self.resize(self.initial_contexts)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        saved = state_dict.get(prefix + "ctx_mean")
-        if saved is not None:
-            self.resize(saved.shape[0])  # a saved adapted model may have grown contexts
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_trainable(self, flag: bool) -> None:
         """Whether the per-context affine parameters of contexts k >= 1 train (branch-local Tent), now and later."""
