@@ -6,7 +6,7 @@
    when ``--warm`` already exists; the checkpoint is written there otherwise), timing it on the chosen device.
 2. Evaluation (batch 200, reset per corruption x severity): source, adabn, tent, afn without warm-up and afn with
    it, on corruptions generated on the fly from the clean test images (``tta.data.generated``) at severities 1, 3
-   and 5, or on ``test_jpeg.npz`` when the generator is not installed (``--jpeg`` forces that).
+   and 5, or on ``test_jpeg.npz`` with ``--jpeg``.
 Prints one markdown table (accuracy in percent, rows = severity) and writes the tidy results to ``--out``.
 """
 
@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 import tta
 from tta.data import BENCHMARK_CORRUPTIONS
-from tta.data.stream import Domain, Stream
+from tta.data.arrays import npz_stream
+from tta.data.generated import generated_stream
+from tta.data.settings import WholeDomainCache
+from tta.data.stream import Stream
 from tta.warmup import warmup_afn
 
 METHODS: list[tuple[str, str, dict[str, object]]] = [
@@ -34,41 +36,18 @@ METHODS: list[tuple[str, str, dict[str, object]]] = [
 ]
 
 
-class CachedSource:
-    """Every image of another source's domains, materialised once so that each method sees the same bytes."""
-
-    def __init__(self, stream: Stream) -> None:
-        self.label = stream.label
-        self.data = {}
-        for domain, n in zip(stream.domains, stream.sizes, strict=True):
-            x, y = stream.source.load(domain, np.arange(n))
-            self.data[domain] = (x.cpu(), y.cpu())
-
-    def size(self, domain: Domain) -> int:
-        return len(self.data[domain][1])
-
-    def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.data[domain]
-        idx = torch.as_tensor(index)
-        return x[idx], y[idx]
-
-
 def make_stream(args: argparse.Namespace, shared: Path) -> Stream:
-    """Generated CIFAR-10-C corruptions of the clean test head when available, else the JPEG test set."""
-    if not args.jpeg:
-        try:
-            from tta.data.generated import generated_stream
-        except ImportError:
-            print("tta.data.generated is not installed: evaluating on test_jpeg.npz instead")
-        else:
-            stream = generated_stream("cifar10c", corruptions=args.corruptions.split(","),
-                                      severities=[int(s) for s in args.severities.split(",")],
-                                      n_examples=args.n_examples, batch_size=200, seed=0,
-                                      source=f"npz:{shared / 'data' / 'cifar10' / args.clean}")
-            return Stream(CachedSource(stream), stream.domains, args.n_examples, batch_size=200)
-    from tta.data.arrays import npz_stream
-
-    return npz_stream(shared / "data" / "cifar10" / "test_jpeg.npz", batch_size=200, n_examples=args.n_examples)
+    """Corruptions generated from the clean test head, each domain once and up front; or the JPEG test set."""
+    if args.jpeg:
+        return npz_stream(shared / "data" / "cifar10" / "test_jpeg.npz", batch_size=200, n_examples=args.n_examples)
+    stream = generated_stream("cifar10c", corruptions=args.corruptions.split(","),
+                              severities=[int(s) for s in args.severities.split(",")],
+                              n_examples=args.n_examples, batch_size=200, seed=0,
+                              source=f"npz:{shared / 'data' / 'cifar10' / args.clean}")
+    source = WholeDomainCache(stream.source, capacity=len(stream.domains))
+    for domain in stream.domains:  # so that every method sees the same bytes and no timing includes generation
+        source.load(domain, np.arange(1))
+    return Stream(source, stream.domains, args.n_examples, batch_size=200)
 
 
 def main() -> None:

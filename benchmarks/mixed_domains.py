@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 
 import tta
-from tta.data.settings import SettingStream
+from tta.data.generated import GeneratedSource
+from tta.data.settings import SettingStream, WholeDomainCache
 from tta.data.stream import Domain
 
 CORRUPTIONS = ("gaussian_noise", "defocus_blur", "snow", "contrast", "jpeg_compression")
@@ -42,36 +43,16 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
 }
 
 
-class MemorySource:
-    """A ``DomainSource`` over corrupted images generated once and kept in memory (uint8 NCHW)."""
-
-    label = "generated"
-
-    def __init__(self, images: dict[Domain, torch.Tensor], labels: torch.Tensor, seed: int) -> None:
-        self.images, self.labels, self.label = images, labels, f"generated:{seed}"
-
-    def size(self, domain: Domain) -> int:
-        return len(self.labels)
-
-    def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(index)
-        return self.images[domain][idx], self.labels[idx]
-
-
-def build_source(clean: Path, n: int, corruptions: list[str], severity: int, seed: int) -> MemorySource:
-    """Corrupt the first ``n`` images of ``clean`` (an .npz with x uint8 NHWC, y) once per corruption."""
-    from tta.data.generated import GeneratedSource
-
+def build_source(clean: Path, n: int, corruptions: list[str], severity: int, seed: int) -> WholeDomainCache:
+    """The first ``n`` images of ``clean`` (an .npz with x uint8 NHWC, y), each corruption generated once, now."""
     with np.load(clean) as data:
         x, y = data["x"][:n], data["y"][:n]
-    gen = GeneratedSource(x, y, seed=seed)
-    images = {}
-    for c in corruptions:
+    source = WholeDomainCache(GeneratedSource(x, y, seed=seed), capacity=len(corruptions))
+    for c in corruptions:  # generate every domain up front, so the methods' timings exclude it
         started = time.perf_counter()
-        domain = Domain(c, severity)
-        images[domain] = gen.load(domain, np.arange(len(y)))[0].cpu()
+        source.load(Domain(c, severity), np.arange(1))
         print(f"generated {c} s{severity}: {len(y)} images in {time.perf_counter() - started:.1f}s", flush=True)
-    return MemorySource(images, torch.as_tensor(y, dtype=torch.long), seed)
+    return source
 
 
 def main() -> None:
@@ -103,7 +84,6 @@ def main() -> None:
             started = time.perf_counter()
             df = tta.evaluate(tta.adapt(model, method, **overrides), stream, "domain", device="cpu",
                               model_name=args.arch, seed=args.seed)
-            df.insert(0, "setting", setting)
             df.insert(0, "label", label)
             rows.append(df)
             print(f"{setting:10s} {label:30s} {df['accuracy'].mean():6.2f}% "
