@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,13 @@ def default_output(method: str, model: str, results_dir: str | Path = "results")
 class CsvWriter:
     """Appends rows to a CSV as they arrive and flushes each one, so an interrupted run loses no finished row.
 
-    The header is ``COLUMNS`` plus any extra metadata keys of the first row. Appending to an existing file requires
-    the same header, so runs can share a results file.
+    The header is ``COLUMNS``; other keys of a row are not written. Appending to an existing file requires the same
+    header, so runs can share a results file.
     """
 
-    def __init__(self, path: str | Path, extra_columns: Sequence[str] = ()) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.columns = [*COLUMNS, *[c for c in extra_columns if c not in COLUMNS]]
+        self.columns = list(COLUMNS)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as f:

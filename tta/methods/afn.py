@@ -83,7 +83,7 @@ class AFNMethod(AdaptedModel):
         return self.params_of(self.model)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.params(), self.config)  # type: ignore[arg-type]  # same optimiser fields as Tent
+        return make_optimizer(self.params(), self.config)
 
     def adapt(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
         if self.config.episodic:
