@@ -115,3 +115,9 @@ def test_pooled_statistics_stay_float64_through_conversion_and_casts(bn_model: n
     layers = [m for m in adapted.modules() if isinstance(m, AdaptiveBN)]
     assert layers and all(m.pool_mean.dtype == m.pool_m2.dtype == torch.float64 for m in layers)
     assert all(m.weight.dtype == torch.float32 for m in layers)
+
+
+def test_adabn_needs_source_running_statistics() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(tta.ModelError, match="needs the source running statistics"):
+        tta.adapt(model, "adabn")

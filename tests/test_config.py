@@ -77,3 +77,13 @@ def test_config_hash_is_stable_and_sensitive() -> None:
     a = {"method": "tent", "settings": {"lr": 0.001}}
     assert config_hash(a) == config_hash(dict(reversed(list(a.items()))))
     assert config_hash(a) != config_hash({"method": "tent", "settings": {"lr": 0.002}})
+
+
+def test_config_file_must_be_a_yaml_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("lr: [0.1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve_config(get_method("tent").Config, path)
+    path.write_text("- lr\n- 0.1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        resolve_config(get_method("tent").Config, path)

@@ -128,3 +128,29 @@ def test_accuracy_table_has_means() -> None:
     assert list(table.columns) == ["sev 5", "sev 2", "mean"]
     assert list(table.index) == ["a", "b", "mean"]
     assert table.loc["mean", "mean"] == pytest.approx(df.accuracy.mean())
+
+
+def test_results_file_with_other_columns_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    out.write_text("method,accuracy\ntent,50.0\n")
+    with pytest.raises(ConfigError, match="already holds results with other columns"):
+        CsvWriter(out)
+    assert out.read_text() == "method,accuracy\ntent,50.0\n"  # the earlier results are untouched
+
+
+def test_results_file_with_the_same_columns_is_appended(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    for _ in range(2):
+        evaluate(tta.adapt(Decoder(), "source"), _stream(), device="cpu", on_result=CsvWriter(out))
+    assert len(pd.read_csv(out)) == 8
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch_size": 0}, "batch size must be >= 1"),
+    ({"n_examples": 0}, "n_examples must be >= 1"),
+    ({"domains": []}, "no domains"),
+])
+def test_bad_stream_parameters(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"domains": [Domain("a", 5)], **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        Stream(ArraySource(10, {"a": 2}), **args)  # type: ignore[arg-type]
