@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import tta
+from tta.core.losses import entropy
 from tta.data.arrays import array_stream
 from tta.engine import resolve_device
-from tta.methods.base import entropy
 from tta.models import cifar_resnet
 from tta.models.zoo import CIFAR_RESNET_NORM, normalized
 

@@ -19,10 +19,10 @@ import tta
 from tta.cli import cli
 from tta.config import resolve_config
 from tta.errors import ConfigError, DownloadError, ModelError
+from tta.methods import get_method
 from tta.methods.afn import AFNConfig, AFNMethod
 from tta.models import cifar_resnet
 from tta.norm.afn import AFN, afn_layers, afn_parameters, convert_to_afn
-from tta.registry import get_method
 from tta.warmup import _random_crop_flip, load_afn_checkpoint, load_source, model_fingerprint, warmup_afn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -230,8 +230,8 @@ def test_returns_logits_before_the_update_and_reset_restores_everything(bn_model
     assert torch.equal(adapted(x), first)
 
 
-def test_episodic_resets_before_every_batch(bn_model: nn.Module) -> None:
-    adapted = AFNMethod(bn_model, AFNConfig(episodic=True))
+def test_reset_every_update_is_episodic(bn_model: nn.Module) -> None:
+    adapted = AFNMethod(bn_model, AFNConfig(reset_every=1))
     x = torch.rand(16, 3, 16, 16)
     assert torch.equal(adapted(x), adapted(x))
 

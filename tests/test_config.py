@@ -10,7 +10,7 @@ import yaml
 import tta
 from tta.config import build_config, config_hash, parse_overrides, resolve_config, to_dict
 from tta.errors import ConfigError
-from tta.registry import get_method
+from tta.methods import get_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from tta.corruptions import CHUNK, corrupt_indexed
-from tta.corruptions.writer import MANIFEST, missing_blocks, to_uint8, write_corruptions
 from tta.data.cifar_c import CifarCFiles, cifar_c_stream
 from tta.data.clean import load_clean
 from tta.data.generated import GeneratedSource, generated_stream
 from tta.data.stream import Domain, Stream
+from tta.data.writer import MANIFEST, missing_blocks, to_uint8, write_corruptions
 from tta.errors import ConfigError, DataError, DownloadError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,7 +167,7 @@ def test_generated_source_does_not_depend_on_batch_size(tmp_path: Path) -> None:
 
 def test_temporary_names_never_look_like_dataset_files(tmp_path: Path) -> None:
     # the loader looks for <name>.npy; a temporary file is hidden and has another suffix
-    from tta.corruptions.writer import _atomic_save
+    from tta.data.writer import _atomic_save
 
     _atomic_save(tmp_path / "fog.npy", np.zeros(3, np.uint8))
     assert os.listdir(tmp_path) == ["fog.npy"]

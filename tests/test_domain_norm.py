@@ -11,10 +11,10 @@ import yaml
 from torch import nn
 
 from tta.config import build_config, to_dict
+from tta.core.base import AdaptedModel
 from tta.errors import ConfigError, InputError, ModelError
-from tta.methods.base import AdaptedModel
+from tta.methods import get_method
 from tta.norm.domain import ContextNormModel, DomainContextNorm, convert_context_norm
-from tta.registry import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def layers(adapted: AdaptedModel) -> list[DomainContextNorm]:
     ("context-norm", {"prior_n": 16.0}, {"mode": "cumulative_prior", "prior_n": 16.0}),
     ("context-norm", {"update": "ema"}, {"mode": "ema"}),
     ("dsbn", {}, {"mode": "cumulative"}),
-    ("dsbn", {"update": "ema", "momentum": 0.3}, {"mode": "ema", "momentum": 0.3}),
+    ("dsbn", {"update": "ema", "stats_momentum": 0.3}, {"mode": "ema", "stats_momentum": 0.3}),
 ])
 def test_one_context_equals_adabn(bn_model: nn.Module, name: str, overrides: dict, adabn: dict) -> None:
     ours, reference = make(name, bn_model, **overrides), make("adabn", bn_model, **adabn)
@@ -95,18 +95,19 @@ def test_branches_are_created_on_first_sight_from_the_source_bn(bn_model: nn.Mod
     adapted = make("dsbn", bn_model)
     source_bns = [m for m in bn_model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
     assert all(layer.num_contexts == 1 for layer in layers(adapted))
-    adapted(domain_batch(0, 6, 0), domain=3)  # domain id 3 -> context 4; contexts 1..3 exist, unused
+    adapted(domain_batch(0, 6, 0), domain=3)  # the first id seen -> context 1, whatever its value
+    adapted(domain_batch(1, 4, 1), domain=10**12)  # a huge id is just the next context: no memory for its value
     for layer, bn in zip(layers(adapted), source_bns, strict=True):
-        assert layer.num_contexts == 5 and len(layer.ctx_weight) == 5
-        for k in range(5):
+        assert layer.num_contexts == 3 and len(layer.ctx_weight) == 3
+        for k in range(3):
             torch.testing.assert_close(layer.ctx_weight[k].data, bn.weight.data)
             torch.testing.assert_close(layer.ctx_bias[k].data, bn.bias.data)
-        for k in range(4):  # untouched contexts still hold the source statistics and no count
-            torch.testing.assert_close(layer.ctx_mean[k].float(), bn.running_mean)
-            torch.testing.assert_close(layer.ctx_var[k].float(), bn.running_var)
-            assert float(layer.ctx_images[k]) == 0.0
-        assert float(layer.ctx_images[4]) == 6.0
-        assert not torch.allclose(layer.ctx_mean[4].float(), bn.running_mean)
+        # the source context still holds the source statistics and no count
+        torch.testing.assert_close(layer.ctx_mean[0].float(), bn.running_mean)
+        torch.testing.assert_close(layer.ctx_var[0].float(), bn.running_var)
+        assert float(layer.ctx_images[0]) == 0.0
+        assert [float(layer.ctx_images[k]) for k in (1, 2)] == [6.0, 4.0]
+        assert not torch.allclose(layer.ctx_mean[1].float(), bn.running_mean)
 
 
 def test_declared_contexts_exist_up_front_and_survive_reset(bn_model: nn.Module) -> None:
@@ -240,16 +241,17 @@ def test_soft_with_one_context_equals_hard_routing(bn_model: nn.Module) -> None:
 def test_dsbn_branch_local_tent_trains_only_the_branches_in_use(bn_model: nn.Module) -> None:
     adapted = make("dsbn", bn_model, tent=True, lr=1e-2)
     x = domain_batch(0, 10, 0)
-    first = adapted(x, domain=1)  # context 2; context 1 exists but is unused
+    first = adapted(x, domain=1)  # context 1
     torch.testing.assert_close(first, make("dsbn", bn_model)(x, domain=1))  # logits before the update
-    bns = [m for m in bn_model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
     trained = {id(p) for p in adapted.params()}
+    assert {id(p) for g in adapted.optimizer.param_groups for p in g["params"]} == trained
+    adapted.model(domain_batch(1, 6, 1), domain=torch.full((6,), 1))  # context 2 exists (no update: no gradient)
+    bns = [m for m in bn_model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
     for layer, bn in zip(layers(adapted), bns, strict=True):
         assert id(layer.ctx_weight[0]) not in trained and not layer.ctx_weight[0].requires_grad
         torch.testing.assert_close(layer.ctx_weight[0].data, bn.weight.data)  # the source branch never moves
-        torch.testing.assert_close(layer.ctx_weight[1].data, bn.weight.data)  # unused branch: no gradient
-        assert not torch.equal(layer.ctx_weight[2].data, bn.weight.data)
-    assert {id(p) for g in adapted.optimizer.param_groups for p in g["params"]} == trained
+        assert not torch.equal(layer.ctx_weight[1].data, bn.weight.data)
+        torch.testing.assert_close(layer.ctx_weight[2].data, bn.weight.data)  # unused by any update: no gradient
     adapted.reset()
     assert all(layer.num_contexts == 1 for layer in layers(adapted))
     assert adapted.params() == [] and not adapted.optimizer.state

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tta
-from tta.methods.base import entropy
+from tta.core.losses import entropy
 
 
 def test_only_norm_affine_parameters_train(bn_model: nn.Module) -> None:
@@ -57,9 +57,9 @@ def test_reset_restores_parameters_bit_exactly_and_clears_adam(bn_model: nn.Modu
     torch.testing.assert_close(adapted(x), first, atol=0, rtol=0)
 
 
-def test_episodic_resets_before_every_batch(bn_model: nn.Module) -> None:
+def test_reset_every_update_is_episodic(bn_model: nn.Module) -> None:
     x = torch.rand(16, 3, 16, 16)
-    adapted = tta.adapt(bn_model, "tent", episodic=True)
+    adapted = tta.adapt(bn_model, "tent", reset_every=1)
     torch.testing.assert_close(adapted(x), adapted(x), atol=0, rtol=0)
 
 

@@ -4,26 +4,71 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from torch import nn
 
 from tta.config import resolve_config
+from tta.core.base import AdaptedModel
 from tta.errors import ConfigError
-from tta.methods.base import AdaptedModel
-from tta.registry import get_method
+from tta.methods import get_method
+
+if TYPE_CHECKING:
+    from tta.source import SourceData
 
 
-def adapt(model: nn.Module, method: str = "tent", config: str | Path | None = None, **overrides: Any) -> AdaptedModel:
+DEFAULT_WINDOW = 64  # images in the sliding window when a run adapts one image at a time
+
+
+def _source_data(spec: str | None, data_dir: str | Path, download: bool) -> SourceData | None:
+    from tta.source import SourceData
+
+    if spec is None:
+        return None
+    from tta.data.clean import check_spec
+
+    check_spec(spec)
+    return SourceData(spec, Path(data_dir), download)
+
+
+def method_settings(
+    method: str, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+    preset: str | None = None,
+) -> Any:
+    """The resolved settings of ``method``: defaults, then the named ``preset``, then ``config``, then ``overrides``."""
+    cls = get_method(method)
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in cls.presets:
+            names = ", ".join(cls.presets) or "none"
+            raise ConfigError(f"{method} has no preset {preset!r}; its presets are: {names}")
+        values.update(cls.presets[preset])
+    return resolve_config(cls.Config, config, overrides, base=values)
+
+
+def adapt(
+    model: nn.Module,
+    method: str = "tent",
+    config: str | Path | None = None,
+    *,
+    source_data: SourceData | str | tuple[Any, Any] | None = None,
+    window: int = 0,
+    preset: str | None = None,
+    **overrides: Any,
+) -> AdaptedModel:
     """Wrap a copy of ``model`` (inputs in [0, 1]) with ``method``; ``config`` is an optional YAML file of settings.
+
+    ``source_data`` is clean source data for the methods that need it (``'cifar10'``, ``'npz:PATH'``,
+    ``'folder:PATH'`` or an ``(images, labels)`` pair); ``window`` > 1 adapts single images on a sliding window of
+    that many recent images; ``preset`` picks a named set of defaults (e.g. ``'imagenet'``).
 
     >>> adapted = tta.adapt(model, method="tent", lr=1e-4)
     >>> logits = adapted(x)      # predicts and adapts
     >>> adapted.reset()          # back to the source model
     """
     cls = get_method(method)
-    return cls(model, resolve_config(cls.Config, config, overrides))
+    return cls(model, method_settings(method, config, overrides, preset), source_data=source_data, window=window)
 
 
 def run_benchmark(
@@ -52,6 +97,9 @@ def run_benchmark(
     data_seed: int = 0,
     source: str | None = None,
     frost_images: str | Path | None = None,
+    source_data: str | None = None,
+    window: int | None = None,
+    preset: str | None = None,
 ) -> tuple[pd.DataFrame, Path]:
     """What ``tta adapt`` does: adapt a model over a corruption benchmark, writing rows to ``out`` as they finish.
 
@@ -62,7 +110,9 @@ def run_benchmark(
     rows then say ``generated:<data_seed>`` in their ``data`` column. ``setting`` orders the stream
     (``per-domain``, ``continual``, ``mixed`` shuffled with ``seed``, ``gradual``; see ``tta.data.settings``);
     ``contexts`` (``oracle``/``infer``) is the ``contexts`` setting of the methods that route samples by domain
-    (dsbn, context-norm).
+    (dsbn, context-norm). ``source_data`` is clean source data for methods that need it (EATA's Fisher);
+    ``window`` the sliding window for single images (default: 64 at batch size 1 for methods that adapt, else
+    off); ``preset`` a named set of method defaults (``imagenet``).
     """
     from tta.config import config_hash, field_names, to_dict
     from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, cifar_c_stream, dataset_info
@@ -76,8 +126,10 @@ def run_benchmark(
             raise ConfigError(f"--contexts only applies to methods that route samples by domain (dsbn, "
                               f"context-norm), not {method}; drop --contexts or choose one of those")
         overrides = {**(overrides or {}), "contexts": contexts}
-    settings = resolve_config(cls.Config, config, overrides)
+    settings = method_settings(method, config, overrides, preset)
     dataset_info(benchmark)
+    if window is None:
+        window = DEFAULT_WINDOW if batch_size == 1 and method != "source" else 0
     dev = resolve_device(device)
     corruptions = list(corruptions or BENCHMARK_CORRUPTIONS)
     severities = list(severities or SEVERITIES)
@@ -92,14 +144,14 @@ def run_benchmark(
                                 download=download, setting=setting, seed=seed)
     model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
-    adapted = cls(net, settings)
+    adapted = cls(net, settings, source_data=_source_data(source_data, data_dir, download), window=window)
 
     resolved = {
         "method": method, "settings": to_dict(settings), "model": model_name, "checkpoint": str(checkpoint or ""),
         "arch": arch, "benchmark": benchmark, "data": stream.label, "clean_source": source if generate else None,
         "frost_images": str(frost_images) if generate and frost_images else None, "corruptions": corruptions,
         "severities": severities, "n_examples": n_examples, "batch_size": batch_size, "seed": seed, "reset": reset,
-        "setting": setting,
+        "setting": setting, "source_data": source_data, "window": window, "preset": preset,
     }
     digest = config_hash(resolved)
     out = Path(out) if out is not None else default_output(method, model_name)

@@ -80,6 +80,12 @@ def cli() -> None:
               "(default: the benchmark's clean test set)")
 @click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
               help="folder of frost photographs for --generate (default: a procedural frost texture)")
+@click.option("--source-data", help="clean source data for methods that need it (eata's Fisher): cifar10|cifar100 "
+              "(training split, in --data-dir), npz:PATH or folder:PATH")
+@click.option("--window", type=click.IntRange(min=0, max=4096),
+              help="adapt single images on a sliding window of this many recent images (default: 64 with "
+              "--batch-size 1, else off)")
+@click.option("--preset", help="named method defaults, e.g. imagenet (see `tta methods`)")
 @click.option("--afn-checkpoint", type=click.Path(dir_okay=False),
               help="with --method afn: AFN layers warmed up by `tta warmup` (same as --set afn_checkpoint=FILE)")
 def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: str | None, **kwargs: Any) -> None:
@@ -121,8 +127,8 @@ def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: st
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def corrupt_command(out: str, severities: list[int] | None, device: str, **kwargs: Any) -> None:
     """Write corrupted copies of a clean image set in the CIFAR-10-C layout; a killed run resumes where it stopped."""
-    from tta.corruptions.writer import corrupt_dataset, missing_blocks
     from tta.data.cifar_c import ALL_CORRUPTIONS
+    from tta.data.writer import corrupt_dataset, missing_blocks
     from tta.engine import resolve_device
 
     root = corrupt_dataset(out_dir=out, severities=severities or [1, 2, 3, 4, 5], device=resolve_device(device),
@@ -179,11 +185,16 @@ def warmup_command(**kwargs: Any) -> None:
 def methods_command() -> None:
     """List the adaptation methods and their default settings."""
     from tta.config import to_dict
-    from tta.registry import get_method, list_methods
+    from tta.methods import describe, get_method, list_methods
 
     for name in list_methods():
-        settings = ", ".join(f"{k}={v}" for k, v in to_dict(get_method(name).Config()).items())
-        click.echo(f"{name:14s} {settings}")
+        cls = get_method(name)
+        click.echo(f"{name:14s} {describe(name)}")
+        settings = ", ".join(f"{k}={v}" for k, v in to_dict(cls.Config()).items())
+        if settings:
+            click.echo(f"{'':14s}   {settings}")
+        if cls.presets:
+            click.echo(f"{'':14s}   presets: {', '.join(cls.presets)}")
 
 
 def main() -> None:

@@ -146,10 +146,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    config_cls: type[C], config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    config_cls: type[C], config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> C:
-    """Defaults, then ``config_file``, then ``overrides``: the settings a run will use."""
-    values: dict[str, Any] = {}
+    """Defaults, then ``base`` (a preset), then ``config_file``, then ``overrides``: the settings a run will use."""
+    values: dict[str, Any] = dict(base or {})
     if config_file is not None:
         file_values = load_yaml(config_file)
         build_config(config_cls, file_values, source=f"config file {str(config_file)!r}")  # report file errors first

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 from tta.data.stream import Stream
 from tta.errors import ConfigError
-from tta.methods.base import AdaptedModel
+
+if TYPE_CHECKING:
+    from tta.core.base import AdaptedModel
 
 ResetPolicy = Literal["domain", "batch", "never"]
 RESET_POLICIES: tuple[str, ...] = ("domain", "batch", "never")

@@ -1,49 +1,46 @@
-"""Registry of adaptation methods by name (``tta.list_methods()``)."""
+"""Registries by name. This module imports none of its clients: ``tta.methods`` imports every built-in method
+module (which registers itself here) and looks methods up through ``tta.methods.get_method``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Generic, TypeVar
 
 from tta.errors import ConfigError
 
-if TYPE_CHECKING:
-    from tta.methods.base import AdaptedModel
-
-_METHODS: dict[str, type[AdaptedModel]] = {}
-M = TypeVar("M", bound="type[AdaptedModel]")
+T = TypeVar("T")
 
 
-def register(name: str) -> Callable[[M], M]:
-    """Class decorator registering an ``AdaptedModel`` subclass under ``name``."""
+class Registry(Generic[T]):
+    """Named entries of one kind (e.g. adaptation methods); registering a name twice is a bug."""
 
-    def wrap(cls: M) -> M:
-        if name in _METHODS:
-            raise RuntimeError(f"method {name!r} is registered twice ({_METHODS[name].__name__} and {cls.__name__})")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
 
-    return wrap
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering its argument under ``name`` (and setting its ``name`` attribute)."""
+
+        def wrap(entry: T) -> T:
+            if name in self._entries:
+                raise RuntimeError(f"{self.kind} {name!r} is registered twice")
+            entry.name = name  # type: ignore[attr-defined]
+            self._entries[name] = entry
+            return entry
+
+        return wrap
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        return sorted(self._entries)
+
+    def get(self, name: str) -> T:
+        """The entry registered under ``name``; a ``ConfigError`` naming the valid choices otherwise."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
 
 
-def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method; deferred so that importing tta stays cheap.
-    import tta.methods  # noqa: F401
-
-
-def list_methods() -> list[str]:
-    """Names of every registered method, sorted."""
-    _load_builtin_methods()
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> type[AdaptedModel]:
-    """The class registered under ``name``; a ``ConfigError`` naming the valid choices otherwise."""
-    _load_builtin_methods()
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown method {name!r}; choose one of: {', '.join(sorted(_METHODS))}"
-        ) from None
+METHODS: Registry = Registry("method")
+register = METHODS.register

@@ -27,9 +27,9 @@ from tta.corruptions._ops import Rng
 from tta.corruptions.blur import defocus_blur, gaussian_blur, glass_blur, motion_blur_op, zoom_blur
 from tta.corruptions.constants import PARAMS
 from tta.corruptions.digital import brightness, contrast, elastic_transform, jpeg_compression, pixelate, saturate
+from tta.corruptions.names import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, check_selection
 from tta.corruptions.noise import gaussian_noise, impulse_noise, shot_noise, speckle_noise
 from tta.corruptions.weather import fog, frost, snow, spatter
-from tta.data.cifar_c import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, check_selection
 from tta.errors import InputError
 
 Op = Callable[[torch.Tensor, object, Rng], torch.Tensor]

@@ -35,13 +35,19 @@ def load_clean(
     ``train`` picks the training split of ``cifar10``/``cifar100`` (for source warm-ups, which must never see the
     test images); it does not apply to ``npz:``/``folder:`` specs, which are used as they are.
     """
-    if spec in TORCHVISION_SETS:
+    if check_spec(spec) == "torchvision":
         return _load_torchvision(spec, Path(data_dir), download, train)
     kind, _, path = spec.partition(":")
-    if kind == "npz" and path:
-        return _load_npz(Path(path))
-    if kind == "folder" and path:
-        return _load_folder(Path(path))
+    return _load_npz(Path(path)) if kind == "npz" else _load_folder(Path(path))
+
+
+def check_spec(spec: str) -> str:
+    """The kind of a clean-set spec (``torchvision``, ``npz`` or ``folder``), or a ``ConfigError``; loads nothing."""
+    if spec in TORCHVISION_SETS:
+        return "torchvision"
+    kind, _, path = spec.partition(":")
+    if kind in ("npz", "folder") and path:
+        return kind
     raise ConfigError(f"unknown clean source {spec!r}; use one of: {describe_specs()}")
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from tta.corruptions import CHUNK, corrupt_indexed
-from tta.corruptions.writer import to_uint8
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, check_selection, dataset_info
 from tta.data.settings import SettingStream, WholeDomainCache, check_setting
 from tta.data.stream import Domain, DomainSource, Stream
+from tta.data.writer import to_uint8
 
 # the clean test set each benchmark corrupts
 CLEAN_SOURCES: dict[str, str] = {"cifar10c": "cifar10", "cifar100c": "cifar100"}

@@ -1,6 +1,30 @@
-"""Built-in adaptation methods; importing this package registers them."""
+"""Built-in adaptation methods, one file each; importing this package registers them all."""
 
-from tta.methods import adabn, afn, context_norm, dsbn, source, tent  # noqa: F401
-from tta.methods.base import AdaptedModel
+from __future__ import annotations
 
-__all__ = ["AdaptedModel"]
+from typing import TYPE_CHECKING
+
+from tta.methods import adabn, afn, context_norm, dsbn, source, tent  # noqa: F401  (registers them)
+from tta.registry import METHODS
+
+if TYPE_CHECKING:
+    from tta.core.base import AdaptedModel
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return METHODS.names()
+
+
+def get_method(name: str) -> type[AdaptedModel]:
+    """The class registered under ``name``; a ``ConfigError`` naming the valid choices otherwise."""
+    return METHODS.get(name)
+
+
+def describe(name: str) -> str:
+    """The one-line description of a method (the first line of its class docstring)."""
+    doc = (get_method(name).__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+__all__ = ["describe", "get_method", "list_methods"]

@@ -17,9 +17,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tta.errors import ModelError
-from tta.methods.base import AdaptedModel
-from tta.methods.tent import OptimizerConfig, entropy_step, make_optimizer
+from tta.core.base import AdaptedModel, StepOutput
+from tta.core.losses import entropy_objective
+from tta.core.params import OptimizerConfig, train_only
+from tta.core.requirements import Requirements
+from tta.core.validate import check_range
 from tta.norm.afn import afn_parameters, convert_to_afn
 from tta.registry import register
 from tta.warmup import apply_afn_checkpoint
@@ -37,19 +39,8 @@ class AFNConfig(OptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.source_prior_n is not None and self.source_prior_n < 0:
-            raise ValueError(f"source_prior_n must be >= 0 or null, got {self.source_prior_n}")
-
-
-def require_batchnorm2d(model: nn.Module, source_prior: bool) -> None:
-    """``ModelError`` unless ``model`` has a BatchNorm2d to convert (with running statistics if the prior is on)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns:
-        raise ModelError("afn converts BatchNorm2d layers and this model has none; use a BN network "
-                         "(or tent for LayerNorm/GroupNorm models)")
-    if source_prior and any(bn.running_mean is None for bn in bns):
-        raise ModelError("source_prior_n needs the BatchNorm running statistics, but some layers were built with "
-                         "track_running_stats=False; load the model with its running statistics or unset it")
+        if self.source_prior_n is not None:
+            check_range("source_prior_n", self.source_prior_n, low=0.0, allow_inf=True)
 
 
 @register("afn")
@@ -57,9 +48,15 @@ class AFNMethod(AdaptedModel):
     """BN-to-AFN conversion, then entropy minimisation on the AFN parameters at test time."""
 
     Config = AFNConfig
+    update = "gradient"
+    requires = Requirements(norm_layers=(nn.BatchNorm2d,))
 
     def check_model(self, model: nn.Module) -> None:
-        require_batchnorm2d(model, self.config.source_prior_n is not None)
+        if self.config.source_prior_n is not None:
+            from tta.core.requirements import check_requirements
+
+            check_requirements(Requirements(norm_layers=(nn.BatchNorm2d,), running_stats=True), model,
+                               "afn with source_prior_n", None)
 
     def configure(self, model: nn.Module) -> nn.Module:
         cfg = self.config
@@ -70,9 +67,7 @@ class AFNMethod(AdaptedModel):
             convert_to_afn(model, lambda_init=cfg.lambda_init, identity_init=cfg.identity_init,
                            source_prior_n=cfg.source_prior_n)
         model.eval()
-        model.requires_grad_(False)
-        for p in self.params_of(model):
-            p.requires_grad_(True)
+        train_only(model, self.params_of(model))
         return model
 
     def params_of(self, model: nn.Module) -> list[nn.Parameter]:
@@ -82,10 +77,5 @@ class AFNMethod(AdaptedModel):
     def params(self) -> list[nn.Parameter]:
         return self.params_of(self.model)
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.params(), self.config)
-
-    def adapt(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
-        if self.config.episodic:
-            self.reset()
-        return entropy_step(self, x, self.config.steps)
+    def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
+        return entropy_objective(self.model(x))

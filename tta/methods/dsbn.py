@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tta.methods.context_norm import DomainNormConfig, DomainNormMethod
+from tta.methods._domain_norm import DomainNormConfig, DomainNormMethod
 from tta.registry import register
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tta.methods.base import AdaptedModel
+from tta.core.base import AdaptedModel, StepOutput
 from tta.registry import register
 
 
@@ -17,9 +17,9 @@ class SourceConfig:
 
 @register("source")
 class Source(AdaptedModel):
-    """Predict with the pretrained model as it is (eval mode, no updates)."""
+    """The pretrained model as it is (eval mode, no updates): the baseline."""
 
     Config = SourceConfig
 
-    def adapt(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
-        return self.model(x)
+    def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
+        return StepOutput(self.model(x))

@@ -4,7 +4,9 @@ Statistics are per channel over every dimension but the channel one. ``batch`` n
 and biased variance (prediction-time BN, Tent's "norm" baseline); ``prior`` blends the source statistics with
 the batch's using the source pseudo-count ``prior_n`` (Schneider et al. 2020); ``ema`` updates an exponential
 moving average initialised from the source before using it; ``cumulative`` pools every target value seen so far
-exactly (Chan's parallel merge in float64); ``cumulative_prior`` blends that pool with the source by image counts.
+exactly (Chan's parallel merge in float64); ``cumulative_prior`` blends that pool with the source by image counts;
+``alpha`` is the reference benchmark's BN-alpha: (1 - alpha) source + alpha batch statistics (unbiased batch
+variance), whatever the batch size.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.norm.convert import Float64State
 
-Mode = Literal["source", "batch", "prior", "ema", "cumulative", "cumulative_prior"]
-MODES: tuple[str, ...] = ("source", "batch", "prior", "ema", "cumulative", "cumulative_prior")
+Mode = Literal["source", "batch", "prior", "alpha", "ema", "cumulative", "cumulative_prior"]
+MODES: tuple[str, ...] = ("source", "batch", "prior", "alpha", "ema", "cumulative", "cumulative_prior")
 
 
 def blend_prior(
@@ -60,12 +62,13 @@ class AdaptiveBN(Float64State):
         exact_prior: bool = False,
         detach_stats: bool = True,
         affine: bool = True,
+        alpha: float = 0.1,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown AdaptiveBN mode {mode!r}; choose one of {', '.join(MODES)}")
         self.num_features, self.mode, self.prior_n, self.momentum = num_features, mode, float(prior_n), momentum
-        self.eps, self.exact_prior, self.detach_stats = eps, exact_prior, detach_stats
+        self.eps, self.exact_prior, self.detach_stats, self.alpha = eps, exact_prior, detach_stats, alpha
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
         self.register_buffer("source_mean", torch.zeros(num_features))
@@ -111,6 +114,10 @@ class AdaptiveBN(Float64State):
         var, mean = torch.var_mean(xs, dim=dims, correction=0)
         if self.mode == "batch":
             return self._normalise(x, mean, var)
+        if self.mode == "alpha":
+            unbiased = var * per_channel / (per_channel - 1)
+            mean = (1 - self.alpha) * self.source_mean + self.alpha * mean
+            return self._normalise(x, mean, (1 - self.alpha) * self.source_var + self.alpha * unbiased)
         if self.mode == "prior":
             # As in the official code: unbiased batch variance, no mixture term (exact_prior adds it, biased var).
             batch_var = var if self.exact_prior else var * per_channel / (per_channel - 1)
@@ -144,4 +151,5 @@ class AdaptiveBN(Float64State):
         self.pool_images.add_(images)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, mode={self.mode}, prior_n={self.prior_n}, momentum={self.momentum}"
+        return (f"{self.num_features}, mode={self.mode}, prior_n={self.prior_n}, momentum={self.momentum}, "
+                f"alpha={self.alpha}")

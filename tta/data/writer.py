@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tta.corruptions import CHUNK, corrupt_indexed
-from tta.data.cifar_c import check_selection
+from tta.corruptions.names import check_selection
 from tta.errors import ConfigError, DataError
 
 MANIFEST = "tta-corrupt.json"

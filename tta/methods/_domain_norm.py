@@ -1,0 +1,95 @@
+"""Shared machinery of ``context-norm`` and ``dsbn``: every BatchNorm becomes domain-aware, samples are routed
+per sample by domain id (``contexts: oracle``) or by inferred contexts (``contexts: infer``), and optionally the
+per-context parameters train by entropy minimisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tta.core.base import AdaptedModel, StepOutput
+from tta.core.losses import entropy_objective
+from tta.core.requirements import Requirements
+from tta.core.validate import check_range
+from tta.norm.domain import ContextNormModel, convert_context_norm
+
+
+@dataclass(frozen=True)
+class DomainNormConfig:
+    """Settings shared by ``context-norm`` and ``dsbn``; the spawn keys only matter with ``contexts: infer``."""
+
+    contexts: Literal["oracle", "infer"] = "oracle"
+    fallback: Literal["source", "soft", "spawn"] = "spawn"
+    update: Literal["cumulative", "ema"] = "cumulative"
+    prior_n: float = 16.0
+    stats_momentum: float = 0.1
+    min_subset: int = 2
+    declared_contexts: int = 0
+    spawn_threshold: float = 4.0
+    spawn_var: float = 1.0
+    min_spawn: int = 8
+    max_contexts: int = 16
+    lr: float = 1e-3  # Adam's, for dsbn's branch-local Tent and context-norm's learned mode
+
+    def __post_init__(self) -> None:
+        check_range("prior_n", self.prior_n, low=0.0, allow_inf=True)
+        check_range("stats_momentum", self.stats_momentum, low=0.0, high=1.0, low_open=True)
+        if self.min_subset < 1:
+            raise ValueError(f"min_subset must be >= 1, got {self.min_subset}")
+        if self.declared_contexts < 0:
+            raise ValueError(f"declared_contexts must be >= 0, got {self.declared_contexts}")
+        check_range("spawn_threshold", self.spawn_threshold, low=0.0, low_open=True)
+        check_range("spawn_var", self.spawn_var, low=0.0, low_open=True)
+        if self.min_spawn < 1:
+            raise ValueError(f"min_spawn must be >= 1, got {self.min_spawn}")
+        if self.max_contexts < 2:
+            raise ValueError(f"max_contexts must be >= 2 (the source and at least one target context), "
+                             f"got {self.max_contexts}")
+        check_range("lr", self.lr, low=0.0, low_open=True)
+
+
+class DomainNormMethod(AdaptedModel):
+    """Shared machinery of ``context-norm`` and ``dsbn``: conversion, routing, optional entropy training."""
+
+    requires = Requirements(norm_layers=(_BatchNorm,), running_stats=True, domain_ids=True)
+    per_context_affine = False
+
+    def configure(self, model: nn.Module) -> nn.Module:
+        model = super().configure(model)
+        cfg = self.config
+        wrapped = convert_context_norm(
+            model, update=cfg.update, prior_n=cfg.prior_n, momentum=cfg.stats_momentum, min_subset=cfg.min_subset,
+            per_context_affine=self.per_context_affine, learned=getattr(cfg, "learned", False),
+            declared=cfg.declared_contexts, fallback=cfg.fallback, spawn_threshold=cfg.spawn_threshold,
+            spawn_var=cfg.spawn_var, min_spawn=cfg.min_spawn, max_contexts=cfg.max_contexts)
+        for layer in wrapped.layers():
+            layer.set_trainable(self.trains_affine())
+        self.update = "gradient" if self.trains() else "none"
+        return wrapped.eval()
+
+    def trains_affine(self) -> bool:
+        """Whether per-context affine parameters train (branch-local Tent)."""
+        return False
+
+    def trains(self) -> bool:
+        """Whether this configuration takes gradient steps at all."""
+        return self.trains_affine() or getattr(self.config, "learned", False)
+
+    def params(self) -> list[nn.Parameter]:
+        model: ContextNormModel = self.model  # type: ignore[assignment]
+        return [p for layer in model.layers() for p in layer.context_params() if p.requires_grad]
+
+    def make_optimizer(self) -> torch.optim.Optimizer | None:
+        if not self.trains():
+            return None
+        # Contexts (and their parameters) appear at test time: one group, kept equal to params() as they come.
+        return torch.optim.Adam([{"params": self.params()}], lr=self.config.lr)
+
+    def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
+        ids = domain if self.config.contexts == "oracle" else None  # infer: ids are never looked at
+        logits = self.model(x, domain=ids)
+        return entropy_objective(logits) if self.trains() else StepOutput(logits)
