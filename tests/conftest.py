@@ -113,3 +113,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _adapt_any(model: nn.Module, method: str, **overrides: object) -> nn.Module:
+    import tta
+    from tta.methods import get_method
+
+    if get_method(method).requires.source_data and "source_data" not in overrides:
+        g = torch.Generator().manual_seed(1)
+        overrides["source_data"] = (torch.rand(64, 3, 16, 16, generator=g) * 0.8 + 0.1,
+                                    torch.randint(0, 10, (64,), generator=g))
+    return tta.adapt(model, method, **overrides)
+
+
+@pytest.fixture
+def adapt_any() -> Callable[..., nn.Module]:
+    """``tta.adapt`` for any registered method, with small clean source data for the methods that need it."""
+    return _adapt_any

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -20,8 +22,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.fixture(params=METHODS)
-def adapted(request: pytest.FixtureRequest, bn_model: nn.Module) -> tta.AdaptedModel:
-    return tta.adapt(bn_model, request.param)
+def adapted(request: pytest.FixtureRequest, bn_model: nn.Module, adapt_any: Callable[..., nn.Module]) -> nn.Module:
+    return adapt_any(bn_model, request.param)
 
 
 @pytest.mark.parametrize(("x", "message"), [
@@ -48,10 +50,10 @@ def test_non_finite_batch_changes_nothing(adapted: tta.AdaptedModel, bad: float)
     assert _same(before, _snapshot(adapted))
 
 
-def test_caller_model_is_never_modified(bn_model: nn.Module) -> None:
+def test_caller_model_is_never_modified(bn_model: nn.Module, adapt_any: Callable[..., nn.Module]) -> None:
     before = _snapshot(bn_model)
     for method in METHODS:
-        adapted = tta.adapt(bn_model, method)
+        adapted = adapt_any(bn_model, method)
         adapted(torch.rand(8, 3, 16, 16))
     assert _same(before, _snapshot(bn_model))
     assert not bn_model.training
@@ -66,10 +68,12 @@ def test_reset_returns_to_the_first_prediction(adapted: tta.AdaptedModel) -> Non
     torch.testing.assert_close(adapted(x), first, atol=0, rtol=0)
 
 
-def test_state_dict_round_trip_resumes_exactly(adapted: tta.AdaptedModel, bn_model: nn.Module) -> None:
+def test_state_dict_round_trip_resumes_exactly(
+    adapted: tta.AdaptedModel, bn_model: nn.Module, adapt_any: Callable[..., nn.Module]
+) -> None:
     for _ in range(2):
         adapted(torch.rand(8, 3, 16, 16))
-    fresh = tta.adapt(bn_model, adapted.name)
+    fresh = adapt_any(bn_model, adapted.name)
     fresh.load_state_dict(adapted.state_dict())
     x = torch.rand(8, 3, 16, 16)
     torch.testing.assert_close(fresh(x), adapted(x), atol=0, rtol=0)
