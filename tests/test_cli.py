@@ -95,3 +95,29 @@ def test_methods_lists_defaults() -> None:
     result = CliRunner().invoke(cli, ["methods"])
     assert result.exit_code == 0
     assert "tent" in result.output and "lr=0.001" in result.output
+
+
+@pytest.mark.parametrize("method", ["adabn", "tent"])
+def test_batch_size_one_adapts_on_a_sliding_window(setup: tuple[Path, list[str]], method: str) -> None:
+    tmp_path, args = setup
+    args = [a if a != "8" else "1" for a in args]  # --batch-size 1
+    out = tmp_path / f"{method}1.csv"
+    result = CliRunner().invoke(cli, ["adapt", "--method", method, *args, "--severities", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(out)
+    assert (df.batch_size == 1).all() and (df.n == 12).all()
+    assert yaml.safe_load(out.with_suffix(".yaml").read_text())["window"] == 64
+
+
+def test_correlated_setting_and_source_data_reach_the_run(setup: tuple[Path, list[str]]) -> None:
+    tmp_path, args = setup
+    out = tmp_path / "corr.csv"
+    result = CliRunner().invoke(cli, ["adapt", "--method", "tent", *args, "--severities", "5", "--setting",
+                                      "correlated", "--dirichlet", "0.5", "--reset", "never", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(out.with_suffix(".yaml").read_text())
+    assert resolved["setting"] == "correlated" and resolved["dirichlet"] == 0.5
+    assert set(pd.read_csv(out).setting) == {"correlated"}
+    bad = CliRunner().invoke(cli, ["adapt", "--method", "tent", *args, "--source-data", "nope", "--out",
+                                   str(tmp_path / "x.csv")])
+    assert bad.exit_code != 0 and "unknown clean source 'nope'" in bad.output

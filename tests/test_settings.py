@@ -246,3 +246,43 @@ def test_generated_mixed_stream_generates_each_domain_once_with_the_same_bytes(t
             assert rows  # the very bytes the per-domain stream gives
             seen[(int(d), rows[0])] += 1
     assert sum(seen.values()) == 4 * 20 and len(calls) == 4  # each domain generated once, whole
+
+
+def test_correlated_is_continual_with_each_domain_sorted_by_label() -> None:
+    stream = make("correlated", size=30, batch_size=7)
+    items = samples(stream)
+    assert runs_of(items) == [(c, s) for s in (5, 3) for c in CORRUPTIONS]
+    for _, group in groupby(items, key=lambda t: t[0]):
+        labels = [i % 10 for _, i, _ in group]
+        assert labels == sorted(labels)  # dirichlet 0: the reference benchmark's default, sorted by class
+    assert {seg for d, _, seg in items if d.severity == 5} == {0}  # no reset within a severity
+
+
+def test_dirichlet_order_is_a_seeded_label_shifted_permutation() -> None:
+    from tta.data.settings import correlated_order
+
+    labels = np.random.default_rng(0).integers(0, 10, 2000)
+    order = correlated_order(labels, 0.1, np.random.default_rng(1))
+    assert sorted(order.tolist()) == list(range(2000))
+    assert np.array_equal(order, correlated_order(labels, 0.1, np.random.default_rng(1)))
+    changes = int((np.diff(labels[order]) != 0).sum())
+    shuffled = int((np.diff(labels) != 0).sum())
+    assert changes < shuffled / 5  # long runs of one class, unlike an i.i.d. stream
+    wide = correlated_order(labels, 1000.0, np.random.default_rng(1))
+    assert int((np.diff(labels[wide]) != 0).sum()) > changes  # a flat Dirichlet mixes classes more
+
+
+def test_mixed_correlated_mixes_domains_and_sorts_each_severity_by_label() -> None:
+    stream = make("mixed-correlated", size=20, batch_size=6)
+    items = samples(stream)
+    for severity in (5, 3):
+        part = [(d, i) for d, i, _ in items if d.severity == severity]
+        labels = [i % 10 for _, i in part]
+        assert labels == sorted(labels)
+        assert len({d.corruption for d, _ in part[:20]}) > 1  # one class block holds several corruptions
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_bad_dirichlet_is_a_config_error(bad: float) -> None:
+    with pytest.raises(ConfigError, match="dirichlet must be a finite number >= 0"):
+        SettingStream(CodedSource(10), CORRUPTIONS, (5,), setting="correlated", dirichlet=bad)

@@ -86,6 +86,7 @@ def run_benchmark(
     seed: int = 1,
     reset: str = "domain",
     setting: str = "per-domain",
+    dirichlet: float = 0.0,
     contexts: str | None = None,
     device: str = "auto",
     config: str | Path | None = None,
@@ -108,7 +109,8 @@ def run_benchmark(
     ``generate`` corrupts the clean set (``source``, see ``tta.data.clean.load_clean``; by default the benchmark's
     clean test set) on the fly on the device with seed ``data_seed`` instead of reading the corruption files; the
     rows then say ``generated:<data_seed>`` in their ``data`` column. ``setting`` orders the stream
-    (``per-domain``, ``continual``, ``mixed`` shuffled with ``seed``, ``gradual``; see ``tta.data.settings``);
+    (``per-domain``, ``continual``, ``mixed`` shuffled with ``seed``, ``gradual``, ``correlated`` and
+    ``mixed-correlated`` ordered by label, ``dirichlet`` their concentration; see ``tta.data.settings``);
     ``contexts`` (``oracle``/``infer``) is the ``contexts`` setting of the methods that route samples by domain
     (dsbn, context-norm). ``source_data`` is clean source data for methods that need it (EATA's Fisher);
     ``window`` the sliding window for single images (default: 64 at batch size 1 for methods that adapt, else
@@ -138,10 +140,10 @@ def run_benchmark(
 
         stream = generated_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size, seed=data_seed,
                                   device=dev, source=source, frost_images=frost_images, download=download,
-                                  setting=setting, shuffle_seed=seed)
+                                  setting=setting, shuffle_seed=seed, dirichlet=dirichlet)
     else:
         stream = cifar_c_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
-                                download=download, setting=setting, seed=seed)
+                                download=download, setting=setting, seed=seed, dirichlet=dirichlet)
     model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
     adapted = cls(net, settings, source_data=_source_data(source_data, data_dir, download), window=window)
@@ -151,7 +153,7 @@ def run_benchmark(
         "arch": arch, "benchmark": benchmark, "data": stream.label, "clean_source": source if generate else None,
         "frost_images": str(frost_images) if generate and frost_images else None, "corruptions": corruptions,
         "severities": severities, "n_examples": n_examples, "batch_size": batch_size, "seed": seed, "reset": reset,
-        "setting": setting, "source_data": source_data, "window": window, "preset": preset,
+        "setting": setting, "dirichlet": dirichlet, "source_data": source_data, "window": window, "preset": preset,
     }
     digest = config_hash(resolved)
     out = Path(out) if out is not None else default_output(method, model_name)

@@ -59,9 +59,12 @@ def cli() -> None:
 @click.option("--reset", default="domain", show_default=True, type=click.Choice(["domain", "batch", "never"]),
               help="reset before each corruption x severity, before every batch (episodic), or never (continual)")
 @click.option("--setting", default="per-domain", show_default=True,
-              type=click.Choice(["per-domain", "continual", "mixed", "gradual"]),
+              type=click.Choice(["per-domain", "continual", "mixed", "gradual", "correlated", "mixed-correlated"]),
               help="stream order: one corruption x severity at a time, corruptions back to back per severity, all "
-                   "corruptions of a severity shuffled together (--seed), or severities 1..5..1 per corruption")
+                   "corruptions of a severity shuffled together (--seed), severities 1..5..1 per corruption, or the "
+                   "continual/mixed streams ordered by class label (correlated, mixed-correlated)")
+@click.option("--dirichlet", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="correlated settings: concentration of the label-shift Dirichlet (0 = sorted by label)")
 @click.option("--contexts", type=click.Choice(["oracle", "infer"]),
               help="dsbn/context-norm: route samples by the stream's domain ids (oracle) or infer them (infer); "
                    "same as --set contexts=...")

@@ -31,6 +31,10 @@ class ArraySource:
     def size(self, domain: Domain) -> int:
         return len(self.labels)
 
+    def labels_of(self, domain: Domain) -> np.ndarray:
+        """Every label, without reading images."""
+        return self.labels.numpy()
+
     def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         start, stop = int(index[0]), int(index[-1]) + 1
         if len(index) == stop - start:  # a contiguous run: a view, in the layout the images are stored in

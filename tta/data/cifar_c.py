@@ -96,6 +96,11 @@ class CifarCFiles:
     def size(self, domain: Domain) -> int:
         return self.per_severity
 
+    def labels_of(self, domain: Domain) -> np.ndarray:
+        """Every label of ``domain``, without reading images."""
+        offset = (domain.severity - 1) * self.per_severity
+        return np.asarray(self.labels()[offset:offset + self.per_severity], dtype=np.int64)
+
     def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         offset = (domain.severity - 1) * self.per_severity
         rows = slice(offset + int(index[0]), offset + int(index[-1]) + 1)
@@ -155,13 +160,14 @@ def cifar_c_stream(
     download: bool = True,
     setting: str = "per-domain",
     seed: int = 0,
+    dirichlet: float = 0.0,
 ) -> Stream:
     """A stream over CIFAR-10-C/100-C files ordered as ``setting`` (see ``tta.data.settings``).
 
     The default ``per-domain`` setting is the Tent protocol's order: severities in the given order (5 first), the
     corruptions in the standard order within each; each domain yields its first ``n_examples`` images (all 10,000 by
-    default) in test order. ``continual``, ``mixed`` and ``gradual`` reorder the same images; ``seed`` shuffles
-    ``mixed``.
+    default) in test order. The other settings reorder the same images; ``seed`` shuffles ``mixed`` and draws the
+    ``correlated`` orders (``dirichlet``: their concentration, 0 = sorted by label).
     """
     check_setting(setting)
     check_selection(corruptions, severities)
@@ -171,4 +177,4 @@ def cifar_c_stream(
     for c in corruptions:  # fail on a corrupt file now, not hours into the run
         source.array(c)
     return SettingStream(source, corruptions, severities, setting=setting, n_examples=n_examples,
-                         batch_size=batch_size, seed=seed)
+                         batch_size=batch_size, seed=seed, dirichlet=dirichlet)

@@ -45,6 +45,10 @@ class GeneratedSource:
     def size(self, domain: Domain) -> int:
         return len(self.clean)
 
+    def labels_of(self, domain: Domain) -> np.ndarray:
+        """Every label of ``domain`` (the clean set's), without corrupting anything."""
+        return self.labels.numpy()
+
     def _chunk(self, domain: Domain, k: int) -> torch.Tensor:
         """Chunk ``k`` of a domain, corrupted; the last two chunks used are kept, as batches may straddle chunks."""
         key = (domain, k)
@@ -77,6 +81,7 @@ def generated_stream(
     download: bool = True,
     setting: str = "per-domain",
     shuffle_seed: int = 0,
+    dirichlet: float = 0.0,
 ) -> Stream:
     """The stream ``cifar_c_stream`` would give, generated from the clean set on the fly (see the module docs).
 
@@ -95,8 +100,8 @@ def generated_stream(
         keep = -(-n_examples // CHUNK) * CHUNK
         images, labels = images[:keep], labels[:keep]
     gen: DomainSource = GeneratedSource(images, labels, seed=seed, device=device, frost_images=frost_images)
-    if setting in ("mixed", "gradual"):
+    if setting != "per-domain" and setting != "continual":
         # Their batches jump between domains, which would regenerate chunks again and again.
         gen = WholeDomainCache(gen, capacity=max(len(corruptions), len(set(severities))))
     return SettingStream(gen, corruptions, severities, setting=setting, n_examples=n_examples,
-                         batch_size=batch_size, seed=shuffle_seed)
+                         batch_size=batch_size, seed=shuffle_seed, dirichlet=dirichlet)

@@ -15,11 +15,17 @@ setting:
   a segment is one corruption. A severity visited twice gets disjoint halves of its images, so every image is
   predicted exactly once and the per-(corruption, severity) accounting covers each image once.
 
+- ``correlated``: as ``continual``, with each domain's samples in a label-shifted order (the reference benchmark's
+  temporally correlated stream): sorted by class label when ``dirichlet`` is 0 (its default), else grouped into
+  chunks whose class proportions are drawn from a Dirichlet(``dirichlet``) distribution (smaller = more skewed).
+- ``mixed-correlated``: the mixed stream of each severity, then ordered by label as ``correlated``.
+
 Batches never straddle two segments (nor two visits of ``gradual``); the last batch of a stretch may be smaller.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +36,7 @@ import torch
 from tta.data.stream import Batch, Domain, DomainSource, Stream
 from tta.errors import ConfigError
 
-SETTINGS: tuple[str, ...] = ("per-domain", "continual", "mixed", "gradual")
+SETTINGS: tuple[str, ...] = ("per-domain", "continual", "mixed", "gradual", "correlated", "mixed-correlated")
 
 
 def check_setting(setting: str) -> str:
@@ -70,8 +76,11 @@ class SettingStream(Stream):
         n_examples: int | None = None,
         batch_size: int = 200,
         seed: int = 0,
+        dirichlet: float = 0.0,
     ) -> None:
-        self.setting, self.seed = check_setting(setting), seed
+        if not (isinstance(dirichlet, (int, float)) and math.isfinite(dirichlet) and dirichlet >= 0):
+            raise ConfigError(f"dirichlet must be a finite number >= 0 (0 = sorted by label), got {dirichlet!r}")
+        self.setting, self.seed, self.dirichlet = check_setting(setting), seed, float(dirichlet)
         if not corruptions or not severities:
             raise ConfigError("the stream has no domains; select at least one corruption and severity")
         if setting == "gradual":
@@ -81,24 +90,39 @@ class SettingStream(Stream):
         super().__init__(source, domains, n_examples=n_examples, batch_size=batch_size)
         self.runs = self._plan(list(corruptions), list(severities))
 
+    def _labels(self, d: int, index: np.ndarray) -> np.ndarray:
+        """Labels of domain ``d``'s samples ``index`` (without reading images when the source can say)."""
+        labels_of = getattr(self.source, "labels_of", None)
+        if callable(labels_of):
+            return np.asarray(labels_of(self.domains[d]))[index]
+        return self.source.load(self.domains[d], index)[1].cpu().numpy()
+
     def _ids(self, domain: Domain) -> tuple[int, np.ndarray]:
         d = self.domains.index(domain)
         return d, np.arange(self.sizes[d])
 
     def _plan(self, corruptions: list[str], severities: list[int]) -> list[Run]:
         runs: list[Run] = []
-        if self.setting in ("per-domain", "continual"):
+        rng = np.random.default_rng(self.seed)
+        if self.setting in ("per-domain", "continual", "correlated"):
             for d, n in enumerate(self.sizes):
                 segment = d if self.setting == "per-domain" else d // len(corruptions)
-                runs.append(Run(segment, np.full(n, d), np.arange(n)))
-        elif self.setting == "mixed":
-            rng = np.random.default_rng(self.seed)
+                index = np.arange(n)
+                if self.setting == "correlated":
+                    index = index[correlated_order(self._labels(d, index), self.dirichlet, rng)]
+                runs.append(Run(segment, np.full(n, d), index))
+        elif self.setting in ("mixed", "mixed-correlated"):
             for s_i, s in enumerate(severities):
                 pairs = [self._ids(Domain(c, s)) for c in corruptions]
                 domain = np.concatenate([np.full(len(idx), d) for d, idx in pairs])
                 index = np.concatenate([idx for _, idx in pairs])
                 order = rng.permutation(len(index))
-                runs.append(Run(s_i, domain[order], index[order]))
+                domain, index = domain[order], index[order]
+                if self.setting == "mixed-correlated":
+                    labels = np.concatenate([self._labels(d, idx) for d, idx in pairs])[order]
+                    order = correlated_order(labels, self.dirichlet, rng)
+                    domain, index = domain[order], index[order]
+                runs.append(Run(s_i, domain, index))
         else:  # gradual
             path = gradual_severities(severities)
             for c_i, c in enumerate(corruptions):
@@ -131,6 +155,44 @@ class SettingStream(Stream):
                 domain, index = run.domain[start:stop], run.index[start:stop]
                 x, y = gather(self.source, self.domains, domain, index)
                 yield Batch(x, y, torch.as_tensor(domain, dtype=torch.long), segment=run.segment)
+
+
+def correlated_order(labels: np.ndarray, dirichlet: float, rng: np.random.Generator) -> np.ndarray:
+    """A label-shifted order of ``labels`` (positions into it).
+
+    ``dirichlet == 0``: sorted by label (stable). Otherwise, as the reference benchmark: the samples are dealt into
+    as many chunks as there are classes, each class split across the chunks with proportions drawn from
+    Dirichlet(``dirichlet``) (a chunk stops receiving once it holds its share N / chunks); draws are repeated until
+    every chunk holds at least min(10, N // chunks) samples. The stream is then chunk after chunk, each chunk's
+    classes in random order.
+    """
+    labels = np.asarray(labels)
+    if dirichlet == 0 or len(labels) == 0:
+        return np.argsort(labels, kind="stable")
+    classes = np.unique(labels)
+    chunks, n = len(classes), len(labels)
+    need = min(10, n // chunks)
+    for _ in range(1000):
+        parts: list[list[np.ndarray]] = [[] for _ in range(chunks)]
+        sizes = np.zeros(chunks, dtype=np.int64)
+        for k in classes:
+            idx = rng.permutation(np.flatnonzero(labels == k))
+            p = rng.dirichlet(np.full(chunks, dirichlet)) * (sizes < n / chunks)
+            p = p / p.sum() if p.sum() > 0 else np.full(chunks, 1 / chunks)
+            cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
+            for j, piece in enumerate(np.split(idx, cuts)):
+                parts[j].append(piece)
+                sizes[j] += len(piece)
+        if sizes.min() >= need:
+            break
+    else:
+        raise ConfigError(f"could not draw a correlated order with dirichlet={dirichlet} for {n} samples; "
+                          "use a larger value or 0 (sorted by label)")
+    order = []
+    for chunk in parts:
+        for c in rng.permutation(len(chunk)):
+            order.append(chunk[c])
+    return np.concatenate(order)
 
 
 class WholeDomainCache:
