@@ -1,4 +1,5 @@
-"""Contract tests every registered method must pass: input checks, no side effects, reset, state round trip."""
+"""Contract tests every registered method must pass on BatchNorm, GroupNorm and LayerNorm test models: input checks,
+no side effects, reset, state round trip; a model a method cannot adapt is refused with a ``ModelError``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,25 @@ from torch import nn
 
 import tta
 
+from conftest import TinyBNNet, TinyGNNet, TinyLNNet, _adapt_any, _with_source_stats
+
 METHODS = tta.list_methods()
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "bn": lambda: _with_source_stats(TinyBNNet()), "gn": lambda: TinyGNNet().eval(), "ln": lambda: TinyLNNet().eval(),
+}
+
+
+def _supported(method: str, kind: str) -> bool:
+    try:
+        _adapt_any(MODELS[kind](), method)
+    except tta.ModelError:
+        return False
+    return True
+
+
+CASES = [(m, kind) for m in METHODS for kind in MODELS if kind == "bn" or _supported(m, kind)]
+BASE: dict[int, nn.Module] = {}
+UNSUPPORTED = [(m, kind) for m in METHODS for kind in MODELS if (m, kind) not in CASES]
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -21,9 +40,25 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(params=METHODS)
-def adapted(request: pytest.FixtureRequest, bn_model: nn.Module, adapt_any: Callable[..., nn.Module]) -> nn.Module:
-    return adapt_any(bn_model, request.param)
+@pytest.fixture(params=CASES, ids=[f"{m}-{kind}" for m, kind in CASES])
+def adapted(request: pytest.FixtureRequest, adapt_any: Callable[..., nn.Module]) -> nn.Module:
+    method, kind = request.param
+    torch.manual_seed(0)
+    model = MODELS[kind]()
+    adapted = adapt_any(model, method)
+    BASE[id(adapted)] = model  # the model it was built from, for tests that build a second one
+    return adapted
+
+
+def test_every_method_adapts_bn_models_and_some_adapt_the_others() -> None:
+    assert {m for m, kind in CASES if kind == "bn"} == set(METHODS)
+    assert {"source", "tent"} <= {m for m, kind in CASES if kind == "ln"}
+
+
+@pytest.mark.parametrize(("method", "kind"), UNSUPPORTED)
+def test_unsupported_models_are_refused_with_the_fix(method: str, kind: str) -> None:
+    with pytest.raises(tta.ModelError, match="use a|load the"):
+        _adapt_any(MODELS[kind](), method)
 
 
 @pytest.mark.parametrize(("x", "message"), [
@@ -68,12 +103,10 @@ def test_reset_returns_to_the_first_prediction(adapted: tta.AdaptedModel) -> Non
     torch.testing.assert_close(adapted(x), first, atol=0, rtol=0)
 
 
-def test_state_dict_round_trip_resumes_exactly(
-    adapted: tta.AdaptedModel, bn_model: nn.Module, adapt_any: Callable[..., nn.Module]
-) -> None:
+def test_state_dict_round_trip_resumes_exactly(adapted: tta.AdaptedModel, adapt_any: Callable[..., nn.Module]) -> None:
     for _ in range(2):
         adapted(torch.rand(8, 3, 16, 16))
-    fresh = adapt_any(bn_model, adapted.name)
+    fresh = adapt_any(BASE[id(adapted)], adapted.name)
     fresh.load_state_dict(adapted.state_dict())
     x = torch.rand(8, 3, 16, 16)
     torch.testing.assert_close(fresh(x), adapted(x), atol=0, rtol=0)
