@@ -121,3 +121,24 @@ def test_correlated_setting_and_source_data_reach_the_run(setup: tuple[Path, lis
     bad = CliRunner().invoke(cli, ["adapt", "--method", "tent", *args, "--source-data", "nope", "--out",
                                    str(tmp_path / "x.csv")])
     assert bad.exit_code != 0 and "unknown clean source 'nope'" in bad.output
+
+
+def test_a_model_with_the_wrong_number_of_classes_is_refused(setup: tuple[Path, list[str]]) -> None:
+    tmp_path, args = setup
+    checkpoint = tmp_path / "r20_100.th"
+    torch.save({"state_dict": cifar_resnet("resnet20", num_classes=100).state_dict()}, checkpoint)
+    args = [a if a != str(tmp_path / "r20.th") else str(checkpoint) for a in args]
+    result = CliRunner().invoke(cli, ["adapt", "--method", "source", *args, "--out", str(tmp_path / "x.csv")])
+    assert result.exit_code != 0
+    assert "predicts 100 classes but cifar10c has 10" in result.output
+
+
+def test_provenance_is_recorded_and_hashed(setup: tuple[Path, list[str]]) -> None:
+    import hashlib
+
+    tmp_path, args = setup
+    out = tmp_path / "prov.csv"
+    assert CliRunner().invoke(cli, ["adapt", "--method", "source", *args, "--out", str(out)]).exit_code == 0
+    resolved = yaml.safe_load(out.with_suffix(".yaml").read_text())
+    assert resolved["checkpoint_sha256"] == hashlib.sha256((tmp_path / "r20.th").read_bytes()).hexdigest()
+    assert resolved["versions"]["torch"] == torch.__version__ and resolved["data_dir"].endswith("data")

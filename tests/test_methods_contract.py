@@ -7,11 +7,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import TinyBNNet, TinyGNNet, TinyLNNet, _adapt_any, _with_source_stats
 from torch import nn
 
 import tta
-
-from conftest import TinyBNNet, TinyGNNet, TinyLNNet, _adapt_any, _with_source_stats
 
 METHODS = tta.list_methods()
 MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -57,7 +56,7 @@ def test_every_method_adapts_bn_models_and_some_adapt_the_others() -> None:
 
 @pytest.mark.parametrize(("method", "kind"), UNSUPPORTED)
 def test_unsupported_models_are_refused_with_the_fix(method: str, kind: str) -> None:
-    with pytest.raises(tta.ModelError, match="use a|load the"):
+    with pytest.raises(tta.ModelError, match=r"use a|load the"):
         _adapt_any(MODELS[kind](), method)
 
 

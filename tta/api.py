@@ -32,6 +32,45 @@ def _source_data(spec: str | None, data_dir: str | Path, download: bool) -> Sour
     return SourceData(spec, Path(data_dir), download)
 
 
+def provenance(data_dir: str | Path, checkpoint: str | Path | None) -> dict[str, Any]:
+    """Where a run's inputs came from and which software ran it: part of the resolved config and its hash."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    digest = None
+    if checkpoint is not None:
+        h = hashlib.sha256()
+        with open(checkpoint, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    return {"data_dir": str(Path(data_dir).resolve()), "checkpoint_sha256": digest,
+            "versions": {"tta": installed("tta"), "torch": str(torch.__version__), "robustbench": installed("robustbench")}}
+
+
+def check_classes(net: nn.Module, num_classes: int, benchmark: str, stream: Any) -> None:
+    """``ConfigError`` when the model's number of outputs does not match the benchmark's classes."""
+    import torch
+
+    x = next(iter(stream)).x[:2].cpu()
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        outputs = net(x.float().div(255) if x.dtype == torch.uint8 else x.float()).shape[1]
+    net.train(was_training)
+    if outputs != num_classes:
+        raise ConfigError(f"the model predicts {outputs} classes but {benchmark} has {num_classes}; use a model "
+                          f"trained on {benchmark.removesuffix('c')} (e.g. a CIFAR-10 model for cifar10c)")
+
+
 def method_settings(
     method: str, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
     preset: str | None = None,
@@ -146,6 +185,7 @@ def run_benchmark(
                                 download=download, setting=setting, seed=seed, dirichlet=dirichlet)
     model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
+    check_classes(net, dataset_info(benchmark)[3], benchmark, stream)
     adapted = cls(net, settings, source_data=_source_data(source_data, data_dir, download), window=window)
 
     resolved = {
@@ -154,6 +194,7 @@ def run_benchmark(
         "frost_images": str(frost_images) if generate and frost_images else None, "corruptions": corruptions,
         "severities": severities, "n_examples": n_examples, "batch_size": batch_size, "seed": seed, "reset": reset,
         "setting": setting, "dirichlet": dirichlet, "source_data": source_data, "window": window, "preset": preset,
+        **provenance(data_dir, checkpoint),
     }
     digest = config_hash(resolved)
     out = Path(out) if out is not None else default_output(method, model_name)

@@ -9,6 +9,7 @@ The published files hold 10,000 images per severity; the loader accepts any coun
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,15 +58,23 @@ class CifarCFiles:
     """Reads CIFAR-10-C / CIFAR-100-C files of ``root`` (a ``DomainSource``).
 
     The published files hold 10,000 images per severity; files written by ``tta corrupt`` from a smaller clean
-    set hold ``len(labels.npy) / 5``. Every corruption file must match the labels file.
+    set hold ``len(labels.npy) / 5``. Every corruption file must match the labels file. ``label`` says where the
+    files came from: ``files`` (the published ones), or ``tta-corrupt:<seed>`` when ``tta corrupt`` wrote them
+    (its manifest lies beside them), so results on the two are never confused.
     """
-
-    label = "files"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._labels: np.ndarray | None = None
         self._arrays: dict[str, np.ndarray] = {}
+        self.label = "files"
+        manifest = self.root / "tta-corrupt.json"
+        if manifest.is_file():
+            try:
+                seed = json.loads(manifest.read_text()).get("seed")
+            except (OSError, ValueError, AttributeError):
+                seed = "?"
+            self.label = f"tta-corrupt:{seed}"
 
     def labels(self) -> np.ndarray:
         """The labels of all five severities (memory-mapped)."""
