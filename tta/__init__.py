@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "adapt": "tta.api",
+    "load_adapted": "tta.api",
     "run_benchmark": "tta.api",
     "warmup_afn": "tta.warmup",
     "AdaptedModel": "tta.core.base",

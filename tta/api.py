@@ -11,7 +11,7 @@ from torch import nn
 
 from tta.config import resolve_config
 from tta.core.base import AdaptedModel
-from tta.errors import ConfigError
+from tta.errors import ConfigError, ModelError
 from tta.methods import get_method
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ def provenance(data_dir: str | Path, checkpoint: str | Path | None) -> dict[str,
                 h.update(block)
         digest = h.hexdigest()
     return {"data_dir": str(Path(data_dir).resolve()), "checkpoint_sha256": digest,
-            "versions": {"tta": installed("tta"), "torch": str(torch.__version__), "robustbench": installed("robustbench")}}
+            "versions": {"tta": installed("tta"), "torch": str(torch.__version__),
+                         "robustbench": installed("robustbench")}}
 
 
 def check_classes(net: nn.Module, num_classes: int, benchmark: str, stream: Any) -> None:
@@ -108,6 +109,38 @@ def adapt(
     """
     cls = get_method(method)
     return cls(model, method_settings(method, config, overrides, preset), source_data=source_data, window=window)
+
+
+def load_adapted(
+    path: str | Path, model: nn.Module, *, source_data: SourceData | str | tuple[Any, Any] | None = None
+) -> AdaptedModel:
+    """An adapted model saved with ``adapted.save(path)``, rebuilt on ``model`` (the same source model it was
+    adapted from) and restored exactly: parameters, statistics, declared state and optimizer state.
+
+    ``source_data`` is needed again for methods that require it. A file of another format, or a ``model`` other
+    than the one it was saved from, is a ``ModelError``.
+    """
+    import torch
+
+    from tta.core.base import SAVE_FORMAT
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; pass the file written by adapted.save(path)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise ModelError(f"{path} is not a readable adapted-model file ({type(err).__name__}); save it again with "
+                         "adapted.save(path)") from None
+    if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
+        raise ModelError(f"{path} was not written by adapted.save(); pass a file written by it")
+    adapted = adapt(model, payload["method"], source_data=source_data, window=payload["window"],
+                    **payload["settings"])
+    if adapted.snapshot_fingerprint() != payload["source"]:
+        raise ModelError(f"{path} was saved from another source model (or other settings); load it onto the model "
+                         "it was adapted from")
+    adapted.load_state_dict(payload["state_dict"])
+    return adapted
 
 
 def run_benchmark(

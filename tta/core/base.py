@@ -25,17 +25,20 @@ resumes exactly.
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from tta.core.requirements import Requirements, check_requirements
-from tta.errors import InputError, ModelError
+from tta.errors import ConfigError, InputError, ModelError
 
 if TYPE_CHECKING:
     from tta.source import SourceData
@@ -44,6 +47,7 @@ Update = Literal["gradient", "sam", "none"]
 # Pixel values further than this outside [0, 1] are not images in [0, 1] (e.g. 0..255 or normalised inputs).
 RANGE_TOLERANCE = 1e-2
 MAX_DOMAIN_IDS = 4096  # distinct domain ids one adapted model keeps apart
+SAVE_FORMAT = "tta.adapted-model"
 
 
 @dataclass
@@ -252,6 +256,41 @@ class AdaptedModel(nn.Module):
             self._load(self._snapshot, True, False)
             self.counters.resets += 1
 
+    def snapshot_fingerprint(self) -> str:
+        """SHA-256 of the state ``reset()`` returns to: identifies the source model and the method's settings."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self._snapshot.items()):
+            if isinstance(value, torch.Tensor):
+                t = value.detach().cpu().contiguous()
+                digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the adapted model (method, settings, window, every declared state and the optimizer state) to
+        ``path`` atomically: a temporary file in the same folder, flushed, then renamed. ``tta.load_adapted``
+        restores it exactly onto the same source model."""
+        from tta.config import to_dict
+
+        path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; pass a file path such as {path / 'adapted.pt'}")
+        if not path.parent.is_dir():
+            raise ConfigError(f"the folder {path.parent} does not exist; create it first")
+        with self._lock:
+            payload = {"format": SAVE_FORMAT, "version": 1, "method": self.name, "settings": to_dict(self.config),
+                       "window": self.window, "source": self.snapshot_fingerprint(), "state_dict": self.state_dict()}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)  # locks cannot be copied or pickled; a copy gets its own
@@ -350,7 +389,7 @@ class AdaptedModel(nn.Module):
         """Roll back every tensor of the state when the batch leaves one non-finite (one check per batch)."""
         tensors = self._state_tensors()
         with torch.no_grad():
-            saved = [t.clone() for t in tensors]
+            saved = [t.detach().clone() for t in tensors]
         committed = _Flag()
         yield committed  # type: ignore[misc]
         after = self._state_tensors()
@@ -364,7 +403,7 @@ class AdaptedModel(nn.Module):
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """Every parameter, buffer and optimizer-state tensor (the same objects from call to call)."""
-        tensors = [p.data for p in self.parameters()] + list(self.buffers())
+        tensors = [*self.parameters(), *self.buffers()]
         if self.optimizer is not None:
             tensors += [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         return tensors
@@ -388,8 +427,13 @@ class AdaptedModel(nn.Module):
         if pointer == self.window - 1:
             logits = self.step(buf, window_ids).logits[pointer: pointer + 1]
         else:
+            # Until the window holds min_batch images, it is padded with copies of itself (batch statistics of a
+            # single value per channel do not exist).
+            reps = -(-self.requires.min_batch // buf.shape[0])
+            context = buf if reps == 1 else buf.repeat(reps, 1, 1, 1)
+            context_ids = window_ids if window_ids is None or reps == 1 else window_ids.repeat(reps)
             with torch.no_grad():
-                logits = self.predict(buf, window_ids)[pointer: pointer + 1]
+                logits = self.predict(context, context_ids)[pointer: pointer + 1]
         self._window_pointer = (pointer + 1) % self.window
         return logits
 
