@@ -104,7 +104,7 @@ def test_concurrent_callers_equal_some_sequential_order(bn_model: nn.Module) -> 
     def call(i: int) -> None:
         try:
             adapted(batches[i])
-        except BaseException as err:  # noqa: BLE001  (reported below)
+        except BaseException as err:
             errors.append(err)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
