@@ -77,7 +77,7 @@ def test_adapt_generate_matches_adapt_on_the_written_files(tmp_path: Path, clean
     assert result.exit_code == 0, result.output
     files, gen = pd.read_csv(tmp_path / "files.csv"), pd.read_csv(tmp_path / "gen.csv")
     assert list(files.columns) == list(gen.columns)
-    assert (files.data == "files").all() and (gen.data == "generated:2").all()
+    assert (files.data == "tta-corrupt:2").all() and (gen.data == "generated:2").all()  # never confused
     same = ["method", "model", "corruption", "severity", "n", "accuracy", "error", "seed", "batch_size", "reset"]
     pd.testing.assert_frame_equal(files[same], gen[same])
     resolved = yaml.safe_load((tmp_path / "gen.yaml").read_text())
