@@ -148,7 +148,7 @@ def test_generated_stream_equals_the_file_stream(tmp_path: Path) -> None:
               "n_examples": CHUNK + 10}
     files = cifar_c_stream(data_dir=tmp_path / "data", download=False, **kwargs)
     gen = generated_stream(source=f"npz:{npz}", seed=5, **kwargs)
-    assert files.label == "files" and gen.label == "generated:5"
+    assert files.label == "tta-corrupt:5" and gen.label == "generated:5"
     assert files.domains == gen.domains and len(files) == len(gen)
     for a, b in zip(files, gen, strict=True):
         assert a.x.dtype == b.x.dtype == torch.uint8
