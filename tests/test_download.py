@@ -201,3 +201,25 @@ def test_cifar10c_downloads_through_the_downloader(server: Server, tmp_path: Pat
     assert batch.x.shape == (4, 3, 32, 32)
     assert (tmp_path / "data/CIFAR-10-C.tar").is_file()
     assert cifar_c.download_cifar_c.__module__ == "tta.data.cifar_c"
+
+
+@pytest.mark.parametrize("served", ["checkpoint", "html"])
+def test_robustbench_weights_come_through_the_downloader(server: Server, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, served: str) -> None:
+    import torch
+
+    from tta.models import zoo
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(2)}}, buf)
+    body = buf.getvalue() if served == "checkpoint" else b"<!DOCTYPE html><title>Quota exceeded</title>"
+    server.routes["/drive"] = (body, "ok")
+    monkeypatch.setattr(zoo, "gdrive_url", lambda file_id: f"{server.url}/drive")
+    target = tmp_path / "cifar10" / "corruptions" / "Standard.pt"
+    if served == "html":
+        with pytest.raises(DownloadError, match="not a PyTorch checkpoint"):
+            zoo.fetch_robustbench_weights("Standard", "cifar10", tmp_path, progress=False)
+        assert not target.exists()
+    else:
+        zoo.fetch_robustbench_weights("Standard", "cifar10", tmp_path, progress=False)
+        assert target.read_bytes() == body

@@ -29,7 +29,7 @@ def adapt(model: nn.Module, method: str = "tent", config: str | Path | None = No
 def run_benchmark(
     method: str = "tent",
     *,
-    model: str | None = "Standard",
+    model: str | None = None,
     checkpoint: str | Path | None = None,
     arch: str | None = None,
     benchmark: str = "cifar10c",
@@ -52,6 +52,7 @@ def run_benchmark(
     data_seed: int = 0,
     source: str | None = None,
     frost_images: str | Path | None = None,
+    data: str | None = None,
 ) -> tuple[pd.DataFrame, Path]:
     """What ``tta adapt`` does: adapt a model over a corruption benchmark, writing rows to ``out`` as they finish.
 
@@ -63,9 +64,20 @@ def run_benchmark(
     (``per-domain``, ``continual``, ``mixed`` shuffled with ``seed``, ``gradual``; see ``tta.data.settings``);
     ``contexts`` (``oracle``/``infer``) is the ``contexts`` setting of the methods that route samples by domain
     (dsbn, context-norm).
+    ``benchmark`` is ``cifar10c``, ``cifar100c``, ``imagenetc``, ``imagenet3dcc`` or ``digits`` (offline, see
+    ``tta.data.sources``); ``model`` None is the benchmark's default model. ``data`` (``folder:PATH``,
+    ``csv:PATH``, ``npz:PATH``) adapts on your own images instead, the benchmark then only picking the model family.
     """
     from tta.config import config_hash, field_names, to_dict
-    from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, cifar_c_stream, dataset_info
+    from tta.data.cifar_c import SEVERITIES
+    from tta.data.sources import (
+        benchmark_stream,
+        check_benchmark,
+        check_num_classes,
+        data_stream,
+        default_corruptions,
+        default_model,
+    )
     from tta.engine import evaluate, resolve_device
     from tta.models import load_model
     from tta.report import CsvWriter, default_output, write_config
@@ -77,21 +89,28 @@ def run_benchmark(
                               f"context-norm), not {method}; drop --contexts or choose one of those")
         overrides = {**(overrides or {}), "contexts": contexts}
     settings = resolve_config(cls.Config, config, overrides)
-    dataset_info(benchmark)
+    check_benchmark(benchmark)
     dev = resolve_device(device)
-    corruptions = list(corruptions or BENCHMARK_CORRUPTIONS)
+    if model is None and checkpoint is None:
+        model = default_model(benchmark)
+    corruptions = list(corruptions or default_corruptions(benchmark))
     severities = list(severities or SEVERITIES)
-    if generate:
+    if data is not None:
+        stream = data_stream(data, benchmark, None if checkpoint is not None else model, n_examples, batch_size,
+                             setting=setting, seed=seed)
+    elif generate:
         from tta.data.generated import generated_stream
 
         stream = generated_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size, seed=data_seed,
                                   device=dev, source=source, frost_images=frost_images, download=download,
                                   setting=setting, shuffle_seed=seed)
     else:
-        stream = cifar_c_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
-                                download=download, setting=setting, seed=seed)
+        stream = benchmark_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
+                                  model=None if checkpoint is not None else model, download=download,
+                                  setting=setting, seed=seed, data_seed=data_seed, device=dev)
     model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
+    check_num_classes(stream, net)
     adapted = cls(net, settings)
 
     resolved = {
@@ -99,7 +118,7 @@ def run_benchmark(
         "arch": arch, "benchmark": benchmark, "data": stream.label, "clean_source": source if generate else None,
         "frost_images": str(frost_images) if generate and frost_images else None, "corruptions": corruptions,
         "severities": severities, "n_examples": n_examples, "batch_size": batch_size, "seed": seed, "reset": reset,
-        "setting": setting,
+        "setting": setting, **({"user_data": data} if data is not None else {}),
     }
     digest = config_hash(resolved)
     out = Path(out) if out is not None else default_output(method, model_name)

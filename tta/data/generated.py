@@ -18,7 +18,7 @@ from tta.corruptions import CHUNK, corrupt_indexed
 from tta.corruptions.writer import to_uint8
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, check_selection, dataset_info
 from tta.data.settings import SettingStream, WholeDomainCache, check_setting
-from tta.data.stream import Domain, DomainSource, Stream
+from tta.data.stream import Domain, DomainSource
 
 # the clean test set each benchmark corrupts
 CLEAN_SOURCES: dict[str, str] = {"cifar10c": "cifar10", "cifar100c": "cifar100"}
@@ -77,7 +77,7 @@ def generated_stream(
     download: bool = True,
     setting: str = "per-domain",
     shuffle_seed: int = 0,
-) -> Stream:
+) -> SettingStream:
     """The stream ``cifar_c_stream`` would give, generated from the clean set on the fly (see the module docs).
 
     ``source`` is a ``load_clean`` spec; by default the benchmark's own clean test set (``cifar10`` for
@@ -91,6 +91,28 @@ def generated_stream(
     check_setting(setting)
     check_selection(corruptions, severities)
     images, labels = load_clean(source or CLEAN_SOURCES[dataset], data_dir, download)
+    return corrupted_stream(images, labels, corruptions, severities, n_examples, batch_size, seed=seed, device=device,
+                            frost_images=frost_images, setting=setting, shuffle_seed=shuffle_seed)
+
+
+def corrupted_stream(
+    images: np.ndarray,
+    labels: np.ndarray,
+    corruptions: Sequence[str] = BENCHMARK_CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    n_examples: int | None = None,
+    batch_size: int = 200,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    frost_images: str | Path | None = None,
+    setting: str = "per-domain",
+    shuffle_seed: int = 0,
+    stream_cls: type[SettingStream] = SettingStream,
+) -> SettingStream:
+    """A stream of ``images`` (uint8 (N, H, W, 3)) corrupted on the fly, as ``generated_stream`` describes
+    (``stream_cls``: a ``SettingStream`` subclass to build)."""
+    check_setting(setting)
+    check_selection(corruptions, severities)
     if n_examples is not None:  # only the first n_examples of each domain are requested: keep their whole chunks
         keep = -(-n_examples // CHUNK) * CHUNK
         images, labels = images[:keep], labels[:keep]
@@ -98,5 +120,5 @@ def generated_stream(
     if setting in ("mixed", "gradual"):
         # Their batches jump between domains, which would regenerate chunks again and again.
         gen = WholeDomainCache(gen, capacity=max(len(corruptions), len(set(severities))))
-    return SettingStream(gen, corruptions, severities, setting=setting, n_examples=n_examples,
-                         batch_size=batch_size, seed=shuffle_seed)
+    return stream_cls(gen, corruptions, severities, setting=setting, n_examples=n_examples,
+                      batch_size=batch_size, seed=shuffle_seed)
