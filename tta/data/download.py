@@ -96,7 +96,7 @@ def _matches(path: Path, remote: RemoteFile) -> bool:
     return file_checksum(path, algo) == expected.lower()
 
 
-def _open(url: str, offset: int) -> tuple[object, int, int | None]:
+def _open(url: str, offset: int) -> tuple[http.client.HTTPResponse | None, int, int | None]:
     """Open ``url`` from byte ``offset``: (response, offset it really starts at, total size if known)."""
     request = urllib.request.Request(url, headers={"User-Agent": "tta-downloader"})
     if offset:
@@ -122,11 +122,11 @@ def _download(url: str, part: Path, progress: bool) -> None:
     response, start, total = _open(url, offset)
     if response is None:
         return
-    with response, open(part, "ab" if start else "wb") as out, tqdm(  # type: ignore[attr-defined]
+    with response, open(part, "ab" if start else "wb") as out, tqdm(
         total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
         disable=not progress, leave=False,
     ) as bar:
-        while chunk := response.read(CHUNK):  # type: ignore[attr-defined]
+        while chunk := response.read(CHUNK):
             out.write(chunk)
             bar.update(len(chunk))
     if total is not None and part.stat().st_size < total:

@@ -3,13 +3,13 @@
 
 Each domain is the 50,000 ImageNet validation images corrupted one way. By default a domain is the fixed
 5,000-image subset the reference benchmarks use (robustbench and mariodoebler/test-time-adaptation read the same
-list, ``lists/imagenet_test_image_ids.txt``: ``<wnid>/<file>`` lines, 3 to 12 images for each of 997 classes), in
+list, ``lists/imagenet_test_image_ids.txt``: ``<wnid>/<file>`` lines, 1 to 12 images for each of 997 classes), in
 that list's order; ``subset=False`` reads all files of the domain sorted by class and name. Labels are the ImageNet
 class indices (the sorted wnids, as torchvision's and timm's models predict). Images are decoded and resized to the
 model's input in DataLoader workers (``tta.data.images``).
 
-ImageNet-C's archives come from Zenodo (record 2235448, md5-checked by ``tta.data.download``); ImageNet-3DCC has
-no checksummed archive, so a missing 3DCC is an error that says where to get it.
+ImageNet-C's archives come from Zenodo (record 2235448, md5-checked by ``tta.data.download``, deleted once
+extracted); ImageNet-3DCC has no checksummed archive, so a missing 3DCC is an error that says where to get it.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def ensure_folders(benchmark: str, data_dir: str | Path, corruptions: Sequence[s
         try:
             for archive in needed:
                 fetch_and_extract(archive, data_dir, into=root, keep=ARCHIVES[archive].__contains__,
-                                  progress=progress)
+                                  progress=progress, remove_archive=True)  # 7-21 GB each, extracted: not needed
         except OSError as err:  # DownloadError or a network error
             reason = f"{type(err).__name__}: {err}"
         else:
