@@ -57,21 +57,6 @@ def provenance(data_dir: str | Path, checkpoint: str | Path | None) -> dict[str,
                          "robustbench": installed("robustbench")}}
 
 
-def check_classes(net: nn.Module, num_classes: int, benchmark: str, stream: Any) -> None:
-    """``ConfigError`` when the model's number of outputs does not match the benchmark's classes."""
-    import torch
-
-    x = next(iter(stream)).x[:2].cpu()
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        outputs = net(x.float().div(255) if x.dtype == torch.uint8 else x.float()).shape[1]
-    net.train(was_training)
-    if outputs != num_classes:
-        raise ConfigError(f"the model predicts {outputs} classes but {benchmark} has {num_classes}; use a model "
-                          f"trained on {benchmark.removesuffix('c')} (e.g. a CIFAR-10 model for cifar10c)")
-
-
 def method_settings(
     method: str, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
     preset: str | None = None,
@@ -146,7 +131,7 @@ def load_adapted(
 def run_benchmark(
     method: str = "tent",
     *,
-    model: str | None = "Standard",
+    model: str | None = None,
     checkpoint: str | Path | None = None,
     arch: str | None = None,
     benchmark: str = "cifar10c",
@@ -173,6 +158,7 @@ def run_benchmark(
     source_data: str | None = None,
     window: int | None = None,
     preset: str | None = None,
+    data: str | None = None,
 ) -> tuple[pd.DataFrame, Path]:
     """What ``tta adapt`` does: adapt a model over a corruption benchmark, writing rows to ``out`` as they finish.
 
@@ -187,9 +173,20 @@ def run_benchmark(
     (dsbn, context-norm). ``source_data`` is clean source data for methods that need it (EATA's Fisher);
     ``window`` the sliding window for single images (default: 64 at batch size 1 for methods that adapt, else
     off); ``preset`` a named set of method defaults (``imagenet``).
+    ``benchmark`` is ``cifar10c``, ``cifar100c``, ``imagenetc``, ``imagenet3dcc`` or ``digits`` (offline, see
+    ``tta.data.sources``); ``model`` None is the benchmark's default model. ``data`` (``folder:PATH``,
+    ``csv:PATH``, ``npz:PATH``) adapts on your own images instead, the benchmark then only picking the model family.
     """
     from tta.config import config_hash, field_names, to_dict
-    from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, cifar_c_stream, dataset_info
+    from tta.data.cifar_c import SEVERITIES
+    from tta.data.sources import (
+        benchmark_stream,
+        check_benchmark,
+        check_num_classes,
+        data_stream,
+        default_corruptions,
+        default_model,
+    )
     from tta.engine import evaluate, resolve_device
     from tta.models import load_model
     from tta.report import CsvWriter, default_output, write_config
@@ -201,24 +198,30 @@ def run_benchmark(
                               f"context-norm), not {method}; drop --contexts or choose one of those")
         overrides = {**(overrides or {}), "contexts": contexts}
     settings = method_settings(method, config, overrides, preset)
-    dataset_info(benchmark)
+    check_benchmark(benchmark)
     if window is None:
         window = DEFAULT_WINDOW if batch_size == 1 and method != "source" else 0
     dev = resolve_device(device)
-    corruptions = list(corruptions or BENCHMARK_CORRUPTIONS)
+    if model is None and checkpoint is None:
+        model = default_model(benchmark)
+    corruptions = list(corruptions or default_corruptions(benchmark))
     severities = list(severities or SEVERITIES)
-    if generate:
+    if data is not None:
+        stream = data_stream(data, benchmark, None if checkpoint is not None else model, n_examples, batch_size,
+                             setting=setting, seed=seed, dirichlet=dirichlet)
+    elif generate:
         from tta.data.generated import generated_stream
 
         stream = generated_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size, seed=data_seed,
                                   device=dev, source=source, frost_images=frost_images, download=download,
                                   setting=setting, shuffle_seed=seed, dirichlet=dirichlet)
     else:
-        stream = cifar_c_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
-                                download=download, setting=setting, seed=seed, dirichlet=dirichlet)
+        stream = benchmark_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
+                                  model=None if checkpoint is not None else model, download=download,
+                                  setting=setting, seed=seed, data_seed=data_seed, device=dev, dirichlet=dirichlet)
     model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
-    check_classes(net, dataset_info(benchmark)[3], benchmark, stream)
+    check_num_classes(stream, net, None if data is not None else benchmark)
     adapted = cls(net, settings, source_data=_source_data(source_data, data_dir, download), window=window)
 
     resolved = {
@@ -227,7 +230,7 @@ def run_benchmark(
         "frost_images": str(frost_images) if generate and frost_images else None, "corruptions": corruptions,
         "severities": severities, "n_examples": n_examples, "batch_size": batch_size, "seed": seed, "reset": reset,
         "setting": setting, "dirichlet": dirichlet, "source_data": source_data, "window": window, "preset": preset,
-        **provenance(data_dir, checkpoint),
+        **provenance(data_dir, checkpoint), **({"user_data": data} if data is not None else {}),
     }
     digest = config_hash(resolved)
     out = Path(out) if out is not None else default_output(method, model_name)

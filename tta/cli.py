@@ -43,9 +43,11 @@ def cli() -> None:
 @cli.command("adapt")
 @click.option("--method", default="tent", show_default=True, help="adaptation method (see `tta methods`)")
 @click.option("--corruption", "benchmark", default="cifar10c", show_default=True,
-              help="corruption benchmark: cifar10c or cifar100c")
-@click.option("--model", default="Standard", show_default=True,
-              help="robustbench corruption-zoo name (Standard, Hendrycks2020AugMix_WRN, ...), torchvision or timm name")
+              help="corruption benchmark: cifar10c, cifar100c, imagenetc, imagenet3dcc or digits (offline demo)")
+@click.option("--model", help="robustbench corruption-zoo name (Standard, Hendrycks2020AugMix_WRN, ...), torchvision "
+              "or timm name (default: Standard for CIFAR, resnet50 for ImageNet, digits-cnn for digits)")
+@click.option("--data", help="adapt on your own images instead: folder:PATH (PATH/<class>/ or PATH/<domain>/<class>/), "
+              "csv:PATH (rows path,label[,domain]) or npz:PATH (x, y[, domain]); --corruption picks the model family")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="local CIFAR ResNet checkpoint (with --arch)")
 @click.option("--arch", help="architecture of --checkpoint: resnet20|resnet32|resnet44|resnet56|resnet110")
 @click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tta.data.stream import Domain, Stream
+from tta.data.settings import SettingStream
+from tta.data.stream import Domain
 from tta.errors import DataError
 
 
@@ -43,21 +45,61 @@ class ArraySource:
         return self.images[idx], self.labels[idx]
 
 
+class DomainArrays:
+    """A ``DomainSource`` over several domains of in-memory images: one ``ArraySource`` per domain."""
+
+    label = "files"
+
+    def __init__(self, parts: dict[Domain, ArraySource]) -> None:
+        self.parts = parts
+
+    def size(self, domain: Domain) -> int:
+        return self.parts[domain].size(domain)
+
+    def load(self, domain: Domain, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.parts[domain].load(domain, index)
+
+
 def array_stream(
     images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, name: str = "data",
-    batch_size: int = 200, n_examples: int | None = None,
-) -> Stream:
-    """A one-domain stream (reported as corruption ``name``, severity 0) over in-memory images."""
-    return Stream(ArraySource(images, labels), [Domain(name, 0)], n_examples=n_examples, batch_size=batch_size)
+    batch_size: int = 200, n_examples: int | None = None, domains: np.ndarray | Sequence[object] | None = None,
+    setting: str = "per-domain", seed: int = 0, dirichlet: float = 0.0,
+) -> SettingStream:
+    """A stream over in-memory images (uint8 NHWC or float NCHW in [0, 1]).
+
+    Without ``domains`` it is one domain, reported as corruption ``name``, severity 0; ``domains`` (one id or name
+    per image) splits the images into domains (reported by that id, in sorted order, images in their given order)
+    that ``setting`` orders like any benchmark's (``tta.data.settings``).
+    """
+    if domains is None:
+        parts = {Domain(name, 0): ArraySource(images, labels)}
+    else:
+        ids = np.asarray(domains).reshape(-1)
+        if len(ids) != len(images):
+            raise DataError(f"{len(images)} images but {len(ids)} domain ids; pass one domain id per image")
+        labels = np.asarray(labels)
+        parts = {}
+        for value in np.unique(ids):
+            rows = np.flatnonzero(ids == value)
+            parts[Domain(str(value), 0)] = ArraySource(images[rows], labels[rows])
+    names = [d.corruption for d in parts]
+    stream = SettingStream(DomainArrays(parts), names, [0], setting=setting, n_examples=n_examples,
+                           batch_size=batch_size, seed=seed, dirichlet=dirichlet)
+    stream.num_labels = max(int(p.labels.max()) + 1 if len(p.labels) else 0 for p in parts.values())
+    return stream
 
 
 def npz_stream(path: str | Path, name: str | None = None, batch_size: int = 200,
-               n_examples: int | None = None) -> Stream:
-    """A one-domain stream over an .npz with ``x`` (uint8 NHWC) and ``y`` arrays."""
+               n_examples: int | None = None, setting: str = "per-domain", seed: int = 0,
+               dirichlet: float = 0.0) -> SettingStream:
+    """A stream over an .npz with ``x`` (uint8 NHWC) and ``y`` arrays, and optionally ``domain`` (one id or name
+    per image: several domains, see ``array_stream``); one domain named after the file otherwise."""
     path = Path(path)
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             x, y = data["x"], data["y"]
+            domains = data["domain"] if "domain" in data.files else None
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"{path} is not an .npz with arrays 'x' (uint8 NHWC images) and 'y' (labels): {err}") from None
-    return array_stream(x, y, name or path.stem, batch_size, n_examples)
+    return array_stream(x, y, name or path.stem, batch_size, n_examples, domains=domains, setting=setting, seed=seed,
+                        dirichlet=dirichlet)

@@ -3,7 +3,7 @@
 ``<data_dir>/CIFAR-10-C/<corruption>.npy`` holds uint8 (50000, 32, 32, 3) NHWC images, severities 1..5 in blocks
 of 10,000 in test order; ``labels.npy`` holds the labels repeated five times. Files are memory-mapped and read one
 batch at a time, so memory stays flat however many corruptions run. Missing files are downloaded from Zenodo when
-the machine is online (through robustbench's downloader); offline, a ``DownloadError`` says what to fetch.
+the machine is online (``tta.data.download``: md5-checked, resumable); offline, a ``DownloadError`` says what to fetch.
 The published files hold 10,000 images per severity; the loader accepts any count divisible into 5 blocks.
 """
 
@@ -122,15 +122,11 @@ class CifarCFiles:
 
 
 def download_cifar_c(dataset: str, data_dir: str | Path) -> None:
-    """Download and extract ``dataset`` (e.g. ``cifar10c``) from Zenodo into ``data_dir`` via robustbench."""
-    from tta.compat import import_robustbench
+    """Download ``dataset``'s archive (e.g. ``CIFAR-10-C.tar``) from Zenodo, verify its md5 and extract it."""
+    from tta.data.download import fetch_and_extract
 
-    import_robustbench()
-    from robustbench.zenodo_download import zenodo_download
-
-    _, record, archive, _ = dataset_info(dataset)
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    zenodo_download(record, {archive}, save_dir=Path(data_dir))
+    _, _, archive, _ = dataset_info(dataset)
+    fetch_and_extract(archive, data_dir)
 
 
 def ensure_files(dataset: str, data_dir: str | Path, corruptions: Sequence[str], download: bool = True) -> Path:
@@ -142,7 +138,7 @@ def ensure_files(dataset: str, data_dir: str | Path, corruptions: Sequence[str],
     if missing and download:
         try:
             download_cifar_c(dataset, data_dir)
-        except Exception as err:  # network errors come from requests, urllib3 or socket: report them all the same
+        except OSError as err:  # our DownloadError (a DataError) or a network error: report them all the same
             reason = f"{type(err).__name__}: {err}"
         else:
             reason = "the downloaded archive does not contain them"

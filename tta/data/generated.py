@@ -17,7 +17,7 @@ import torch
 from tta.corruptions import CHUNK, corrupt_indexed
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, check_selection, dataset_info
 from tta.data.settings import SettingStream, WholeDomainCache, check_setting
-from tta.data.stream import Domain, DomainSource, Stream
+from tta.data.stream import Domain, DomainSource
 from tta.data.writer import to_uint8
 
 # the clean test set each benchmark corrupts
@@ -44,10 +44,6 @@ class GeneratedSource:
 
     def size(self, domain: Domain) -> int:
         return len(self.clean)
-
-    def labels_of(self, domain: Domain) -> np.ndarray:
-        """Every label of ``domain`` (the clean set's), without corrupting anything."""
-        return self.labels.numpy()
 
     def _chunk(self, domain: Domain, k: int) -> torch.Tensor:
         """Chunk ``k`` of a domain, corrupted; the last two chunks used are kept, as batches may straddle chunks."""
@@ -82,7 +78,7 @@ def generated_stream(
     setting: str = "per-domain",
     shuffle_seed: int = 0,
     dirichlet: float = 0.0,
-) -> Stream:
+) -> SettingStream:
     """The stream ``cifar_c_stream`` would give, generated from the clean set on the fly (see the module docs).
 
     ``source`` is a ``load_clean`` spec; by default the benchmark's own clean test set (``cifar10`` for
@@ -96,12 +92,36 @@ def generated_stream(
     check_setting(setting)
     check_selection(corruptions, severities)
     images, labels = load_clean(source or CLEAN_SOURCES[dataset], data_dir, download)
+    return corrupted_stream(images, labels, corruptions, severities, n_examples, batch_size, seed=seed, device=device,
+                            frost_images=frost_images, setting=setting, shuffle_seed=shuffle_seed,
+                            dirichlet=dirichlet)
+
+
+def corrupted_stream(
+    images: np.ndarray,
+    labels: np.ndarray,
+    corruptions: Sequence[str] = BENCHMARK_CORRUPTIONS,
+    severities: Sequence[int] = SEVERITIES,
+    n_examples: int | None = None,
+    batch_size: int = 200,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    frost_images: str | Path | None = None,
+    setting: str = "per-domain",
+    shuffle_seed: int = 0,
+    dirichlet: float = 0.0,
+    stream_cls: type[SettingStream] = SettingStream,
+) -> SettingStream:
+    """A stream of ``images`` (uint8 (N, H, W, 3)) corrupted on the fly, as ``generated_stream`` describes
+    (``stream_cls``: a ``SettingStream`` subclass to build)."""
+    check_setting(setting)
+    check_selection(corruptions, severities)
     if n_examples is not None:  # only the first n_examples of each domain are requested: keep their whole chunks
         keep = -(-n_examples // CHUNK) * CHUNK
         images, labels = images[:keep], labels[:keep]
     gen: DomainSource = GeneratedSource(images, labels, seed=seed, device=device, frost_images=frost_images)
-    if setting != "per-domain" and setting != "continual":
+    if setting not in ("per-domain", "continual"):
         # Their batches jump between domains, which would regenerate chunks again and again.
         gen = WholeDomainCache(gen, capacity=max(len(corruptions), len(set(severities))))
-    return SettingStream(gen, corruptions, severities, setting=setting, n_examples=n_examples,
-                         batch_size=batch_size, seed=shuffle_seed, dirichlet=dirichlet)
+    return stream_cls(gen, corruptions, severities, setting=setting, n_examples=n_examples,
+                      batch_size=batch_size, seed=shuffle_seed, dirichlet=dirichlet)

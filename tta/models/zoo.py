@@ -1,14 +1,14 @@
 """Load pretrained models that take [0, 1] images: input normalisation always lives inside the returned model.
 
 Sources, tried in this order for ``name``: robustbench's corruption model zoo for the dataset (``Standard``,
-``Hendrycks2020AugMix_WRN``, ...), torchvision's ImageNet classifiers, timm's. With ``checkpoint`` and ``arch``, a
-classic CIFAR ResNet from a local file (the akamaster/pytorch_resnet_cifar10 format). Downloads go under
-``<data_dir>/models``; offline, a ``DownloadError`` says what to fetch and where to put it.
+``Hendrycks2020AugMix_WRN``, ...; weights fetched by ``tta.data.download``), torchvision's ImageNet classifiers,
+timm's; ``digits-cnn`` is the offline demo model (``tta.models.digits``), trained at first use. With
+``checkpoint`` and ``arch``, a classic CIFAR ResNet from a local file (the akamaster/pytorch_resnet_cifar10
+format). Downloads go under ``<data_dir>/models``; offline, a ``DownloadError`` says what to fetch and where to put it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +16,13 @@ import torch
 from torch import nn
 
 from tta.errors import ConfigError, DownloadError, ModelError
+from tta.models.normalize import Normalize, normalized  # noqa: F401  (re-exported)
 from tta.models.resnet_cifar import DEPTHS, cifar_resnet
 
 # Mean/std the classic CIFAR ResNet checkpoints were trained with (see DATA.md); ImageNet's for torchvision.
 CIFAR_RESNET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar10c": "cifar10", "cifar100": "cifar100", "cifar100c": "cifar100"}
-
-
-class Normalize(nn.Module):
-    """Per-channel (x - mean) / std, so that the wrapped model takes [0, 1] images."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-def normalized(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Sequential:
-    """``model`` preceded by input normalisation, as one module (``[0]`` normalises, ``[1]`` is the model)."""
-    return nn.Sequential(Normalize(mean, std), model)
 
 
 def load_checkpoint(path: str | Path, arch: str, num_classes: int = 10) -> nn.Module:
@@ -79,6 +63,44 @@ def robustbench_names(dataset: str) -> list[str]:
     return list(model_dicts[BenchmarkDataset(dataset)][ThreatModel.corruptions])
 
 
+def gdrive_url(file_id: str) -> str:
+    """The direct-download URL of a public Google Drive file (past the large-file confirmation page)."""
+    return f"https://drive.usercontent.google.com/download?id={file_id}&export=download&confirm=t"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` starts like a PyTorch checkpoint (a zip archive or a pickle), not like an HTML error page."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def fetch_robustbench_weights(name: str, dataset: str, model_dir: Path, progress: bool = True) -> None:
+    """Download the weight file(s) of a robustbench zoo model through ``tta.data.download`` to where robustbench
+    looks for them. robustbench publishes no checksums, so a download is accepted only if it is a PyTorch
+    checkpoint; anything else (e.g. a Drive quota page) is deleted and reported."""
+    from tta.compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    from tta.data.download import RemoteFile, fetch
+
+    gid = model_dicts[BenchmarkDataset(dataset)][ThreatModel.corruptions][name]["gdrive_id"]
+    ids = gid if isinstance(gid, list) else [gid]
+    directory = model_dir / dataset / "corruptions"
+    for i, file_id in enumerate(ids):
+        filename = f"{name}.pt" if len(ids) == 1 else f"{name}.pt_m{i}.pt"
+        if (directory / filename).is_file():
+            continue
+        path = fetch(RemoteFile(filename, None, (gdrive_url(file_id),)), directory, progress)
+        if not _is_checkpoint(path):
+            path.unlink()
+            raise DownloadError(f"the download of {filename} is not a PyTorch checkpoint (Google Drive may have "
+                                "answered with a quota or error page)")
+
+
 def _load_robustbench(name: str, dataset: str, model_dir: Path) -> nn.Module:
     import robustbench
     from robustbench.model_zoo import model_dicts
@@ -86,8 +108,9 @@ def _load_robustbench(name: str, dataset: str, model_dir: Path) -> nn.Module:
 
     path = model_dir / dataset / "corruptions" / f"{name}.pt"
     try:
+        fetch_robustbench_weights(name, dataset, model_dir)
         return robustbench.load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model="corruptions")
-    except Exception as err:  # gdown/requests/OS errors when offline: all mean "fetch it yourself"
+    except Exception as err:  # our DownloadError, or robustbench's own errors on a bad file: "fetch it yourself"
         gid = model_dicts[BenchmarkDataset(dataset)][ThreatModel.corruptions][name]["gdrive_id"]
         ids = gid if isinstance(gid, list) else [gid]
         where = ", ".join(f"https://drive.google.com/uc?id={i}" for i in ids)
@@ -133,6 +156,10 @@ def load_model(
     ``load_model(checkpoint="resnet20.th", arch="resnet20")`` reads a CIFAR ResNet checkpoint; otherwise ``name`` is
     looked up in robustbench's corruption zoo for ``dataset`` (``cifar10``/``cifar100``), then torchvision, then timm.
     """
+    if name == "digits-cnn" and checkpoint is None and arch is None:
+        from tta.models.digits import load_digits_cnn
+
+        return load_digits_cnn(data_dir)
     if checkpoint is not None or arch is not None:
         if checkpoint is None or arch is None:
             raise ConfigError("a CIFAR ResNet needs both --checkpoint PATH and --arch "

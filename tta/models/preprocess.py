@@ -1,0 +1,101 @@
+"""The image preprocessing a pretrained model was evaluated with: resize, centre crop, interpolation.
+
+Normalisation (mean/std) lives inside the models ``tta.models.load_model`` returns; what remains is the geometry,
+applied to decoded images before they become uint8 tensors: torchvision weights' ``transforms()`` (``resize_size``,
+``crop_size``, ``interpolation``; e.g. ResNet-50's default weights: resize 232, crop 224, bilinear) and timm's
+pretrained config (``input_size``, ``crop_pct``, ``interpolation``: resize ``floor(size / crop_pct)``, crop ``size``).
+CIFAR-sized models (robustbench's CIFAR zoo, ``--checkpoint``, the digits demo model) take 32x32 images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tta.errors import ConfigError
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize`` (None: keep), then centre-crop ``crop`` x ``crop`` (None: keep).
+
+    Calling it on a PIL image gives a uint8 (3, H, W) tensor; batches become [0, 1] floats on the device.
+    """
+
+    resize: int | None = None
+    crop: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"unknown interpolation {self.interpolation!r}; choose one of: "
+                              f"{', '.join(INTERPOLATIONS)}")
+        for value in (self.resize, self.crop):
+            if value is not None and value < 1:
+                raise ConfigError(f"resize and crop sizes must be >= 1, got {value}")
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        image = image.convert("RGB")
+        if self.resize is not None:
+            image = F.resize(image, self.resize, InterpolationMode(self.interpolation), antialias=True)
+        if self.crop is not None:
+            image = F.center_crop(image, [self.crop, self.crop])
+        return F.pil_to_tensor(image)
+
+
+CIFAR = Preprocess(resize=32, crop=32)
+
+
+def _interpolation(mode: Any) -> str:
+    name = str(getattr(mode, "value", mode)).lower()
+    return name if name in INTERPOLATIONS else "bilinear"
+
+
+def torchvision_preprocess(name: str) -> Preprocess:
+    """The geometry of ``name``'s default torchvision weights (the ones ``load_model`` fetches)."""
+    import torchvision
+
+    transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    return Preprocess(int(transforms.resize_size[0]), int(transforms.crop_size[0]),
+                      _interpolation(transforms.interpolation))
+
+
+def timm_preprocess(name: str) -> Preprocess:
+    """The geometry of timm's pretrained config for ``name``: resize ``floor(size / crop_pct)``, crop ``size``."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ConfigError(f"timm has no pretrained config for {name!r}; pass a pretrained timm model name")
+    size = int(cfg.input_size[-1])
+    crop_pct = float(cfg.crop_pct or 1.0)
+    return Preprocess(math.floor(size / crop_pct), size, _interpolation(cfg.interpolation))
+
+
+def preprocess_for(model: str | None, dataset: str) -> Preprocess:
+    """The preprocessing ``load_model(model, dataset=dataset)``'s model expects (see the module docs).
+
+    CIFAR-sized datasets (``cifar10``, ``cifar100`` and their ``-c`` benchmarks, ``digits``) and local checkpoints
+    (``model`` None) give 32x32; ImageNet models give their torchvision or timm geometry.
+    """
+    if model is None or not dataset.startswith("imagenet"):
+        return CIFAR
+    import torchvision
+
+    if model in torchvision.models.list_models(torchvision.models):
+        return torchvision_preprocess(model)
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is not None and timm.is_model(model):
+        return timm_preprocess(model)
+    return Preprocess(256, 224, "bilinear")  # the classic ImageNet evaluation, for models of neither library
