@@ -46,6 +46,14 @@ def test_norm_layers_in_frozen_modules_do_not_adapt() -> None:
         tta.adapt(model.eval(), "deyo", frozen_modules=["stem", "layer4"])
 
 
+def test_patch_grid_larger_than_the_image_is_an_input_error(bn_model: nn.Module) -> None:
+    adapted = tta.adapt(bn_model, "deyo", patch_len=32)
+    before = [p.detach().clone() for p in adapted.params()]
+    with pytest.raises(tta.InputError, match="patch_len 32 exceeds"):
+        adapted(_batch())
+    assert all(torch.equal(b, p) for b, p in zip(before, adapted.params(), strict=True))
+
+
 def _multiset(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).sort(dim=2).values
 

@@ -30,7 +30,7 @@ from tta.core.losses import entropy, entropy_margin
 from tta.core.params import OptimizerConfig, force_batch_statistics, norm_layers, train_only
 from tta.core.validate import check_range
 from tta.core.views import generator_from, new_rng_state, occlude, patch_shuffle, pixel_shuffle
-from tta.errors import ModelError
+from tta.errors import InputError, ModelError
 from tta.registry import register
 
 
@@ -114,6 +114,9 @@ class Deyo(AdaptedModel):
 
     def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
         cfg = self.config
+        if cfg.aug_type == "patch" and cfg.patch_len > min(x.shape[-2:]):
+            raise InputError(f"patch_len {cfg.patch_len} exceeds the image size {tuple(x.shape[-2:])}; set "
+                             "patch_len to at most the image side (4 is the reference's)")
         logits = self.model(x)
         num_classes = logits.shape[1]
         ent = entropy(logits)
