@@ -22,8 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 
 _SEED_HIGH = 2**62
 
@@ -69,6 +67,9 @@ def color_affine_view(
     of pixels up to ``translate`` of the padded size, scale by U(scale) (bilinear, zero fill); crop the centre back
     to the original size; flip horizontally with probability ``flip_p``; clip to [0, 1].
     """
+    import torchvision.transforms.v2.functional as TF  # lazy: torchvision is only needed once a view is drawn
+    from torchvision.transforms import InterpolationMode
+
     out = x.clamp(0.0, 1.0)
     for op in torch.randperm(5, generator=gen).tolist():
         if op == 0:
@@ -103,6 +104,8 @@ def patch_shuffle(x: torch.Tensor, grid: int, gen: torch.Generator) -> torch.Ten
     An image whose sides are not multiples of ``grid`` is resized to the nearest smaller multiples first and back
     afterwards (bilinear, antialiased), as the reference does.
     """
+    import torchvision.transforms.v2.functional as TF  # lazy: torchvision is only needed once a view is drawn
+
     n, c, h, w = x.shape
     side = (h // grid) * grid, (w // grid) * grid
     out = x if side == (h, w) else TF.resize(x, list(side), antialias=True)
