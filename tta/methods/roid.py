@@ -15,7 +15,9 @@ One gradient step per batch on the affine parameters of the norm layers (BatchNo
   ``(p + s) / (1 + s C)``, ``p`` the batch mean prediction, ``s = max(1/N, 1/C) / max(p)``.
 
 ``use_weighting``, ``use_consistency`` and ``use_prior_correction`` switch each part off (without weighting every
-sample has weight 1 and none is dropped).
+sample has weight 1 and none is dropped). Unlike the reference code, the sums are divided by the size of the batch
+itself rather than the configured batch size (the same except on a last, smaller batch), and with ``steps`` > 1
+the source ensembling follows the batch's last step rather than every step.
 """
 
 from __future__ import annotations
