@@ -39,6 +39,16 @@ def symmetric_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor, a
     return alpha * forward + (1 - alpha) * backward
 
 
+def soft_likelihood_ratio(logits: torch.Tensor, clip: float = 0.99, eps: float = 1e-5) -> torch.Tensor:
+    """Per-sample soft likelihood ratio loss (ROID): ``-sum_c p_c log(p_c / (1 - p_c) + eps)``.
+
+    Probabilities are clipped to at most ``clip`` so that the ratio stays finite; unlike entropy, its gradient does
+    not vanish for confident predictions.
+    """
+    probs = logits.softmax(1).clamp(max=clip)
+    return -(probs * torch.log(probs / (1 - probs) + eps)).sum(1)
+
+
 def confidence(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample maximum softmax probability."""
     return logits.softmax(1).amax(1)

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tta.methods import adabn, afn, context_norm, dsbn, eata, eta, rdumb, sar, source, tent  # noqa: F401  (registers them)
+from tta.methods import (  # noqa: F401  (registers them)
+    adabn,
+    afn,
+    context_norm,
+    deyo,
+    dsbn,
+    eata,
+    eta,
+    rdumb,
+    roid,
+    sar,
+    source,
+    tent,
+)
 from tta.registry import METHODS
 
 if TYPE_CHECKING:

@@ -1,0 +1,147 @@
+"""ROID: universal test-time adaptation through weight ensembling, diversity weighting and prior correction
+(Marsden, Döbler and Yang, WACV 2024).
+
+One gradient step per batch on the affine parameters of the norm layers (BatchNorm always on batch statistics):
+
+- the soft likelihood ratio loss of every sample, weighted by certainty (low entropy) times diversity (a prediction
+  far, in cosine distance, from the running mean of the batch mean predictions, EMA ``momentum_probs``); both are
+  min-max normalised over the batch, the weight is ``exp(certainty * diversity / temperature)`` and samples whose
+  diversity is below the batch mean get weight 0;
+- plus a symmetric cross-entropy between the prediction on each kept image and on a random colour/affine view of
+  it, with the same weights; both sums are divided by the batch size;
+- after the step, weight ensembling with the source model: ``theta <- momentum_src * theta + (1 - momentum_src) *
+  theta_source`` for every adapted parameter;
+- the returned logits (computed before the update) are multiplied per class by the smoothed batch prior
+  ``(p + s) / (1 + s C)``, ``p`` the batch mean prediction, ``s = max(1/N, 1/C) / max(p)``.
+
+``use_weighting``, ``use_consistency`` and ``use_prior_correction`` switch each part off (without weighting every
+sample has weight 1 and none is dropped). Unlike the reference code, the sums are divided by the size of the batch
+itself rather than the configured batch size (the same except on a last, smaller batch), and with ``steps`` > 1
+the source ensembling follows the batch's last step rather than every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tta.core.base import AdaptedModel, StepOutput
+from tta.core.losses import entropy, soft_likelihood_ratio, symmetric_cross_entropy
+from tta.core.params import OptimizerConfig, force_batch_statistics, norm_affine_params, train_only
+from tta.core.validate import check_range
+from tta.core.views import color_affine_view, generator_from, new_rng_state
+from tta.errors import ModelError
+from tta.registry import register
+
+
+@dataclass(frozen=True)
+class RoidConfig(OptimizerConfig):
+    """Settings of ``roid`` (defaults: the reference benchmark's CIFAR-10-C configuration, Adam 1e-3)."""
+
+    use_weighting: bool = True
+    use_consistency: bool = True
+    use_prior_correction: bool = True
+    momentum_src: float = 0.99
+    momentum_probs: float = 0.9
+    temperature: float = 1 / 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("momentum_src", self.momentum_src, low=0.0, high=1.0)
+        check_range("momentum_probs", self.momentum_probs, low=0.0, high=1.0)
+        check_range("temperature", self.temperature, low=0.0, low_open=True)
+
+
+def _min_max(v: torch.Tensor) -> torch.Tensor:
+    """``(v - min) / (max - min)``; all zeros when every value is the same (the reference would give NaN)."""
+    low, span = v.min(), v.max() - v.min()
+    return torch.where(span > 0, (v - low) / span.clamp(min=torch.finfo(v.dtype).tiny), torch.zeros_like(v))
+
+
+@register("roid")
+class Roid(AdaptedModel):
+    """Weighted soft likelihood ratio + consistency, weight ensembling with the source, prior correction."""
+
+    Config = RoidConfig
+    update = "gradient"
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # The reference benchmark's ImageNet-C settings (ResNet-50, batch 64).
+        "imagenet": {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": True},
+    }
+
+    def check_model(self, model: nn.Module) -> None:
+        if not norm_affine_params(model):
+            raise ModelError("roid adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers, and "
+                             "this model has none; use a model with affine norm layers or the source method")
+        if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+            self.requires = dataclasses.replace(self.requires, min_batch=2)
+
+    def configure(self, model: nn.Module) -> nn.Module:
+        model.eval()  # dropout and stochastic depth off; BatchNorm still normalises with batch statistics
+        force_batch_statistics(model)
+        train_only(model, norm_affine_params(model))
+        return model
+
+    def setup(self) -> None:
+        self.source = copy.deepcopy(self.model).requires_grad_(False)
+        classes = self.num_classes or 0
+        self.add_state("class_probs_ema", torch.full((classes,), 1.0 / max(classes, 1)), dynamic=not classes)
+        self.add_state("rng_state", new_rng_state())
+
+    def params(self) -> list[nn.Parameter]:
+        return norm_affine_params(self.model)
+
+    def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
+        cfg = self.config
+        logits = self.model(x)
+        n = x.shape[0]
+        keep = torch.ones(n, dtype=torch.bool, device=x.device)
+        weights = torch.ones(n, dtype=logits.dtype, device=x.device)
+        if cfg.use_weighting:
+            with torch.no_grad():
+                probs = logits.softmax(1)
+                if self.class_probs_ema.numel() != probs.shape[1]:  # model without a linear head: sized now
+                    self.class_probs_ema = torch.full_like(probs[0], 1.0 / probs.shape[1])
+                diversity = _min_max(1 - F.cosine_similarity(self.class_probs_ema.unsqueeze(0), probs, dim=1))
+                keep = diversity >= diversity.mean()
+                certainty = _min_max(-entropy(logits))
+                weights = torch.exp(diversity * certainty / cfg.temperature) * keep
+                self.class_probs_ema.mul_(cfg.momentum_probs).add_(probs.mean(0), alpha=1 - cfg.momentum_probs)
+        slr = soft_likelihood_ratio(logits)
+        loss = (slr * weights)[keep].sum() / n
+        if cfg.use_consistency:
+            with generator_from(self.rng_state) as gen:
+                view = color_affine_view(x[keep].detach(), gen)
+            consistency = symmetric_cross_entropy(self.model(view), logits[keep])
+            loss = loss + (consistency * weights[keep]).sum() / n
+        return StepOutput(logits.detach(), loss, n_used=keep.sum(),
+                          diagnostics={"slr": slr.detach().mean(), "weight": weights.mean()})
+
+    def after_step(self, x: torch.Tensor, domain: torch.Tensor | None, out: StepOutput) -> StepOutput:
+        cfg = self.config
+        if cfg.momentum_src < 1.0:
+            with torch.no_grad():
+                adapted, source = self.params(), norm_affine_params(self.source)
+                torch._foreach_mul_(adapted, cfg.momentum_src)
+                torch._foreach_add_(adapted, source, alpha=1 - cfg.momentum_src)
+        if cfg.use_prior_correction:
+            out.logits = out.logits * _smoothed_prior(out.logits)
+        return out
+
+    def predict(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
+        logits = self.model(x)
+        return logits * _smoothed_prior(logits) if self.config.use_prior_correction else logits
+
+
+def _smoothed_prior(logits: torch.Tensor) -> torch.Tensor:
+    """The batch's mean prediction smoothed towards uniform: ``(p + s) / (1 + s C)``, ``s = max(1/N, 1/C) / max p``."""
+    prior = logits.softmax(1).mean(0)
+    n, c = logits.shape
+    smooth = max(1 / n, 1 / c) / prior.max()
+    return (prior + smooth) / (1 + smooth * c)
