@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tta.methods import adabn, afn, context_norm, dsbn, source, tent  # noqa: F401  (registers them)
+from tta.methods import adabn, afn, context_norm, dsbn, lame, memo, source, tent  # noqa: F401  (registers them)
 from tta.registry import METHODS
 
 if TYPE_CHECKING:
