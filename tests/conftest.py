@@ -133,10 +133,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+# Settings that keep a method's contract tests cheap without changing what they check (fewer augmented views).
+CHEAP = {"memo": {"n_augmentations": 4}}
+
+
 def _adapt_any(model: nn.Module, method: str, **overrides: object) -> nn.Module:
     import tta
     from tta.methods import get_method
 
+    overrides = {**CHEAP.get(method, {}), **overrides}
     if get_method(method).requires.source_data and "source_data" not in overrides:
         g = torch.Generator().manual_seed(1)
         overrides["source_data"] = (torch.rand(64, 3, 16, 16, generator=g) * 0.8 + 0.1,

@@ -336,6 +336,9 @@ class AdaptedModel(nn.Module):
                     self._update(x, domain, out)
             out = self.after_step(x, domain, out)
             self.last = out
+            every = getattr(self.config, "reset_every", 0)
+            if every and self._updates_since_reset >= every:
+                self.reset()  # after the batch's steps and after_step: an episode's prediction uses its update
         if not committed:
             self.counters.rejected += 1
         return out
@@ -368,9 +371,6 @@ class AdaptedModel(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         self.counters.updates += 1
         self._updates_since_reset += 1
-        every = getattr(self.config, "reset_every", 0)
-        if every and self._updates_since_reset >= every:
-            self.reset()
 
     def _sync_optimizer(self) -> None:
         """Give the optimizer parameters created since it was built (contexts grown during the forward).

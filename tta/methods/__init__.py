@@ -13,6 +13,8 @@ from tta.methods import (  # noqa: F401  (registers them)
     dsbn,
     eata,
     eta,
+    lame,
+    memo,
     rdumb,
     roid,
     rotta,
