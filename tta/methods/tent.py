@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.errors import InputError, ModelError
 from tta.methods.base import AdaptedModel, entropy
-from tta.norm.convert import NORM_TYPES
+from tta.norm.proxy_norm import adaptable_parameters
 from tta.registry import register
 
 
@@ -49,9 +49,9 @@ class TentConfig(OptimizerConfig):
 
 
 def norm_affine_params(model: nn.Module) -> list[nn.Parameter]:
-    """Affine weight and bias of every BatchNorm, LayerNorm and GroupNorm layer, in module order."""
-    return [p for m in model.modules() if isinstance(m, NORM_TYPES)
-            for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if p is not None]
+    """Affine weight and bias of every BatchNorm, LayerNorm and GroupNorm layer (and the affine and proxy parameters
+    of every Proxy Normalization PNAct), in module order."""
+    return [p for m in model.modules() for p in adaptable_parameters(m)]
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:

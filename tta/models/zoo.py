@@ -17,6 +17,7 @@ from torch import nn
 
 from tta.errors import ConfigError, DownloadError, ModelError
 from tta.models.resnet_cifar import DEPTHS, cifar_resnet
+from tta.models.saved import build_saved_model, is_saved_model
 
 # Mean/std the classic CIFAR ResNet checkpoints were trained with (see DATA.md); ImageNet's for torchvision.
 CIFAR_RESNET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -41,9 +42,16 @@ def normalized(model: nn.Module, mean: Sequence[float], std: Sequence[float]) ->
     return nn.Sequential(Normalize(mean, std), model)
 
 
-def load_checkpoint(path: str | Path, arch: str, num_classes: int = 10) -> nn.Module:
-    """A CIFAR ResNet from ``path`` (a dict with ``state_dict``, keys optionally prefixed ``module.``)."""
-    if arch not in DEPTHS:
+def load_checkpoint(
+    path: str | Path, arch: str | None = None, num_classes: int = 10, data_dir: str | Path = "data"
+) -> nn.Module:
+    """A model from ``path``: a self-describing checkpoint (``tta warmup``), or a CIFAR ResNet given ``arch``.
+
+    A CIFAR ResNet file is a dict with ``state_dict`` (keys optionally prefixed ``module.``); ``num_classes`` is
+    taken from its linear layer. A self-describing file says its own architecture; an ``arch`` given with it must
+    match.
+    """
+    if arch is not None and arch not in DEPTHS:
         raise ConfigError(f"unknown architecture {arch!r} for --arch; choose one of: {', '.join(DEPTHS)}")
     path = Path(path)
     if not path.is_file():
@@ -53,6 +61,15 @@ def load_checkpoint(path: str | Path, arch: str, num_classes: int = 10) -> nn.Mo
     except Exception as err:  # torch raises many types for a bad file (pickle, zip, runtime): report them all
         raise ModelError(f"checkpoint {str(path)!r} could not be read ({type(err).__name__}: {err}); "
                          "pass a file saved with torch.save") from None
+    if is_saved_model(ckpt):
+        built = ckpt.get("build") or {}
+        if arch is not None and built.get("arch") != arch:
+            raise ConfigError(f"checkpoint {str(path)!r} holds a {built.get('arch') or built.get('name')} model, not "
+                              f"--arch {arch}; drop --arch (the file says its architecture)")
+        return build_saved_model(ckpt, path, data_dir)
+    if arch is None:
+        raise ConfigError(f"checkpoint {str(path)!r} holds plain weights; say their architecture with --arch "
+                          f"({'|'.join(DEPTHS)})")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ModelError(f"checkpoint {str(path)!r} holds no state_dict; save a dict with a 'state_dict' entry")
@@ -130,14 +147,14 @@ def load_model(
 ) -> nn.Module:
     """A pretrained model in eval mode that takes [0, 1] images.
 
-    ``load_model(checkpoint="resnet20.th", arch="resnet20")`` reads a CIFAR ResNet checkpoint; otherwise ``name`` is
+    ``load_model(checkpoint="resnet20.th", arch="resnet20")`` reads a CIFAR ResNet checkpoint and
+    ``load_model(checkpoint="warm.pt")`` a self-describing one written by ``tta warmup``; otherwise ``name`` is
     looked up in robustbench's corruption zoo for ``dataset`` (``cifar10``/``cifar100``), then torchvision, then timm.
     """
     if checkpoint is not None or arch is not None:
-        if checkpoint is None or arch is None:
-            raise ConfigError("a CIFAR ResNet needs both --checkpoint PATH and --arch "
-                              f"({'|'.join(DEPTHS)})")
-        return load_checkpoint(checkpoint, arch, num_classes=100 if "100" in dataset else 10)
+        if checkpoint is None:
+            raise ConfigError(f"--arch {arch} needs --checkpoint PATH, the CIFAR ResNet weights to load")
+        return load_checkpoint(checkpoint, arch, num_classes=100 if "100" in dataset else 10, data_dir=data_dir)
     if not name:
         raise ConfigError("name a model (--model Standard) or give --checkpoint PATH --arch resnet20")
     rb_dataset = ROBUSTBENCH_DATASETS.get(dataset)
