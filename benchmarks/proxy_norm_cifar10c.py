@@ -28,12 +28,12 @@ from tta.data.stream import Stream
 
 # label -> (which model, method, settings, batch size)
 ROWS: dict[str, tuple[str, str, dict[str, object], int]] = {
-    "BN source": ("bn", "source", {}, 200),
-    "BN adabn, batch 200": ("bn", "adabn", {}, 200),
-    "BN adabn prior (N=16), batch 1": ("bn", "adabn", {"mode": "prior"}, 1),
-    "BN tent, batch 1": ("bn", "tent", {}, 1),
-    "PN source, batch 1": ("pn", "source", {}, 1),
-    "PN tent, batch 1": ("pn", "tent", {}, 1),
+    "BN source (batch 200)": ("bn", "source", {}, 200),
+    "BN adabn (batch 200)": ("bn", "adabn", {}, 200),
+    "BN adabn prior N=16 (batch 1)": ("bn", "adabn", {"mode": "prior"}, 1),
+    "BN tent (batch 1)": ("bn", "tent", {}, 1),
+    "PN source (batch 1)": ("pn", "source", {}, 1),
+    "PN tent (batch 1)": ("pn", "tent", {}, 1),
 }
 
 
@@ -41,11 +41,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--arch", default="resnet20")
-    parser.add_argument("--warm", type=Path, required=True, help="checkpoint written by tta warmup --method proxy-norm")
+    parser.add_argument("--warm", type=Path, required=True,
+                        help="checkpoint written by tta warmup --method proxy-norm (its rows are skipped if absent)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clean", default="test_exact_head.npz", help="clean test images the corruptions start from")
     parser.add_argument("--corruptions", default=",".join(BENCHMARK_CORRUPTIONS))
     parser.add_argument("--severities", default="5,3")
+    parser.add_argument("--n-examples", type=int, help="images per corruption x severity (default: all)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels to run")
     parser.add_argument("--out", type=Path, default=Path("results/proxy_norm_table.csv"))
     args = parser.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
 
     stream = generated_stream("cifar10c", corruptions=args.corruptions.split(","),
                               severities=[int(s) for s in args.severities.split(",")],
-                              batch_size=200, seed=0, source=f"npz:{clean}")
+                              n_examples=args.n_examples, batch_size=200, seed=0, source=f"npz:{clean}")
     source = WholeDomainCache(stream.source, capacity=len(stream.domains))
     start = time.perf_counter()
     for domain in stream.domains:  # generated once, up front: no row's timing includes generation
@@ -76,7 +78,7 @@ def main() -> None:
         if which not in models:
             print(f"{label}: skipped ({args.warm} does not exist)")
             continue
-        rows = Stream(source, stream.domains, batch_size=batch_size)
+        rows = Stream(source, stream.domains, args.n_examples, batch_size=batch_size)
         start = time.perf_counter()
         df = tta.evaluate(tta.adapt(models[which], method, **settings), rows, "domain", device=args.device,
                           model_name=args.arch, seed=1)

@@ -244,7 +244,8 @@ def warmup(
         raise ModelError("the afn warm-up converts BatchNorm2d layers to AFN and this model has none; use a BN network")
     net = convert(method, copy.deepcopy(base_model), settings).to(dev)
     params = _trainable(method, net)
-    teacher = base_model.to(dev).requires_grad_(False) if "distill" in loss else None
+    base_model.to(dev).requires_grad_(False)  # the calibration's reference and the distillation's teacher
+    teacher = base_model if "distill" in loss else None
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     n = x.shape[0]

@@ -15,8 +15,9 @@ For ReLU they have a closed form; any other activation uses quadrature on standa
 ``convert_to_proxy_norm`` rewrites any torch.fx-traceable BN network (CIFAR ResNets, torchvision ResNets, ...):
 ``BN -> activation`` becomes ``norm -> PN-Act`` with BN's gamma/beta moved into PN-Act, and ``BN -> residual
 addition -> activation`` becomes ``norm (with BN's affine) -> addition -> PN-Act`` (the PN-Act then starts from
-the identity affine). A converted network must be fine-tuned (``tta warmup --method proxy-norm``): the
-normalisation is not BN's.
+the identity affine). The normalisation is no longer BN's, so a converted network must be fine-tuned
+(``tta warmup --method proxy-norm``); ``calibrate_proxy_norm`` first sets its affine and proxy parameters from a
+few hundred source images so that it starts close to the BN original.
 """
 
 from __future__ import annotations
@@ -169,11 +170,12 @@ def convert_to_proxy_norm(
     """A copy of ``model`` with every BatchNorm2d -> activation turned into norm -> PN-Act (``model`` is untouched).
 
     ``model`` must be traceable by ``torch.fx``. Every BatchNorm2d must be followed either by a supported activation
-    (``BN -> act`` becomes ``norm(affine=False) -> PNAct`` with BN's weight and bias in the PNAct) or by a residual
-    addition whose result goes through one (every BN feeding the addition becomes ``norm`` with BN's weight and
-    bias, and the activation a PNAct starting from weight 1, bias 0). The result is a ``GraphModule`` with the same
-    module names: each BN's slot holds its norm and the PNAct sits beside it as ``<bn name>_act``; convolutions and
-    everything else are shared copies of ``model``'s. ``ModelError`` for any other layout.
+    (``BN -> act`` becomes ``norm -> PNAct``, the norm's affine at identity and BN's weight and bias in the PNAct)
+    or by a residual addition whose result goes through one (every BN feeding the addition becomes a norm with BN's
+    weight and bias, and the activation a PNAct starting from weight 1, bias 0). Norms are ``make_norm(C, norm,
+    groups)``. The result is a ``GraphModule`` with the same module names: each BN's slot holds its norm and the
+    PNAct sits beside it as ``<bn name>_act``; convolutions and every other layer are copies of ``model``'s.
+    ``ModelError`` for any other layout. Run ``calibrate_proxy_norm`` next when source images are at hand.
     """
     if norm not in NORM_KINDS:
         raise ModelError(f"unknown norm {norm!r} for proxy-norm; choose one of {', '.join(NORM_KINDS)}")
@@ -218,7 +220,7 @@ def convert_to_proxy_norm(
             act_node = after_add
         new_norm = make_norm(c, norm, groups)
         with torch.no_grad():
-            affine_to = new_norm if pn is None or after_add is not None else pn
+            affine_to = pn if after_add is None else new_norm
             if bn.affine:
                 affine_to.weight.copy_(bn.weight)
                 affine_to.bias.copy_(bn.bias)
@@ -240,7 +242,6 @@ def convert_to_proxy_norm(
 def pn_layers(model: nn.Module) -> list[PNAct]:
     """Every PNAct of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, PNAct)]
-
 
 
 class _Recorder(torch.fx.Interpreter):
