@@ -33,6 +33,7 @@ ROWS: dict[str, tuple[str, str, dict[str, object], int]] = {
     "BN adabn prior N=16 (batch 1)": ("bn", "adabn", {"mode": "prior"}, 1),
     "BN tent (batch 1)": ("bn", "tent", {}, 1),
     "PN source (batch 1)": ("pn", "source", {}, 1),
+    "PN source (batch 200)": ("pn", "source", {}, 200),  # batch-independent: the same predictions as batch 1
     "PN tent (batch 1)": ("pn", "tent", {}, 1),
 }
 
@@ -72,7 +73,8 @@ def main() -> None:
         source.load(domain, np.arange(1))
     print(f"generated {len(stream.domains)} domains in {time.perf_counter() - start:.0f} s", flush=True)
 
-    frames = []
+    frames: list[pd.DataFrame] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for label in args.rows.split(","):
         which, method, settings, batch_size = ROWS[label]
         if which not in models:
@@ -80,13 +82,18 @@ def main() -> None:
             continue
         rows = Stream(source, stream.domains, args.n_examples, batch_size=batch_size)
         start = time.perf_counter()
+        done: list[dict[str, object]] = []
+
+        def save(row: dict[str, object], label: str = label, done: list[dict[str, object]] = done) -> None:
+            """Rewrite the CSV after every corruption x severity, so an interrupted run keeps what it finished."""
+            done.append({**row, "method": label})
+            pd.concat([*frames, pd.DataFrame(done)], ignore_index=True).to_csv(args.out, index=False)
+
         df = tta.evaluate(tta.adapt(models[which], method, **settings), rows, "domain", device=args.device,
-                          model_name=args.arch, seed=1)
+                          model_name=args.arch, seed=1, on_result=save)
         print(f"{label}: mean {df.accuracy.mean():.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         frames.append(df.assign(method=label))
         results = pd.concat(frames, ignore_index=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        results.to_csv(args.out, index=False)  # after every row, so an interrupted run keeps what it finished
     if not frames:
         return
     table = results.pivot_table(index="method", columns="severity", values="accuracy", aggfunc="mean")

@@ -147,7 +147,7 @@ def _digest(x: torch.Tensor, y: torch.Tensor, **settings: Any) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for t in (x, y):
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
