@@ -35,6 +35,7 @@ ROWS: dict[str, tuple[str, str, dict[str, object], int]] = {
     "PN source (batch 1)": ("pn", "source", {}, 1),
     "PN source (batch 200)": ("pn", "source", {}, 200),  # batch-independent: the same predictions as batch 1
     "PN tent (batch 1)": ("pn", "tent", {}, 1),
+    "PN tent lr=1e-4 (batch 1)": ("pn", "tent", {"lr": 1e-4}, 1),
 }
 
 
