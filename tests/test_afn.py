@@ -384,7 +384,7 @@ def test_cli_warmup_from_npz(resnet_checkpoint: Path, tmp_path: Path) -> None:
                                       "--checkpoint", str(resnet_checkpoint), "--arch", "resnet20", "--epochs", "2",
                                       "--batch-size", "8", "--device", "cpu", "--no-progress", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "epoch 2: loss" in result.output and "tta adapt --method afn --afn-checkpoint" in result.output
+    assert "epoch 2: loss" in result.output and f"tta adapt --checkpoint {out} --method afn" in result.output
     ckpt = load_afn_checkpoint(out)
     assert ckpt["warmup"]["epochs"] == 2 and ckpt["warmup"]["n_images"] == 24 and ckpt["base"] == "resnet20:r20.th"
     model = tta.load_model(checkpoint=resnet_checkpoint, arch="resnet20")

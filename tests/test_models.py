@@ -46,8 +46,10 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.th").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="could not be read"):
         load_model(checkpoint=tmp_path / "bad.th", arch="resnet20")
-    with pytest.raises(ConfigError, match="needs both --checkpoint PATH and --arch"):
+    with pytest.raises(ConfigError, match="holds plain weights; say their architecture with --arch"):
         load_model(checkpoint=path)
+    with pytest.raises(ConfigError, match="needs --checkpoint PATH"):
+        load_model(arch="resnet20")
 
 
 def test_robustbench_shim_makes_autoattack_importable() -> None:

@@ -146,8 +146,9 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, **kwarg
 
 
 @cli.command("warmup")
-@click.option("--method", default="afn", show_default=True, type=click.Choice(["afn"]),
-              help="method whose layers to warm up on clean source data")
+@click.option("--method", default="afn", show_default=True, type=click.Choice(["afn", "proxy-norm"]),
+              help="conversion to warm up on clean source data: AFN layers, or Proxy Normalization (batch-independent "
+              "norm -> PN-Act layers, for adapting one image at a time)")
 @click.option("--source", required=True,
               help="clean source data: cifar10|cifar100 (the training split, in --data-dir), npz:PATH (x uint8 NHWC, "
               "y int labels) or folder:PATH (an ImageFolder)")
@@ -165,25 +166,41 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, **kwarg
               help="Adam learning rate")
 @click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--augment/--no-augment", default=True, show_default=True, help="random crop (pad 4) and flip")
+@click.option("--loss", type=click.Choice(["ce", "distill", "ce+distill"]),
+              help="cross-entropy, distillation from the original model's logits, or both (default: ce for afn, "
+              "ce+distill for proxy-norm)")
 @click.option("--n-images", type=click.IntRange(min=2), help="use only the first N source images (default: all)")
-@click.option("--lambda-init", default="paper", show_default=True, type=click.Choice(["paper", "official"]))
-@click.option("--identity-init/--no-identity-init", default=True, show_default=True,
-              help="start the AFN decoders at zero (close to the pretrained BN) instead of random")
+@click.option("--lambda-init", type=click.Choice(["paper", "official"]), help="afn: fusion weights' init (paper)")
+@click.option("--identity-init/--no-identity-init", default=None,
+              help="afn: start the AFN decoders at zero (close to the pretrained BN) instead of random (default on)")
+@click.option("--norm", type=click.Choice(["layer", "group"]),
+              help="proxy-norm: LayerNorm over each image's channels and pixels, or GroupNorm (default layer)")
+@click.option("--groups", type=click.IntRange(min=1), help="proxy-norm with --norm group: groups per layer (8)")
+@click.option("--calibrate", default=512, show_default=True, type=click.IntRange(min=0),
+              help="proxy-norm: source images that initialise the converted layers to mimic BN (0: none)")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint file to write")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="continue an interrupted run with the same arguments from OUT.resume (written every epoch)")
 @click.option("--download/--no-download", default=True, show_default=True, help="download a missing training set")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def warmup_command(**kwargs: Any) -> None:
-    """Train only the AFN layers of a converted BN model with cross-entropy on clean source data."""
+def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: str | None, groups: int | None,
+                   **kwargs: Any) -> None:
+    """Convert a BN model's normalisation layers (AFN or Proxy Normalization) and fine-tune them on clean data.
+
+    Writes a self-describing checkpoint: `tta adapt --checkpoint OUT` loads it without --arch.
+    """
     from tta.warmup import run_warmup
 
-    warm, out = run_warmup(**kwargs)
+    given = {"lambda_init": lambda_init, "identity_init": identity_init, "norm": norm, "groups": groups}
+    warm, out = run_warmup(settings={k: v for k, v in given.items() if v is not None}, **kwargs)
     for h in warm.history:
         click.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}, train accuracy {100 * h['train_accuracy']:.2f}%")
     click.echo(f"warmed up {warm.warmup['n_images']} images x {warm.warmup['epochs']} epochs in "
                f"{warm.warmup['seconds'] / 60:.1f} min on {warm.warmup['device']}; wrote {out}")
-    click.echo(f"use it with: tta adapt --method afn --afn-checkpoint {out} (and the same model options)")
+    hint = "--method afn" if warm.method == "afn" else "--method tent --batch-size 1"
+    click.echo(f"use it with: tta adapt --checkpoint {out} {hint}")
 
 
 @cli.command("methods")

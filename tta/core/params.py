@@ -71,9 +71,11 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def norm_affine_params(model: nn.Module) -> list[nn.Parameter]:
-    """Affine weight and bias of every BatchNorm, LayerNorm and GroupNorm layer, in module order."""
-    return [p for m in norm_layers(model) for p in (getattr(m, "weight", None), getattr(m, "bias", None))
-            if p is not None]
+    """Affine weight and bias of every BatchNorm, LayerNorm and GroupNorm layer (and the affine and proxy parameters
+    of every Proxy Normalization PN-Act), in module order."""
+    from tta.norm.proxy_norm import adaptable_parameters
+
+    return [p for m in model.modules() for p in adaptable_parameters(m)]
 
 
 def force_batch_statistics(model: nn.Module) -> None:

@@ -4,7 +4,9 @@ Every BatchNorm2d is converted to an AFN layer (gamma/beta copied into gamma_bia
 the AFN layers is frozen, and each batch takes Tent's step (Adam 1e-3, one step, mean softmax entropy), returning
 the logits computed before the update. ``trainable`` chooses the AFN parameters that train: ``affine``
 (gamma_bias, beta_bias and the lambdas) or ``all`` (also the encoders and decoders). ``afn_checkpoint`` loads a
-source warm-up made by ``tta.warmup.warmup_afn`` (``tta warmup``) instead of starting from the identity init.
+source warm-up made by ``tta.warmup.warmup_afn`` (``tta warmup``) instead of starting from the identity init; a
+model loaded from such a warm-up's checkpoint (``load_model(checkpoint=FILE)``) already has its AFN layers and is
+used as it is.
 The model stays in eval mode: AFN always normalises with batch statistics, and eval only switches off dropout,
 so predictions are deterministic.
 """
@@ -20,9 +22,10 @@ from torch import nn
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy_objective
 from tta.core.params import OptimizerConfig, train_only
-from tta.core.requirements import Requirements
+from tta.core.requirements import Requirements, check_requirements
 from tta.core.validate import check_range
-from tta.norm.afn import afn_parameters, convert_to_afn
+from tta.errors import ModelError
+from tta.norm.afn import afn_layers, afn_parameters, convert_to_afn
 from tta.registry import register
 from tta.warmup import apply_afn_checkpoint
 
@@ -49,19 +52,23 @@ class AFNMethod(AdaptedModel):
 
     Config = AFNConfig
     update = "gradient"
-    requires = Requirements(norm_layers=(nn.BatchNorm2d,))
 
     def check_model(self, model: nn.Module) -> None:
-        if self.config.source_prior_n is not None:
-            from tta.core.requirements import check_requirements
-
-            check_requirements(Requirements(norm_layers=(nn.BatchNorm2d,), running_stats=True), model,
-                               "afn with source_prior_n", None)
+        if not afn_layers(model):  # a model loaded from a warm-up checkpoint is converted already
+            check_requirements(Requirements(norm_layers=(nn.BatchNorm2d,),
+                                            running_stats=self.config.source_prior_n is not None),
+                               model, "afn", None)
 
     def configure(self, model: nn.Module) -> nn.Module:
         cfg = self.config
         model = super().configure(model)
-        if cfg.afn_checkpoint is not None:
+        if afn_layers(model):
+            if cfg.afn_checkpoint is not None:
+                raise ModelError("the model already has AFN layers (it was loaded from a warm-up checkpoint), so "
+                                 "afn_checkpoint has nothing to apply to; drop --afn-checkpoint")
+            for layer in afn_layers(model):
+                layer.source_prior_n = None if cfg.source_prior_n is None else float(cfg.source_prior_n)
+        elif cfg.afn_checkpoint is not None:
             model = apply_afn_checkpoint(model, cfg.afn_checkpoint, source_prior_n=cfg.source_prior_n)
         else:
             convert_to_afn(model, lambda_init=cfg.lambda_init, identity_init=cfg.identity_init,

@@ -18,6 +18,7 @@ from torch import nn
 from tta.errors import ConfigError, DownloadError, ModelError
 from tta.models.normalize import Normalize, normalized  # noqa: F401  (re-exported)
 from tta.models.resnet_cifar import DEPTHS, cifar_resnet
+from tta.models.saved import VERSION, convert, is_saved_model
 
 # Mean/std the classic CIFAR ResNet checkpoints were trained with (see DATA.md); ImageNet's for torchvision.
 CIFAR_RESNET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -25,9 +26,16 @@ IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar10c": "cifar10", "cifar100": "cifar100", "cifar100c": "cifar100"}
 
 
-def load_checkpoint(path: str | Path, arch: str, num_classes: int = 10) -> nn.Module:
-    """A CIFAR ResNet from ``path`` (a dict with ``state_dict``, keys optionally prefixed ``module.``)."""
-    if arch not in DEPTHS:
+def load_checkpoint(
+    path: str | Path, arch: str | None = None, num_classes: int = 10, data_dir: str | Path = "data"
+) -> nn.Module:
+    """A model from ``path``: a self-describing checkpoint (``tta warmup``), or a CIFAR ResNet given ``arch``.
+
+    A CIFAR ResNet file is a dict with ``state_dict`` (keys optionally prefixed ``module.``); ``num_classes`` is
+    taken from its linear layer. A self-describing file says its own architecture; an ``arch`` given with it must
+    match.
+    """
+    if arch is not None and arch not in DEPTHS:
         raise ConfigError(f"unknown architecture {arch!r} for --arch; choose one of: {', '.join(DEPTHS)}")
     path = Path(path)
     if not path.is_file():
@@ -37,6 +45,15 @@ def load_checkpoint(path: str | Path, arch: str, num_classes: int = 10) -> nn.Mo
     except Exception as err:  # torch raises many types for a bad file (pickle, zip, runtime): report them all
         raise ModelError(f"checkpoint {str(path)!r} could not be read ({type(err).__name__}: {err}); "
                          "pass a file saved with torch.save") from None
+    if is_saved_model(ckpt):
+        built = ckpt.get("build") or {}
+        if arch is not None and built.get("arch") != arch:
+            raise ConfigError(f"checkpoint {str(path)!r} holds a {built.get('arch') or built.get('name')} model, not "
+                              f"--arch {arch}; drop --arch (the file says its architecture)")
+        return build_saved_model(ckpt, path, data_dir)
+    if arch is None:
+        raise ConfigError(f"checkpoint {str(path)!r} holds plain weights; say their architecture with --arch "
+                          f"({'|'.join(DEPTHS)})")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ModelError(f"checkpoint {str(path)!r} holds no state_dict; save a dict with a 'state_dict' entry")
@@ -153,7 +170,8 @@ def load_model(
 ) -> nn.Module:
     """A pretrained model in eval mode that takes [0, 1] images.
 
-    ``load_model(checkpoint="resnet20.th", arch="resnet20")`` reads a CIFAR ResNet checkpoint; otherwise ``name`` is
+    ``load_model(checkpoint="resnet20.th", arch="resnet20")`` reads a CIFAR ResNet checkpoint and
+    ``load_model(checkpoint="warm.pt")`` a self-describing one written by ``tta warmup``; otherwise ``name`` is
     looked up in robustbench's corruption zoo for ``dataset`` (``cifar10``/``cifar100``), then torchvision, then timm.
     """
     if name == "digits-cnn" and checkpoint is None and arch is None:
@@ -161,10 +179,9 @@ def load_model(
 
         return load_digits_cnn(data_dir)
     if checkpoint is not None or arch is not None:
-        if checkpoint is None or arch is None:
-            raise ConfigError("a CIFAR ResNet needs both --checkpoint PATH and --arch "
-                              f"({'|'.join(DEPTHS)})")
-        return load_checkpoint(checkpoint, arch, num_classes=100 if "100" in dataset else 10)
+        if checkpoint is None:
+            raise ConfigError(f"--arch {arch} needs --checkpoint PATH, the CIFAR ResNet weights to load")
+        return load_checkpoint(checkpoint, arch, num_classes=100 if "100" in dataset else 10, data_dir=data_dir)
     if not name:
         raise ConfigError("name a model (--model Standard) or give --checkpoint PATH --arch resnet20")
     rb_dataset = ROBUSTBENCH_DATASETS.get(dataset)
@@ -183,3 +200,24 @@ def load_model(
     zoo = ", ".join(robustbench_names(rb_dataset)) if rb_dataset else "(none for this dataset)"
     raise ConfigError(f"unknown model {name!r}: not in robustbench's {dataset} corruption zoo ({zoo}), torchvision "
                       "or timm; check the spelling, or pass --checkpoint PATH --arch resnet20 for a CIFAR ResNet")
+
+
+def build_saved_model(ckpt: dict[str, Any], path: str | Path, data_dir: str | Path = "data") -> nn.Module:
+    """Rebuild the converted model a self-describing checkpoint describes and load its weights (eval mode)."""
+    if ckpt.get("version") != VERSION:
+        raise ModelError(f"{str(path)!r} is a tta model checkpoint of version {ckpt.get('version')} and this tta "
+                         f"reads version {VERSION}; warm up again with this version")
+    build = ckpt.get("build") or {}
+    if "arch" in build:
+        base: nn.Module = normalized(cifar_resnet(build["arch"], build["num_classes"]), *CIFAR_RESNET_NORM)
+    elif "name" in build:
+        base = load_model(build["name"], dataset=build["dataset"], data_dir=data_dir)
+    else:
+        raise ModelError(f"{str(path)!r} does not say which architecture it holds; warm up again with this tta")
+    model = convert(ckpt["method"], base.eval(), ckpt["settings"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ModelError(f"the weights in {str(path)!r} do not fit the model it describes ({str(err)[:200]}); the "
+                         "file is damaged or was edited, so warm up again") from None
+    return model.eval()
