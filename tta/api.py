@@ -52,6 +52,8 @@ def run_benchmark(
     data_seed: int = 0,
     source: str | None = None,
     frost_images: str | Path | None = None,
+    resume: bool = False,
+    batches: bool = False,
 ) -> tuple[pd.DataFrame, Path]:
     """What ``tta adapt`` does: adapt a model over a corruption benchmark, writing rows to ``out`` as they finish.
 
@@ -62,14 +64,19 @@ def run_benchmark(
     rows then say ``generated:<data_seed>`` in their ``data`` column. ``setting`` orders the stream
     (``per-domain``, ``continual``, ``mixed`` shuffled with ``seed``, ``gradual``; see ``tta.data.settings``);
     ``contexts`` (``oracle``/``infer``) is the ``contexts`` setting of the methods that route samples by domain
-    (dsbn, context-norm).
+    (dsbn, context-norm). ``out`` is checked writable first; it never gets two copies of a run's rows: with
+    ``resume``, a finished run is returned from ``out`` without running and an unfinished one runs again in place of
+    its partial rows; without it, rows of the same run (config hash) in ``out`` are a ``ConfigError``. ``batches``
+    also writes the accuracy of every batch along the stream to ``<stem>.batches.csv``.
     """
     from tta.config import config_hash, field_names, to_dict
     from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, cifar_c_stream, dataset_info
     from tta.engine import evaluate, resolve_device
     from tta.models import load_model
-    from tta.report import CsvWriter, default_output, write_config
+    from tta.report import check_output, default_output, open_results, write_config
 
+    model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
+    out = check_output(out if out is not None else default_output(method, model_name))
     cls = get_method(method)
     if contexts is not None:
         if "contexts" not in field_names(cls.Config):
@@ -90,7 +97,6 @@ def run_benchmark(
     else:
         stream = cifar_c_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
                                 download=download, setting=setting, seed=seed)
-    model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
     adapted = cls(net, settings)
 
@@ -102,9 +108,11 @@ def run_benchmark(
         "setting": setting,
     }
     digest = config_hash(resolved)
-    out = Path(out) if out is not None else default_output(method, model_name)
-    writer = CsvWriter(out)
+    done, writer, batch_writer = open_results(out, digest, len(stream.domains), resume=resume, batches=batches)
+    if done is not None:
+        return done, out
     write_config(out, {**resolved, "device": str(dev), "config_hash": digest})
     df = evaluate(adapted, stream, reset, device=dev, model_name=model_name, seed=seed, progress=progress,  # type: ignore[arg-type]
-                  on_result=writer, metadata={"config_hash": digest})
+                  on_result=writer, metadata={"config_hash": digest},
+                  on_batches=batch_writer.write_rows if batch_writer is not None else None)
     return df, out
