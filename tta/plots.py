@@ -65,7 +65,7 @@ def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int, path: str | 
 
 def stream_accuracy(batches: pd.DataFrame, path: str | Path, points: int = 60) -> Path:
     """Accuracy along the stream (x: images seen), one line per label, averaged over replicates and smoothed over
-    windows of about ``len / points`` batches; dotted lines mark where the stream's segments change."""
+    windows of about ``len / points`` batches; dotted lines end the stream's segments, named on top."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     first = None
@@ -79,9 +79,14 @@ def stream_accuracy(batches: pd.DataFrame, path: str | Path, points: int = 60) -
         ax.plot(seen, smooth, label=label)
         first = first if first is not None else runs[0].iloc[:length]
     if first is not None:
-        changes = np.flatnonzero(np.diff(first["segment"].to_numpy())) + 1
-        for c in np.cumsum(first["n"].to_numpy())[changes - 1]:
-            ax.axvline(c, color="grey", linestyle=":", linewidth=0.8)
+        ends = np.cumsum(first["n"].to_numpy())
+        for _, part in first.assign(end=ends).groupby("segment", sort=False):
+            ax.axvline(part["end"].iloc[-1], color="grey", linestyle=":", linewidth=0.8)
+            corruptions, severities = part["corruption"].unique(), part["severity"].dropna().unique()
+            name = f"sev {int(severities[0])}" if len(severities) == 1 else str(corruptions[0])
+            middle = (part["end"].iloc[0] - part["n"].iloc[0] + part["end"].iloc[-1]) / 2
+            ax.annotate(name, (middle, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                        fontsize=8, color="grey")
     ax.set_xlabel("images seen")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)

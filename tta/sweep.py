@@ -224,6 +224,7 @@ def resolve_run(values: Mapping[str, Any], where: str = "the grid") -> Run:
 def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[Run]:
     """Every combination of the grid values over ``base``, each checked; a ``ConfigError`` names the bad run."""
     runs: list[Run] = []
+
     def show(v: Any) -> str:
         if isinstance(v, dict):
             return "{" + ", ".join(f"{k}={show(x)}" for k, x in v.items()) + "}"
@@ -274,6 +275,7 @@ class _Store:
 
     def __init__(self, out: Path) -> None:
         self.out, self.runs = out, out / "runs"
+        self.tables: dict[tuple[str, str], pd.DataFrame] = {}  # (run key, results|batches), read once
 
     def done(self, key: str) -> bool:
         return (self.runs / key / "results.csv").is_file()
@@ -301,9 +303,11 @@ class _Store:
 
         tables = {}
         for name, columns in (("results", COLUMNS), ("batches", BATCH_COLUMNS)):
-            parts = [pd.read_csv(self.runs / r.key / f"{name}.csv", dtype={"config_hash": str})
-                     for r in runs if self.done(r.key)]
-            parts = [p for p in parts if len(p)]
+            for r in runs:
+                if (r.key, name) not in self.tables and self.done(r.key):
+                    path = self.runs / r.key / f"{name}.csv"
+                    self.tables[r.key, name] = pd.read_csv(path, dtype={"config_hash": str})
+            parts = [self.tables[r.key, name] for r in runs if len(self.tables.get((r.key, name), ()))]
             tables[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
             atomic_write(self.out / f"{name}.csv", tables[name][columns].to_csv(index=False))
         return tables["results"]
