@@ -100,13 +100,17 @@ def test_sweep_killed_with_sigkill_resumes_to_exactly_the_expected_rows(tmp_path
 def test_a_changed_config_is_a_new_run_never_mixed_with_the_old_rows(tmp_path: Path, assets: dict) -> None:
     out = tmp_path / "out"
     grid = _grid(tmp_path / "grid.yaml", {**assets, "severities": 5}, {"method": ["tent"]})
-    first = _check_exact(out, 1, 2) if _sweep(str(grid), "--out", str(out)) else None
+    _sweep(str(grid), "--out", str(out))
+    first = _check_exact(out, 1, 2)
     _grid(grid, {**assets, "severities": 5, "set": {"lr": 0.01}}, {"method": ["tent"]})
     assert "1 run(s) done now, 0 found done" in _sweep(str(grid), "--out", str(out)).output
     second = _check_exact(out, 1, 2)
-    assert first is not None and set(first.config_hash).isdisjoint(second.config_hash)
+    assert set(first.config_hash).isdisjoint(second.config_hash)
     assert yaml.safe_load(next((out / "runs").glob("*/config.yaml")).read_text())["method"] == "tent"
     assert len(list((out / "runs").iterdir())) == 2  # the old run is kept on disk, out of the results file
+    _grid(grid, {**assets, "severities": 5}, {"method": ["tent"]})  # back to the first config: found done
+    assert "0 run(s) done now, 1 found done" in _sweep(str(grid), "--out", str(out)).output
+    pd.testing.assert_frame_equal(_check_exact(out, 1, 2), first)
 
 
 def test_option_spellings_and_set_axes_expand_to_the_cartesian_product(tmp_path: Path, assets: dict) -> None:

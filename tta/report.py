@@ -1,4 +1,5 @@
-"""Results: an append-as-you-go CSV (one row per method x model x corruption x severity) and a terminal table."""
+"""Results: an append-as-you-go CSV (one row per method x model x corruption x severity), a terminal table, and
+reports over many runs (markdown tables aggregated over seeds, PNG plots from ``tta.plots``)."""
 
 from __future__ import annotations
 
