@@ -154,3 +154,38 @@ def test_bad_stream_parameters(kwargs: dict[str, object], message: str) -> None:
     args: dict[str, object] = {"domains": [Domain("a", 5)], **kwargs}
     with pytest.raises(ConfigError, match=message):
         Stream(ArraySource(10, {"a": 2}), **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("setting", ["per-domain", "mixed", "gradual"])
+def test_per_batch_accuracy_adds_up_to_the_domain_rows(setting: str) -> None:
+    from tta.data.settings import SettingStream
+    from tta.schema import BATCH_COLUMNS
+
+    stream = SettingStream(ArraySource(23, {"a": 2, "b": 4}), ["a", "b"], [5, 2], setting=setting, batch_size=5)
+    calls: list[list[dict]] = []
+    df = evaluate(tta.adapt(Decoder(), "source"), stream, device="cpu", on_batches=calls.append)
+    batches = pd.DataFrame([row for call in calls for row in call])
+    assert list(batches.columns) == BATCH_COLUMNS
+    assert batches["batch"].tolist() == list(range(len(stream)))
+    assert len(calls) == len({b.segment for b in stream})  # read back once per segment, not per batch
+    assert all(len({row["segment"] for row in call}) == 1 for call in calls)
+    hits = (batches["accuracy"] * batches["n"] / 100).sum()
+    assert hits == pytest.approx((df["accuracy"] * df["n"] / 100).sum())
+    assert batches["n"].sum() == df["n"].sum()
+    if setting == "mixed":
+        assert (batches["corruption"] == "mixed").any()
+    else:
+        per_domain = batches.assign(hits=batches["accuracy"] * batches["n"] / 100).groupby(
+            ["corruption", "severity"])["hits"].sum()
+        for row in df.itertuples():
+            assert per_domain[(row.corruption, row.severity)] == pytest.approx(row.accuracy * row.n / 100)
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped_on_reopening(tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    evaluate(tta.adapt(Decoder(), "source"), _stream(), device="cpu", on_result=CsvWriter(out))
+    text = out.read_text()
+    out.write_text(text + text.splitlines()[1][:17])  # a kill in the middle of writing a row
+    CsvWriter(out)
+    assert out.read_text() == text
+    assert len(pd.read_csv(out)) == 4

@@ -159,6 +159,8 @@ def run_benchmark(
     window: int | None = None,
     preset: str | None = None,
     data: str | None = None,
+    resume: bool = False,
+    batches: bool = False,
 ) -> tuple[pd.DataFrame, Path]:
     """What ``tta adapt`` does: adapt a model over a corruption benchmark, writing rows to ``out`` as they finish.
 
@@ -176,6 +178,10 @@ def run_benchmark(
     ``benchmark`` is ``cifar10c``, ``cifar100c``, ``imagenetc``, ``imagenet3dcc`` or ``digits`` (offline, see
     ``tta.data.sources``); ``model`` None is the benchmark's default model. ``data`` (``folder:PATH``,
     ``csv:PATH``, ``npz:PATH``) adapts on your own images instead, the benchmark then only picking the model family.
+    ``out`` is checked writable first; it never gets two copies of a run's rows: with
+    ``resume``, a finished run is returned from ``out`` without running and an unfinished one runs again in place of
+    its partial rows; without it, rows of the same run (config hash) in ``out`` are a ``ConfigError``. ``batches``
+    also writes the accuracy of every batch along the stream to ``<stem>.batches.csv``.
     """
     from tta.config import config_hash, field_names, to_dict
     from tta.data.cifar_c import SEVERITIES
@@ -189,8 +195,13 @@ def run_benchmark(
     )
     from tta.engine import evaluate, resolve_device
     from tta.models import load_model
-    from tta.report import CsvWriter, default_output, write_config
+    from tta.report import check_output, default_output, open_results, write_config
 
+    check_benchmark(benchmark)
+    if model is None and checkpoint is None:
+        model = default_model(benchmark)
+    model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
+    out = check_output(out if out is not None else default_output(method, model_name))
     cls = get_method(method)
     if contexts is not None:
         if "contexts" not in field_names(cls.Config):
@@ -198,12 +209,9 @@ def run_benchmark(
                               f"context-norm), not {method}; drop --contexts or choose one of those")
         overrides = {**(overrides or {}), "contexts": contexts}
     settings = method_settings(method, config, overrides, preset)
-    check_benchmark(benchmark)
     if window is None:
         window = DEFAULT_WINDOW if batch_size == 1 and method != "source" else 0
     dev = resolve_device(device)
-    if model is None and checkpoint is None:
-        model = default_model(benchmark)
     corruptions = list(corruptions or default_corruptions(benchmark))
     severities = list(severities or SEVERITIES)
     if data is not None:
@@ -219,7 +227,6 @@ def run_benchmark(
         stream = benchmark_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
                                   model=None if checkpoint is not None else model, download=download,
                                   setting=setting, seed=seed, data_seed=data_seed, device=dev, dirichlet=dirichlet)
-    model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
     check_num_classes(stream, net, None if data is not None else benchmark)
     adapted = cls(net, settings, source_data=_source_data(source_data, data_dir, download), window=window)
@@ -233,9 +240,11 @@ def run_benchmark(
         **provenance(data_dir, checkpoint), **({"user_data": data} if data is not None else {}),
     }
     digest = config_hash(resolved)
-    out = Path(out) if out is not None else default_output(method, model_name)
-    writer = CsvWriter(out)
+    done, writer, batch_writer = open_results(out, digest, len(stream.domains), resume=resume, batches=batches)
+    if done is not None:
+        return done, out
     write_config(out, {**resolved, "device": str(dev), "config_hash": digest})
     df = evaluate(adapted, stream, reset, device=dev, model_name=model_name, seed=seed, progress=progress,  # type: ignore[arg-type]
-                  on_result=writer, metadata={"config_hash": digest})
+                  on_result=writer, metadata={"config_hash": digest},
+                  on_batches=batch_writer.write_rows if batch_writer is not None else None)
     return df, out

@@ -93,21 +93,29 @@ def cli() -> None:
 @click.option("--preset", help="named method defaults, e.g. imagenet (see `tta methods`)")
 @click.option("--afn-checkpoint", type=click.Path(dir_okay=False),
               help="with --method afn: AFN layers warmed up by `tta warmup` (same as --set afn_checkpoint=FILE)")
-def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: str | None, **kwargs: Any) -> None:
+@click.option("--resume", is_flag=True,
+              help="--out may already hold rows of this run (same config hash): keep them if the run finished, "
+                   "else run it again in their place (never duplicate rows)")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="also write a markdown report with plots of this run to this directory (see `tta report`)")
+def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: str | None, report_dir: str | None,
+                  **kwargs: Any) -> None:
     """Adapt a model over a corruption benchmark and report accuracy per corruption x severity."""
     from tta.api import run_benchmark
     from tta.config import parse_overrides
-    from tta.report import format_results
+    from tta.report import config_path, format_results, write_report
 
     settings = parse_overrides(overrides)
     if afn_checkpoint is not None:
         if kwargs["method"] != "afn":
             raise click.UsageError(f"--afn-checkpoint applies to --method afn, not {kwargs['method']}")
         settings["afn_checkpoint"] = afn_checkpoint
-    df, out = run_benchmark(overrides=settings, progress=progress, **kwargs)
+    df, out = run_benchmark(overrides=settings, progress=progress, batches=report_dir is not None, **kwargs)
     click.echo(format_results(df))
     click.echo(f"\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} corruption x severity pairs; "
-               f"wrote {out} (+ {out.with_suffix('.yaml').name})")
+               f"wrote {out} (+ {config_path(out, str(df['config_hash'].iloc[0])).name})")
+    if report_dir is not None:
+        click.echo(f"report: {write_report([out], report_dir)}")
 
 
 @cli.command("corrupt")
@@ -201,6 +209,45 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
                f"{warm.warmup['seconds'] / 60:.1f} min on {warm.warmup['device']}; wrote {out}")
     hint = "--method afn" if warm.method == "afn" else "--method tent --batch-size 1"
     click.echo(f"use it with: tta adapt --checkpoint {out} {hint}")
+
+
+@cli.command("sweep")
+@click.argument("grid", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="directory of the grid's results: results.csv, batches.csv, runs/<hash>/ per finished run")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="runs at once on this machine (spawned workers; with GPUs, worker i keeps GPU i mod their count)")
+@click.option("--backend", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local processes, or one Ray task per run (pip install 'tta[ray]')")
+@click.option("--address", help="with --backend ray: the cluster to join (e.g. auto, or ray://host:10001); "
+              "default: start a local Ray instance")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0),
+              help="with --backend ray: GPUs each run asks for (default 1 when the cluster has GPUs, else 0)")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def sweep_command(grid: str, out: str, **kwargs: Any) -> None:
+    """Run a grid of `tta adapt` runs (a YAML file with base: and grid: mappings); started again, it runs only the
+    missing ones."""
+    from tta.report import format_summary
+    from tta.sweep import run_sweep
+
+    result = run_sweep(grid, out, **kwargs)
+    if len(result.results):
+        click.echo(format_summary(result.results))
+    click.echo(f"\n{len(result.ran)} run(s) done now, {len(result.skipped)} found done, {len(result.failed)} failed; "
+               f"results in {result.out / 'results.csv'} (tables and plots: tta report {result.out} --out REPORT_DIR)")
+    if result.failed:
+        raise click.ClickException("failed runs (fix them and run the same command again):\n" +
+                                   "\n".join(result.failed.values()))
+
+
+@cli.command("report")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="directory for report.md and the plots")
+def report_command(inputs: tuple[str, ...], out: str) -> None:
+    """Tables (markdown) and plots (PNG) from `tta sweep` directories or `tta adapt` result CSVs."""
+    from tta.report import write_report
+
+    click.echo(f"wrote {write_report(inputs, out)}")
 
 
 @cli.command("methods")

@@ -16,16 +16,13 @@ from tqdm.auto import tqdm
 
 from tta.data.stream import Stream
 from tta.errors import ConfigError
+from tta.schema import BATCH_COLUMNS, COLUMNS
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel
 
 ResetPolicy = Literal["domain", "batch", "never"]
 RESET_POLICIES: tuple[str, ...] = ("domain", "batch", "never")
-COLUMNS: list[str] = [
-    "method", "model", "corruption", "severity", "n", "accuracy", "error", "seconds", "images_per_second", "data",
-    "seed", "batch_size", "reset", "setting", "device", "config_hash",
-]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -58,13 +55,16 @@ def evaluate(
     progress: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    on_batches: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> pd.DataFrame:
     """Adapt over ``stream`` and return one row per (corruption, severity) with accuracy and throughput.
 
     ``reset``: ``domain`` resets the method at the start of every segment of the stream (one corruption x severity
     in the per-domain setting), ``batch`` before every batch (episodic), ``never`` not at all (continual).
     ``on_result`` receives each row as soon as its domain is finished, so an interrupted run keeps what it finished.
-    Accuracy and error are in percent.
+    Accuracy and error are in percent. ``on_batches``, when given, receives at the end of each segment one row per
+    batch of it (``BATCH_COLUMNS``: the accuracy along the stream; ``corruption`` is ``mixed`` for a batch of
+    several corruptions); the hits stay on the device and are read back once per segment, like the counts.
     """
     if reset not in RESET_POLICIES:
         raise ConfigError(f"unknown reset policy {reset!r}; choose one of: {', '.join(RESET_POLICIES)}")
@@ -79,6 +79,8 @@ def evaluate(
     seconds = [0.0] * n_domains
     seen = [0] * n_domains  # counts read back at the end of each segment
     rows: dict[int, dict[str, Any]] = {}
+    batch_hits: list[torch.Tensor] = []  # per batch of the current segment, on the device
+    batch_info: list[tuple[int, int, list[Any], int]] = []  # (batch index, segment, its domains, size)
     common = {"method": adapted.name, "model": model_name, "data": stream.label, "seed": seed,
               "batch_size": getattr(stream, "batch_size", None), "reset": reset,
               "setting": getattr(stream, "setting", "per-domain"), "device": str(dev),
@@ -87,6 +89,11 @@ def evaluate(
     def close_segment(segment: int | None, started: float, final: bool) -> None:
         _sync(dev)
         elapsed = time.perf_counter() - started
+        if batch_hits and on_batches is not None:
+            on_batches([_batch_row(common, info, hits) for info, hits in
+                        zip(batch_info, torch.stack(batch_hits).tolist(), strict=True)])
+            batch_hits.clear()
+            batch_info.clear()
         now = counts.tolist()
         new = [now[d] - seen[d] for d in range(n_domains)]
         total_new = sum(new)
@@ -106,7 +113,7 @@ def evaluate(
     segment: int | None = None
     started = time.perf_counter()
     with tqdm(total=len(stream), desc=adapted.name, unit="batch", disable=not progress, leave=False) as bar:
-        for batch in stream:
+        for index, batch in enumerate(stream):
             if batch.segment != segment:
                 if segment is not None:
                     close_segment(segment, started, final=False)
@@ -119,9 +126,14 @@ def evaluate(
                     bar.set_postfix_str(f"{domain.corruption} s{domain.severity}")
             if reset == "batch":
                 adapted.reset()
+            if on_batches is not None:  # batch.domain is still on the host here
+                present = [stream.domains[d] for d in batch.domain.unique().tolist()]
+                batch_info.append((index, batch.segment, present, len(batch.domain)))
             batch = batch.to(dev)
             logits = adapted(batch.x, domain=batch.domain)
             hit = (logits.argmax(1) == batch.y).long()
+            if on_batches is not None:
+                batch_hits.append(hit.sum())
             correct.index_add_(0, batch.domain, hit)
             counts.index_add_(0, batch.domain, torch.ones_like(hit))
             bar.update(1)
@@ -134,3 +146,11 @@ def _row(common: Mapping[str, Any], domain: Any, n: int, hits: int, seconds: flo
     return {**common, "corruption": domain.corruption, "severity": domain.severity, "n": n,
             "accuracy": accuracy, "error": 100.0 - accuracy, "seconds": seconds,
             "images_per_second": n / seconds if seconds > 0 else float("nan")}
+
+
+def _batch_row(common: Mapping[str, Any], info: tuple[int, int, list[Any], int], hits: int) -> dict[str, Any]:
+    index, segment, domains, n = info
+    corruptions, severities = {d.corruption for d in domains}, {d.severity for d in domains}
+    row = {"batch": index, "segment": segment, "corruption": corruptions.pop() if len(corruptions) == 1 else "mixed",
+           "severity": severities.pop() if len(severities) == 1 else None, "n": n, "accuracy": 100.0 * hits / n}
+    return {k: row[k] if k in row else common.get(k) for k in BATCH_COLUMNS}

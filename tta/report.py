@@ -1,18 +1,22 @@
-"""Results: an append-as-you-go CSV (one row per method x model x corruption x severity) and a terminal table."""
+"""Results: an append-as-you-go CSV (one row per method x model x corruption x severity), a terminal table, and
+reports over many runs (markdown tables aggregated over seeds, PNG plots from ``tta.plots``)."""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import os
 import re
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
 
-from tta.engine import COLUMNS
+from tta.errors import ConfigError
+from tta.schema import BATCH_COLUMNS, COLUMNS
 
 
 def default_output(method: str, model: str, results_dir: str | Path = "results") -> Path:
@@ -22,39 +26,145 @@ def default_output(method: str, model: str, results_dir: str | Path = "results")
     return Path(results_dir) / f"{safe}_{stamp}.csv"
 
 
+def check_output(out: str | Path) -> Path:
+    """``out`` as a results path that can be written, checked before any work (``ConfigError`` otherwise).
+
+    The run's configuration goes beside it (``<stem>.yaml``), so a ``.yaml`` results path is refused: the config
+    would overwrite the results.
+    """
+    out = Path(out)
+    if out.suffix.lower() in (".yaml", ".yml"):
+        raise ConfigError(f"--out {out} would share its path with the run's YAML config; name the results file "
+                          f"{out.with_suffix('.csv')} instead")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; pass the path of a CSV file to write")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    writable = parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    if not writable or (out.exists() and not os.access(out, os.W_OK)):
+        raise ConfigError(f"cannot write {out} (no write permission in {parent}); choose another --out")
+    return out
+
+
+def atomic_write(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode a plain open() would
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class CsvWriter:
     """Appends rows to a CSV as they arrive and flushes each one, so an interrupted run loses no finished row.
 
-    The header is ``COLUMNS``; other keys of a row are not written. Appending to an existing file requires the same
-    header, so runs can share a results file.
+    The header is ``columns`` (``COLUMNS``, or ``BATCH_COLUMNS`` for a per-batch file); other keys of a row are not
+    written. Appending to an existing file requires the same header, so runs can share a results file. A last line
+    cut short by a killed process is dropped on opening; ``replace_hash`` drops the earlier rows of that config hash
+    (a run started again), rewriting the file atomically.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, columns: Sequence[str] = COLUMNS, replace_hash: str | None = None) -> None:
         self.path = Path(path)
-        self.columns = list(COLUMNS)
+        self.columns = list(columns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as f:
                 header = next(csv.reader(f), [])
             if header != self.columns:
-                from tta.errors import ConfigError
-
                 raise ConfigError(f"{self.path} already holds results with other columns; choose another --out")
+            _drop_partial_line(self.path)
+            if replace_hash is not None:
+                df = pd.read_csv(self.path, dtype={"config_hash": str})
+                if (df.config_hash == replace_hash).any():
+                    atomic_write(self.path, df[df.config_hash != replace_hash].to_csv(index=False))
         else:
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
+            atomic_write(self.path, ",".join(self.columns) + "\n")
 
     def __call__(self, row: Mapping[str, Any]) -> None:
+        self.write_rows([row])
+
+    def write_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append ``rows`` in one write."""
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line without its newline (a row whose writing was killed); complete rows are kept."""
+    with path.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 1))
+        if size == 0 or f.read(1) == b"\n":
+            return
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
+
+
+def config_path(path: str | Path, config_hash: str) -> Path:
+    """Where a run's configuration goes: ``<stem>.yaml``, or ``<stem>.<hash>.yaml`` when ``<stem>.yaml`` already
+    describes another run writing to the same results file (so no run's configuration is ever overwritten)."""
+    first = Path(path).with_suffix(".yaml")
+    if first.is_file():
+        try:
+            other = (yaml.safe_load(first.read_text()) or {}).get("config_hash")
+        except (yaml.YAMLError, AttributeError):
+            other = None
+        if other != config_hash:
+            return first.with_suffix(f".{config_hash}.yaml")
+    return first
 
 
 def write_config(path: str | Path, resolved: Mapping[str, Any]) -> Path:
-    """Write the resolved run configuration as YAML next to the CSV (``<stem>.yaml``); returns its path."""
-    out = Path(path).with_suffix(".yaml")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(dict(resolved), sort_keys=False))
+    """Write the resolved run configuration as YAML next to the CSV (see ``config_path``); returns its path."""
+    out = config_path(path, str(resolved.get("config_hash")))
+    atomic_write(out, yaml.safe_dump(dict(resolved), sort_keys=False))
     return out
+
+
+def batches_path(path: str | Path) -> Path:
+    """The per-batch accuracy file beside a results CSV: ``<stem>.batches.csv``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.batches.csv")
+
+
+def open_results(out: Path, config_hash: str, n_domains: int, *, resume: bool,
+                 batches: bool) -> tuple[pd.DataFrame | None, CsvWriter | None, CsvWriter | None]:
+    """Writers for one run into ``out`` (and its per-batch file when ``batches``), never duplicating its rows.
+
+    Returns ``(rows, None, None)`` when ``resume`` and ``out`` already holds all ``n_domains`` of them (nothing left
+    to do), else ``(None, writer, batch_writer)``. Otherwise ``resume`` drops the rows of an unfinished earlier
+    attempt; without ``resume``, rows of this very run in ``out`` are a ``ConfigError`` (a rerun would duplicate
+    them).
+    """
+    done = None
+    if out.is_file() and out.stat().st_size > 0:
+        _drop_partial_line(out)
+        try:
+            done = pd.read_csv(out, dtype={"config_hash": str})
+        except (pd.errors.ParserError, UnicodeDecodeError):
+            raise ConfigError(f"{out} is not a results CSV; choose another --out") from None
+        done = done[done.config_hash == config_hash] if "config_hash" in done else done.iloc[:0]
+    if done is not None and len(done):
+        if not resume:
+            raise ConfigError(f"{out} already holds rows of this very run (config hash {config_hash}); pass --resume "
+                              f"to finish it, or choose another --out")
+        if len(done) >= n_domains and done[["corruption", "severity"]].drop_duplicates().shape[0] == n_domains:
+            return done.reset_index(drop=True), None, None
+    replace = config_hash if resume else None
+    writer = CsvWriter(out, replace_hash=replace)
+    batch_writer = CsvWriter(batches_path(out), BATCH_COLUMNS, replace_hash=config_hash) if batches else None
+    return None, writer, batch_writer
 
 
 def accuracy_table(df: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
@@ -75,3 +185,164 @@ def format_results(df: pd.DataFrame, value: str = "accuracy") -> str:
         table = accuracy_table(group, value)
         parts.append(f"{method} on {model}: {value} (%)\n{table.to_string(float_format=lambda v: f'{v:.1f}')}")
     return "\n\n".join(parts)
+
+
+# --- reports over many runs: tables aggregated over seeds, and plots --------------------------------------------
+
+STREAM_SETTINGS: tuple[str, ...] = ("continual", "mixed", "gradual")
+
+
+def load_results(inputs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows (``COLUMNS``) and per-batch rows (``BATCH_COLUMNS``, maybe empty) of sweep directories (their
+    ``results.csv``) and ``tta adapt`` CSVs; a row present in several inputs is kept once."""
+    results, batches = [], []
+    for item in map(Path, inputs):
+        path = item / "results.csv" if item.is_dir() else item
+        if not path.is_file():
+            raise ConfigError(f"{item} holds no results.csv; pass a tta sweep directory or a results CSV")
+        try:
+            df = pd.read_csv(path, dtype={"config_hash": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            raise ConfigError(f"{path} is not a results CSV; pass a tta sweep directory or a results CSV") from None
+        missing = [c for c in COLUMNS if c not in df.columns]
+        if missing:
+            raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)} of a results file; pass a file written "
+                              f"by tta adapt or tta sweep")
+        results.append(df[COLUMNS])
+        extra = item / "batches.csv" if item.is_dir() else batches_path(item)
+        if extra.is_file():
+            batches.append(pd.read_csv(extra, dtype={"config_hash": str})[BATCH_COLUMNS])
+    rows = pd.concat(results, ignore_index=True).drop_duplicates(["config_hash", "corruption", "severity"], keep="last")
+    if rows.empty:
+        raise ConfigError(f"no result rows in {', '.join(map(str, inputs))}; run tta adapt or tta sweep first")
+    stream = (pd.concat(batches, ignore_index=True).drop_duplicates(["config_hash", "batch"], keep="last")
+              if batches else pd.DataFrame(columns=BATCH_COLUMNS))
+    return rows.reset_index(drop=True), stream.reset_index(drop=True)
+
+
+def label_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``label`` (the method, plus what else tells runs of one model and setting apart) and ``replicate``.
+
+    Runs that differ only in ``seed`` and ``data`` (the generation seed) are replicates, aggregated as mean and
+    standard deviation; ``reset`` and ``batch_size`` join the label where they vary, and runs still left with the
+    same label and replicate (other method settings differ) get their config hash in the label, so different
+    configurations are never averaged together.
+    """
+    df = df.copy()
+    df["label"] = df["method"].astype(str)
+    for col in ("reset", "batch_size"):
+        if df.groupby(["model", "setting", "method"])[col].nunique().max() > 1:
+            df["label"] += f" {col}=" + df[col].astype(str)
+    df["replicate"] = df["seed"].astype(str) + "/" + df["data"].astype(str)
+    clash = df.groupby(["model", "setting", "label", "replicate"])["config_hash"].transform("nunique") > 1
+    df.loc[clash, "label"] += " [" + df.loc[clash, "config_hash"] + "]"
+    return df
+
+
+def _spread(values: pd.Series) -> str:
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+
+
+def _by_replicate(df: pd.DataFrame, column: str, value: str) -> pd.DataFrame:
+    """Per label: mean of ``value`` for each ``column`` entry and replicate (then spread over replicates)."""
+    per = df.groupby(["label", column, "replicate"], sort=False)[value].mean().reset_index()
+    table = per.groupby(["label", column], sort=False)[value].agg(_spread).unstack(column)
+    means = df.groupby(["label", "replicate"], sort=False)[value].mean().groupby("label", sort=False).agg(_spread)
+    table["mean"] = means
+    return table.loc[df["label"].unique()]
+
+
+def severity_table(df: pd.DataFrame, value: str = "error") -> pd.DataFrame:
+    """Labels x severities (descending) and their mean, as ``mean ± std`` over replicates (``label_runs`` rows)."""
+    table = _by_replicate(df, "severity", value)
+    cols = sorted((c for c in table.columns if c != "mean"), reverse=True)
+    table = table[[*cols, "mean"]]
+    table.columns = [*(f"sev {c}" for c in cols), "mean"]
+    return table
+
+
+def corruption_table(df: pd.DataFrame, value: str = "error", severity: int | None = None) -> pd.DataFrame:
+    """Labels x corruptions (in run order) at ``severity`` (default: 5, or the highest present), with the mean."""
+    severity = severity if severity is not None else int(df["severity"].max())
+    return _by_replicate(df[df["severity"] == severity], "corruption", value)
+
+
+def seed_table(df: pd.DataFrame, value: str = "error") -> pd.DataFrame:
+    """Per label: number of replicates and the mean, std, min and max over them of the mean ``value``."""
+    per = df.groupby(["label", "replicate"], sort=False)[value].mean()
+    table = per.groupby("label", sort=False).agg(["count", "mean", "std", "min", "max"])
+    table.columns = ["seeds", f"mean {value}", "std", "min", "max"]
+    return table
+
+
+def markdown_table(table: pd.DataFrame, index: str = "method") -> str:
+    """A DataFrame as a GitHub markdown table (floats with one decimal)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if pd.isna(v) else f"{v:.1f}"
+        return str(v)
+
+    head = [index, *map(str, table.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join([str(i), *map(cell, row)]) + " |"
+              for i, row in zip(table.index, table.astype(object).to_numpy(), strict=True)]
+    return "\n".join(lines)
+
+
+def _slug(*parts: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(map(str, parts)))
+
+
+def format_summary(df: pd.DataFrame) -> str:
+    """Mean error per method over everything it ran, per model and setting, with the spread over seeds."""
+    df = label_runs(df)
+    parts = []
+    for (model, setting), group in df.groupby(["model", "setting"], sort=False):
+        table = seed_table(group)
+        parts.append(f"{model}, {setting}: error (%) averaged over corruptions and severities\n"
+                     f"{table.to_string(float_format=lambda v: f'{v:.1f}')}")
+    return "\n\n".join(parts)
+
+
+def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.md`` and its PNG plots from sweep directories or results CSVs; returns the report path.
+
+    Per model and setting: error and accuracy per method x severity and per corruption at severity 5 (the highest
+    present), with the means and the spread over seeds; plots of error vs severity, a corruption x method heatmap
+    and, for the continual, mixed and gradual settings, accuracy along the stream (from the per-batch rows).
+    """
+    from tta import plots
+
+    rows, stream = load_results(inputs)
+    rows = label_runs(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = rows.drop_duplicates("config_hash").set_index("config_hash")["label"]
+    lines = ["# Results", "", f"{rows['config_hash'].nunique()} runs, {len(rows)} rows, from "
+             f"{', '.join(map(str, inputs))}. Values in percent; `a ± b` is the mean and standard deviation over "
+             f"seeds (replicates differing only in `seed` and `data`).", ""]
+    for (model, setting), group in rows.groupby(["model", "setting"], sort=False):
+        top = int(group["severity"].max())
+        lines += [f"## {model}, {setting}", ""]
+        for value in ("error", "accuracy"):
+            title = value.capitalize()
+            lines += [f"### {title} per method x severity", "", markdown_table(severity_table(group, value)), "",
+                      f"### {title} per corruption at severity {top}", "",
+                      markdown_table(corruption_table(group, value, top)), ""]
+        lines += ["### Spread over seeds (error averaged over corruptions and severities)", "",
+                  markdown_table(seed_table(group)), ""]
+        name = _slug(model, setting)
+        figures = [(f"error_vs_severity_{name}.png", "Error vs severity",
+                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png")),
+                   (f"heatmap_{name}.png", f"Error per corruption x method at severity {top}",
+                    plots.heatmap(corruption_table(group, "error", top), group, top, out_dir / f"heatmap_{name}.png"))]
+        batches = stream[stream["config_hash"].isin(group["config_hash"].unique())]
+        if setting in STREAM_SETTINGS and len(batches):
+            batches = batches.assign(label=batches["config_hash"].map(labels))
+            figures.append((f"stream_{name}.png", "Accuracy along the stream",
+                            plots.stream_accuracy(batches, out_dir / f"stream_{name}.png")))
+        for file, title, _ in figures:
+            lines += [f"![{title}]({file})", ""]
+    report = out_dir / "report.md"
+    atomic_write(report, "\n".join(lines))
+    return report
