@@ -55,6 +55,19 @@ class TinyLNNet(nn.Module):
         return self.net(x)
 
 
+class TinyGNNet(nn.Module):
+    """conv-GroupNorm-ReLU x2, pool, linear: GroupNorm only (no BatchNorm, no LayerNorm)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def _with_source_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BN layers non-trivial running statistics, as a pretrained network has, then switch to eval."""
     g = torch.Generator().manual_seed(seed)
@@ -73,6 +86,11 @@ def bn_model() -> nn.Module:
 @pytest.fixture
 def ln_model() -> nn.Module:
     return TinyLNNet().eval()
+
+
+@pytest.fixture
+def gn_model() -> nn.Module:
+    return TinyGNNet().eval()
 
 
 @pytest.fixture

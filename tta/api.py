@@ -15,6 +15,7 @@ from tta.errors import ConfigError
 from tta.methods import get_method
 
 if TYPE_CHECKING:
+    from tta.monitor import Guard, GuardConfig
     from tta.source import SourceData
 
 
@@ -55,20 +56,28 @@ def adapt(
     source_data: SourceData | str | tuple[Any, Any] | None = None,
     window: int = 0,
     preset: str | None = None,
+    guard: Guard | GuardConfig | str | None = None,
     **overrides: Any,
 ) -> AdaptedModel:
     """Wrap a copy of ``model`` (inputs in [0, 1]) with ``method``; ``config`` is an optional YAML file of settings.
 
     ``source_data`` is clean source data for the methods that need it (``'cifar10'``, ``'npz:PATH'``,
     ``'folder:PATH'`` or an ``(images, labels)`` pair); ``window`` > 1 adapts single images on a sliding window of
-    that many recent images; ``preset`` picks a named set of defaults (e.g. ``'imagenet'``).
+    that many recent images; ``preset`` picks a named set of defaults (e.g. ``'imagenet'``); ``guard`` watches the
+    adaptation and intervenes when it goes wrong (a ``tta.monitor.Guard`` or a preset name: ``'default'``,
+    ``'monitor'``, ``'fallback'``; it calibrates on ``source_data`` when given).
 
     >>> adapted = tta.adapt(model, method="tent", lr=1e-4)
     >>> logits = adapted(x)      # predicts and adapts
     >>> adapted.reset()          # back to the source model
     """
     cls = get_method(method)
-    return cls(model, method_settings(method, config, overrides, preset), source_data=source_data, window=window)
+    adapted = cls(model, method_settings(method, config, overrides, preset), source_data=source_data, window=window)
+    if guard is not None:  # --- guard (tta.monitor)
+        from tta.monitor import attach_guard
+
+        attach_guard(adapted, guard, model, source_data)
+    return adapted
 
 
 def run_benchmark(
@@ -100,6 +109,7 @@ def run_benchmark(
     source_data: str | None = None,
     window: int | None = None,
     preset: str | None = None,
+    guard: str | None = None,
 ) -> tuple[pd.DataFrame, Path]:
     """What ``tta adapt`` does: adapt a model over a corruption benchmark, writing rows to ``out`` as they finish.
 
@@ -112,7 +122,7 @@ def run_benchmark(
     ``contexts`` (``oracle``/``infer``) is the ``contexts`` setting of the methods that route samples by domain
     (dsbn, context-norm). ``source_data`` is clean source data for methods that need it (EATA's Fisher);
     ``window`` the sliding window for single images (default: 64 at batch size 1 for methods that adapt, else
-    off); ``preset`` a named set of method defaults (``imagenet``).
+    off); ``preset`` a named set of method defaults (``imagenet``); ``guard`` a guard preset (``tta.monitor``).
     """
     from tta.config import config_hash, field_names, to_dict
     from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, cifar_c_stream, dataset_info
@@ -144,7 +154,16 @@ def run_benchmark(
                                 download=download, setting=setting, seed=seed)
     model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
-    adapted = cls(net, settings, source_data=_source_data(source_data, data_dir, download), window=window)
+    clean = _source_data(source_data, data_dir, download)
+    if guard is not None:  # --- guard (tta.monitor): checked before any work
+        from tta.monitor import make_guard
+
+        make_guard(guard)
+    adapted = cls(net, settings, source_data=clean, window=window)
+    if guard is not None:
+        from tta.monitor import attach_guard
+
+        attach_guard(adapted, guard, net, clean)
 
     resolved = {
         "method": method, "settings": to_dict(settings), "model": model_name, "checkpoint": str(checkpoint or ""),
@@ -152,6 +171,7 @@ def run_benchmark(
         "frost_images": str(frost_images) if generate and frost_images else None, "corruptions": corruptions,
         "severities": severities, "n_examples": n_examples, "batch_size": batch_size, "seed": seed, "reset": reset,
         "setting": setting, "source_data": source_data, "window": window, "preset": preset,
+        **({"guard": guard} if guard is not None else {}),
     }
     digest = config_hash(resolved)
     out = Path(out) if out is not None else default_output(method, model_name)

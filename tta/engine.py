@@ -25,6 +25,7 @@ RESET_POLICIES: tuple[str, ...] = ("domain", "batch", "never")
 COLUMNS: list[str] = [
     "method", "model", "corruption", "severity", "n", "accuracy", "error", "seconds", "images_per_second", "data",
     "seed", "batch_size", "reset", "setting", "device", "config_hash",
+    "estimated_accuracy", "skipped", "rollbacks", "resets", "fallbacks",  # guard columns (tta.monitor.tally)
 ]
 
 
@@ -79,6 +80,9 @@ def evaluate(
     seconds = [0.0] * n_domains
     seen = [0] * n_domains  # counts read back at the end of each segment
     rows: dict[int, dict[str, Any]] = {}
+    from tta.monitor.tally import GuardTally  # --- guard columns
+
+    tally = GuardTally(adapted, n_domains, dev)
     common = {"method": adapted.name, "model": model_name, "data": stream.label, "seed": seed,
               "batch_size": getattr(stream, "batch_size", None), "reset": reset,
               "setting": getattr(stream, "setting", "per-domain"), "device": str(dev),
@@ -99,7 +103,7 @@ def evaluate(
             done = final or (segment is not None and last_segment[d] <= segment)
             if now[d] and d not in rows and done:
                 hits = hits if hits is not None else correct.tolist()
-                rows[d] = _row(common, stream.domains[d], now[d], hits[d], seconds[d])
+                rows[d] = {**_row(common, stream.domains[d], now[d], hits[d], seconds[d]), **tally.row(d)}
                 if on_result is not None:
                     on_result(rows[d])
 
@@ -120,7 +124,9 @@ def evaluate(
             if reset == "batch":
                 adapted.reset()
             batch = batch.to(dev)
+            tally.start()
             logits = adapted(batch.x, domain=batch.domain)
+            tally.add(batch.domain)
             hit = (logits.argmax(1) == batch.y).long()
             correct.index_add_(0, batch.domain, hit)
             counts.index_add_(0, batch.domain, torch.ones_like(hit))
