@@ -37,6 +37,12 @@ METHODS = tta.list_methods()
 MODELS = ("bn_model", "gn_model", "ln_model")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrations are cached on disk: keep them out of the user's cache."""
+    monkeypatch.setenv("TTA_CACHE", str(tmp_path / "cache"))
+
+
 @dataclass
 class Case:
     """One call: the batch, the domain argument, the grad context, and whether the oracle expects an error."""

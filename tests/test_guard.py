@@ -13,6 +13,12 @@ import tta
 from tta.monitor import PRESETS, Guard, GuardConfig, atc_threshold, batch_signals, make_guard
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrations are cached on disk: keep them out of the user's cache."""
+    monkeypatch.setenv("TTA_CACHE", str(tmp_path / "cache"))
+
+
 def _source(n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(4)
     return torch.rand(n, 3, 16, 16, generator=g) * 0.8 + 0.1, torch.randint(0, 10, (n,), generator=g)
@@ -122,3 +128,29 @@ def test_benchmark_rows_carry_the_estimate_and_counts(fake_cifar_c, tmp_path: Pa
     assert df["estimated_accuracy"].between(0, 100).all()
     plain = evaluate(tta.adapt(bn_model, "tent"), stream, "domain", device="cpu")
     assert plain["estimated_accuracy"].isna().all() and (plain[["skipped", "rollbacks", "resets"]] == 0).all().all()
+
+
+def test_cli_guard_runs_and_fills_the_columns(tmp_path: Path, fake_cifar_c) -> None:
+    import numpy as np
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from tta.cli import cli
+    from tta.models import cifar_resnet
+
+    data_dir = fake_cifar_c(("gaussian_noise",), per_severity=8)
+    checkpoint = tmp_path / "r20.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in cifar_resnet("resnet20").state_dict().items()}},
+               checkpoint)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "clean.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+             y=rng.integers(0, 10, 20))
+    out = tmp_path / "guarded.csv"
+    result = CliRunner().invoke(cli, [
+        "adapt", "--method", "tent", "--guard", "default", "--source-data", f"npz:{tmp_path / 'clean.npz'}",
+        "--checkpoint", str(checkpoint), "--arch", "resnet20", "--data-dir", str(data_dir), "--corruptions",
+        "gaussian_noise", "--severities", "5", "--batch-size", "4", "--no-progress", "--device", "cpu",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(out)
+    assert df["estimated_accuracy"].between(0, 100).all() and len(df) == 1

@@ -155,12 +155,8 @@ def run_benchmark(
     model_name = Path(checkpoint).stem if checkpoint is not None else str(model)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
     clean = _source_data(source_data, data_dir, download)
-    if guard is not None:  # --- guard (tta.monitor): checked before any work
-        from tta.monitor import make_guard
-
-        make_guard(guard)
     adapted = cls(net, settings, source_data=clean, window=window)
-    if guard is not None:
+    if guard is not None:  # --- guard (tta.monitor)
         from tta.monitor import attach_guard
 
         attach_guard(adapted, guard, net, clean)
