@@ -119,7 +119,8 @@ def plot(result: pd.DataFrame, path: str, collapse: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for variant, df in result.groupby("variant", sort=False):
         color, style = styles.get(str(variant), (None, "-"))
-        ax.plot(range(len(df)), df["accuracy"], style, color=color, marker="o", ms=3, label=names.get(str(variant)))
+        label = names.get(str(variant), str(variant))
+        ax.plot(range(len(df)), df["accuracy"], style, color=color, marker="o", ms=3, label=label)
     corruptions = result[result["variant"] == result["variant"].iloc[0]]["corruption"]
     ax.set_xticks(range(len(corruptions)), list(corruptions), rotation=45, ha="right")
     ax.set_ylabel("accuracy (%)")
