@@ -56,13 +56,13 @@ class TinyLNNet(nn.Module):
 
 
 class TinyGNNet(nn.Module):
-    """conv-GroupNorm-ReLU x2, pool, linear: GroupNorm only."""
+    """conv-GroupNorm-ReLU x2, pool, linear: GroupNorm only (no BatchNorm, no LayerNorm)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
-                                 nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+                                 nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

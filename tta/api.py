@@ -15,6 +15,7 @@ from tta.errors import ConfigError, ModelError
 from tta.methods import get_method
 
 if TYPE_CHECKING:
+    from tta.monitor import Guard, GuardConfig
     from tta.source import SourceData
 
 
@@ -80,20 +81,28 @@ def adapt(
     source_data: SourceData | str | tuple[Any, Any] | None = None,
     window: int = 0,
     preset: str | None = None,
+    guard: Guard | GuardConfig | str | None = None,
     **overrides: Any,
 ) -> AdaptedModel:
     """Wrap a copy of ``model`` (inputs in [0, 1]) with ``method``; ``config`` is an optional YAML file of settings.
 
     ``source_data`` is clean source data for the methods that need it (``'cifar10'``, ``'npz:PATH'``,
     ``'folder:PATH'`` or an ``(images, labels)`` pair); ``window`` > 1 adapts single images on a sliding window of
-    that many recent images; ``preset`` picks a named set of defaults (e.g. ``'imagenet'``).
+    that many recent images; ``preset`` picks a named set of defaults (e.g. ``'imagenet'``); ``guard`` watches the
+    adaptation and intervenes when it goes wrong (a ``tta.monitor.Guard`` or a preset name: ``'default'``,
+    ``'monitor'``, ``'fallback'``; it calibrates on ``source_data`` when given).
 
     >>> adapted = tta.adapt(model, method="tent", lr=1e-4)
     >>> logits = adapted(x)      # predicts and adapts
     >>> adapted.reset()          # back to the source model
     """
     cls = get_method(method)
-    return cls(model, method_settings(method, config, overrides, preset), source_data=source_data, window=window)
+    adapted = cls(model, method_settings(method, config, overrides, preset), source_data=source_data, window=window)
+    if guard is not None:  # --- guard (tta.monitor)
+        from tta.monitor import attach_guard
+
+        attach_guard(adapted, guard, model, source_data)
+    return adapted
 
 
 def load_adapted(
@@ -161,6 +170,7 @@ def run_benchmark(
     data: str | None = None,
     resume: bool = False,
     batches: bool = False,
+    guard: str | None = None,
 ) -> tuple[pd.DataFrame, Path]:
     """What ``tta adapt`` does: adapt a model over a corruption benchmark, writing rows to ``out`` as they finish.
 
@@ -174,7 +184,7 @@ def run_benchmark(
     ``contexts`` (``oracle``/``infer``) is the ``contexts`` setting of the methods that route samples by domain
     (dsbn, context-norm). ``source_data`` is clean source data for methods that need it (EATA's Fisher);
     ``window`` the sliding window for single images (default: 64 at batch size 1 for methods that adapt, else
-    off); ``preset`` a named set of method defaults (``imagenet``).
+    off); ``preset`` a named set of method defaults (``imagenet``); ``guard`` a guard preset (``tta.monitor``).
     ``benchmark`` is ``cifar10c``, ``cifar100c``, ``imagenetc``, ``imagenet3dcc`` or ``digits`` (offline, see
     ``tta.data.sources``); ``model`` None is the benchmark's default model. ``data`` (``folder:PATH``,
     ``csv:PATH``, ``npz:PATH``) adapts on your own images instead, the benchmark then only picking the model family.
@@ -229,7 +239,12 @@ def run_benchmark(
                                   setting=setting, seed=seed, data_seed=data_seed, device=dev, dirichlet=dirichlet)
     net = load_model(model, dataset=benchmark, checkpoint=checkpoint, arch=arch, data_dir=data_dir)
     check_num_classes(stream, net, None if data is not None else benchmark)
-    adapted = cls(net, settings, source_data=_source_data(source_data, data_dir, download), window=window)
+    clean = _source_data(source_data, data_dir, download)
+    adapted = cls(net, settings, source_data=clean, window=window)
+    if guard is not None:  # --- guard (tta.monitor)
+        from tta.monitor import attach_guard
+
+        attach_guard(adapted, guard, net, clean)
 
     resolved = {
         "method": method, "settings": to_dict(settings), "model": model_name, "checkpoint": str(checkpoint or ""),
@@ -238,6 +253,7 @@ def run_benchmark(
         "severities": severities, "n_examples": n_examples, "batch_size": batch_size, "seed": seed, "reset": reset,
         "setting": setting, "dirichlet": dirichlet, "source_data": source_data, "window": window, "preset": preset,
         **provenance(data_dir, checkpoint), **({"user_data": data} if data is not None else {}),
+        **({"guard": guard} if guard is not None else {}),
     }
     digest = config_hash(resolved)
     done, writer, batch_writer = open_results(out, digest, len(stream.domains), resume=resume, batches=batches)

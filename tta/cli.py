@@ -91,6 +91,9 @@ def cli() -> None:
               help="adapt single images on a sliding window of this many recent images (default: 64 with "
               "--batch-size 1, else off)")
 @click.option("--preset", help="named method defaults, e.g. imagenet (see `tta methods`)")
+@click.option("--guard", type=click.Choice(["default", "monitor", "fallback"]),
+              help="watch label-free signals and skip updates, answer with the source model, roll back or reset "
+                   "when adaptation degrades (monitor: signals only); calibrates on --source-data when given")
 @click.option("--afn-checkpoint", type=click.Path(dir_okay=False),
               help="with --method afn: AFN layers warmed up by `tta warmup` (same as --set afn_checkpoint=FILE)")
 @click.option("--resume", is_flag=True,

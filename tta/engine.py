@@ -81,6 +81,9 @@ def evaluate(
     rows: dict[int, dict[str, Any]] = {}
     batch_hits: list[torch.Tensor] = []  # per batch of the current segment, on the device
     batch_info: list[tuple[int, int, list[Any], int]] = []  # (batch index, segment, its domains, size)
+    from tta.monitor.tally import GuardTally  # --- guard columns
+
+    tally = GuardTally(adapted, n_domains, dev)
     common = {"method": adapted.name, "model": model_name, "data": stream.label, "seed": seed,
               "batch_size": getattr(stream, "batch_size", None), "reset": reset,
               "setting": getattr(stream, "setting", "per-domain"), "device": str(dev),
@@ -106,7 +109,7 @@ def evaluate(
             done = final or (segment is not None and last_segment[d] <= segment)
             if now[d] and d not in rows and done:
                 hits = hits if hits is not None else correct.tolist()
-                rows[d] = _row(common, stream.domains[d], now[d], hits[d], seconds[d])
+                rows[d] = {**_row(common, stream.domains[d], now[d], hits[d], seconds[d]), **tally.row(d)}
                 if on_result is not None:
                     on_result(rows[d])
 
@@ -130,7 +133,9 @@ def evaluate(
                 present = [stream.domains[d] for d in batch.domain.unique().tolist()]
                 batch_info.append((index, batch.segment, present, len(batch.domain)))
             batch = batch.to(dev)
+            tally.start()
             logits = adapted(batch.x, domain=batch.domain)
+            tally.add(batch.domain)
             hit = (logits.argmax(1) == batch.y).long()
             if on_batches is not None:
                 batch_hits.append(hit.sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 COLUMNS: list[str] = [
     "method", "model", "corruption", "severity", "n", "accuracy", "error", "seconds", "images_per_second", "data",
     "seed", "batch_size", "reset", "setting", "device", "config_hash",
+    "estimated_accuracy", "skipped", "rollbacks", "resets", "fallbacks",  # guard columns (tta.monitor.tally)
 ]
 BATCH_COLUMNS: list[str] = [
     "method", "model", "setting", "seed", "data", "reset", "batch_size", "config_hash", "batch", "segment",

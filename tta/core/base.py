@@ -25,6 +25,7 @@ resumes exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 import threading
@@ -41,6 +42,7 @@ from tta.core.requirements import Requirements, check_requirements
 from tta.errors import ConfigError, InputError, ModelError
 
 if TYPE_CHECKING:
+    from tta.monitor.guard import Guard
     from tta.source import SourceData
 
 Update = Literal["gradient", "sam", "none"]
@@ -74,6 +76,8 @@ class Counters:
     skipped: int = 0
     rejected: int = 0
     resets: int = 0
+    rollbacks: int = 0  # by a guard (tta.monitor)
+    fallbacks: int = 0  # batches a guard answered with the source model's prediction
 
 
 class AdaptedModel(nn.Module):
@@ -121,6 +125,7 @@ class AdaptedModel(nn.Module):
         self.optimizer = self.make_optimizer()
         self.counters = Counters()
         self.last: StepOutput | None = None
+        self.guard: Guard | None = None  # set by tta.monitor.attach_guard; consulted in step()
         self._lock = threading.RLock()
         self._snapshot = self._capture()
 
@@ -324,17 +329,27 @@ class AdaptedModel(nn.Module):
         """One batch: loss, update(s), ``after_step``; the output is also left in ``self.last``.
 
         An update whose loss or gradients are not finite is not applied; a batch that leaves any parameter or
-        statistic non-finite is rolled back entirely. Both are counted (``counters.rejected``).
+        statistic non-finite is rolled back entirely. Both are counted (``counters.rejected``). A ``guard``
+        (``tta.monitor``) reads the batch's prediction before the update, may veto it (``counters.skipped``) and
+        may replace the final output.
         """
         self.counters.batches += 1
+        guard = self.guard
         with self._transaction() as committed:
             out = self.loss(x, domain)
-            if self.update != "none":
+            allowed = guard is None or guard.before_update(self, x, domain, out)  # a guard may veto the update
+            if not allowed and self.update != "none":
+                self.counters.skipped += 1
+            if self.update != "none" and allowed:
                 for i in range(getattr(self.config, "steps", 1)):
                     if i:
                         out = self.loss(x, domain)
                     self._update(x, domain, out)
             out = self.after_step(x, domain, out)
+            if guard is not None:
+                out = guard.after_batch(self, out)  # e.g. the source model's prediction on an unhealthy batch
+            if out.loss is not None and out.loss.requires_grad:  # keep no graph alive (memory, deepcopy)
+                out = dataclasses.replace(out, loss=out.loss.detach())
             self.last = out
             every = getattr(self.config, "reset_every", 0)
             if every and self._updates_since_reset >= every:
@@ -515,7 +530,7 @@ def _as_ids(domain: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
         raise InputError(f"domain ids must be integers, got dtype {domain.dtype}")
     try:
         ids = torch.as_tensor(domain, dtype=torch.long, device=x.device)
-    except (RuntimeError, OverflowError):
+    except (RuntimeError, OverflowError, ValueError):  # torch reports a Python int past 64 bits as ValueError
         raise InputError("domain ids must be integers that fit in 64 bits") from None
     if ids.ndim == 0:
         ids = ids.expand(x.shape[0]).contiguous()

@@ -1,0 +1,70 @@
+"""Calibration of the guard on clean source data: the source model's accuracy and its ATC confidence threshold.
+
+Average thresholded confidence (ATC, Garg et al., ICLR 2022) estimates accuracy on unlabelled data as the fraction
+of samples whose confidence exceeds a threshold ``t``; ``t`` is chosen on labelled clean source data so that the
+fraction of source samples above it equals the source accuracy there. The calibration is computed once per
+(model weights, source data, number of images) and cached (``tta.source.derived``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tta.source import SourceData, derived
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    """What the source model does on clean source data: accuracy, ATC threshold, mean signals (see signals.py)."""
+
+    accuracy: float
+    threshold: float
+    precision: float  # accuracy among the samples above the threshold
+    confidence: float
+    entropy: float
+    marginal_entropy: float
+    n: int
+
+
+def atc_threshold(confidence: torch.Tensor, correct: torch.Tensor) -> float:
+    """The threshold ``t`` with ``mean(confidence > t) == mean(correct)`` (as nearly as the sample allows)."""
+    n = confidence.numel()
+    n_correct = int(correct.sum())
+    ranked = confidence.double().sort(descending=True).values
+    if n_correct >= n:
+        return -1.0  # every sample counts (confidences are >= 0)
+    if n_correct == 0:
+        return float(ranked[0])  # none does
+    return float(ranked[n_correct])  # exactly n_correct samples lie strictly above (ties aside)
+
+
+@torch.no_grad()
+def _compute(model: nn.Module, source: SourceData, n: int, batch_size: int) -> dict[str, float]:
+    from tta.monitor.signals import batch_signals
+
+    images, labels = source.sample(n, seed=0)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    logits = torch.cat([model(images[i: i + batch_size].to(device, dtype)).float().cpu()
+                        for i in range(0, len(images), batch_size)])
+    correct = logits.argmax(1) == labels
+    signals = batch_signals(logits)
+    threshold = atc_threshold(logits.softmax(1).amax(1), correct)
+    above = logits.softmax(1).amax(1) > threshold
+    precision = float(correct[above].float().mean()) if bool(above.any()) else 1.0
+    return {"accuracy": float(correct.float().mean()), "threshold": threshold, "precision": precision,
+            "confidence": float(signals["confidence"]), "entropy": float(signals["entropy"]),
+            "marginal_entropy": float(signals["marginal_entropy"]), "n": float(len(images))}
+
+
+def calibrate(model: nn.Module, source: SourceData, n: int = 2000, batch_size: int = 200) -> SourceStats:
+    """The source model's statistics on ``n`` clean source images (in eval mode; cached by model fingerprint)."""
+    from tta.models.fingerprint import model_fingerprint
+
+    model.eval()
+    values = derived("guard-calibration", model_fingerprint(model), source, f"n={n}|v2",
+                     lambda: _compute(model, source, n, batch_size))
+    return SourceStats(**{**values, "n": int(values["n"])})
