@@ -162,8 +162,10 @@ def _fuzz(adapted: tta.AdaptedModel, seed: int, calls: int) -> None:
         try:
             with _context(case.context):
                 out = adapted(case.x, domain=case.domain)
-        except InputError:
-            assert case.error, f"call {i} ({case.why}, {case.context}): valid input rejected"
+        except InputError as err:
+            # Methods that keep images in their state (a memory bank, a window) refuse a new image size until reset.
+            new_size = "reset() before changing the image size" in str(err)
+            assert case.error or new_size, f"call {i} ({case.why}, {case.context}): valid input rejected: {err}"
             assert _equal(before, _state(adapted)), f"call {i} ({case.why}): state changed by a rejected batch"
             outcomes[case.why] = outcomes.get(case.why, 0) + 1
             continue
@@ -185,7 +187,7 @@ def test_random_calls_predict_or_fail_cleanly(
     one_thread: None,
 ) -> None:
     adapted = _build(adapt_any, request.getfixturevalue(model_name), method)
-    _fuzz(adapted, seed=sum(map(ord, method + model_name)), calls=12)
+    _fuzz(adapted, seed=sum(map(ord, method + model_name)), calls=24)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -116,6 +116,9 @@ class AdaptedModel(nn.Module):
         self._dynamic: set[str] = set()
         self._pending_optimizer: dict[str, Any] | None = None
         self.model = self.configure(model)
+        if any(isinstance(m, nn.BatchNorm1d) and (m.training or m.running_mean is None) for m in self.model.modules()):
+            # Batch statistics of one value per channel do not exist: single images need the window.
+            self.requires = dataclasses.replace(self.requires, min_batch=max(self.requires.min_batch, 2))
         self.add_state("_updates_since_reset", 0)
         self.add_state("_domain_keys", torch.zeros(0, dtype=torch.long), dynamic=True)
         self.add_state("_window_x", torch.zeros(0), dynamic=True)

@@ -115,7 +115,8 @@ class Roid(AdaptedModel):
                 self.class_probs_ema.mul_(cfg.momentum_probs).add_(probs.mean(0), alpha=1 - cfg.momentum_probs)
         slr = soft_likelihood_ratio(logits)
         loss = (slr * weights)[keep].sum() / n
-        if cfg.use_consistency:
+        # A one-image subset cannot take batch statistics in a BatchNorm1d (min_batch 2): no consistency term then.
+        if cfg.use_consistency and (self.requires.min_batch < 2 or int(keep.sum()) >= self.requires.min_batch):
             with generator_from(self.rng_state) as gen:
                 view = color_affine_view(x[keep].detach(), gen)
             consistency = symmetric_cross_entropy(self.model(view), logits[keep])

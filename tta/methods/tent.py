@@ -8,7 +8,6 @@ eval mode while BatchNorm still normalises with batch statistics.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -44,9 +43,6 @@ class Tent(AdaptedModel):
         if not norm_affine_params(model):
             raise ModelError("tent adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers, and "
                              "this model has none; use a model with affine norm layers or the source method")
-        if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-            # Batch statistics of one value per channel do not exist.
-            self.requires = dataclasses.replace(self.requires, min_batch=2)
 
     def configure(self, model: nn.Module) -> nn.Module:
         model.train(self.config.model_mode == "train")

@@ -140,6 +140,10 @@ class Guard:
             self._good, self._bad_run = None, 0
             self.averages.clear()
             self._resets_seen = adapted.counters.resets
+        if out.logits.ndim != 2 or out.logits.shape[0] != x.shape[0]:
+            # The method predicts only after its update (MEMO): nothing to judge before it.
+            self._fallback_logits = None
+            return True
         assert self.source_model is not None  # attach() ran
         with torch.no_grad():
             self.source_model.to(x.device)
