@@ -14,6 +14,12 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Derived values (EATA's Fisher, guard calibrations) are cached under a temporary folder, never in ~/.cache."""
+    monkeypatch.setenv("TTA_CACHE", str(tmp_path_factory.getbasetemp() / "tta-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
