@@ -49,11 +49,6 @@ def soft_likelihood_ratio(logits: torch.Tensor, clip: float = 0.99, eps: float =
     return -(probs * torch.log(probs / (1 - probs) + eps)).sum(1)
 
 
-def confidence(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample maximum softmax probability."""
-    return logits.softmax(1).amax(1)
-
-
 def entropy_objective(logits: torch.Tensor) -> StepOutput:
     """Tent's objective: predict ``logits`` (detached) and minimise their mean softmax entropy."""
     ent = entropy(logits)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tta.core.validate import check_finite, check_range
+from tta.core.validate import check_range
 from tta.norm.convert import NORM_TYPES
 
 
@@ -52,6 +52,11 @@ class OptimizerConfig:
             check_range("betas", b, low=0.0, high=1.0, high_open=True)
         if self.nesterov and self.optimizer == "sgd" and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov needs momentum > 0 and dampening 0; set nesterov: false or change them")
+
+
+# The reference benchmark's ImageNet-C optimiser (ResNet-50, batch 64): SGD with Nesterov momentum. Methods build
+# their `imagenet` presets on it.
+IMAGENET_SGD: dict[str, object] = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": True}
 
 
 def make_optimizer(params: Iterable[nn.Parameter] | list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -106,6 +111,6 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
 
 
 __all__ = [
-    "OptimizerConfig", "check_finite", "ema_update", "force_batch_statistics", "make_optimizer",
+    "IMAGENET_SGD", "OptimizerConfig", "ema_update", "force_batch_statistics", "make_optimizer",
     "norm_affine_params", "norm_layers", "train_only",
 ]

@@ -5,12 +5,6 @@ from __future__ import annotations
 import math
 
 
-def check_finite(name: str, value: float) -> None:
-    """``ValueError`` unless ``value`` is a finite number."""
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-
-
 def check_range(
     name: str, value: float, *, low: float | None = None, high: float | None = None,
     low_open: bool = False, high_open: bool = False, allow_inf: bool = False,

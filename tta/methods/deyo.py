@@ -27,7 +27,7 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy, entropy_margin
-from tta.core.params import OptimizerConfig, force_batch_statistics, norm_layers, train_only
+from tta.core.params import IMAGENET_SGD, OptimizerConfig, force_batch_statistics, norm_layers, train_only
 from tta.core.validate import check_range
 from tta.core.views import generator_from, new_rng_state, occlude, patch_shuffle, pixel_shuffle
 from tta.errors import InputError, ModelError
@@ -81,7 +81,7 @@ class Deyo(AdaptedModel):
     update = "gradient"
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The reference benchmark's ImageNet-C settings (ResNet-50, batch 64).
-        "imagenet": {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": True},
+        "imagenet": IMAGENET_SGD,
     }
 
     def check_model(self, model: nn.Module) -> None:

@@ -21,14 +21,14 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy, entropy_margin
-from tta.core.params import OptimizerConfig, norm_affine_params
+from tta.core.params import IMAGENET_SGD, OptimizerConfig, norm_affine_params
 from tta.core.reliable import eval_with_batch_statistics, reliable
 from tta.core.validate import check_range
 from tta.errors import ModelError
 from tta.registry import register
 
 # The reference benchmark's ImageNet-C settings (ResNet-50, batch 64).
-IMAGENET = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": True, "d_margin": 0.05}
+IMAGENET = {**IMAGENET_SGD, "d_margin": 0.05}
 
 
 @dataclass(frozen=True)

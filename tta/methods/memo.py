@@ -26,7 +26,7 @@ from torch import nn
 from tta.core.augmix import augmix_views
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import marginal_entropy
-from tta.core.params import OptimizerConfig
+from tta.core.params import IMAGENET_SGD, OptimizerConfig
 from tta.core.validate import check_range
 from tta.norm.adaptive_bn import AdaptiveBN
 from tta.norm.convert import replace_batchnorms
@@ -65,8 +65,7 @@ class MEMO(AdaptedModel):
     update = "gradient"
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The reference benchmark's ImageNet-C settings (ResNet-50, one image at a time).
-        "imagenet": {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": True, "n_augmentations": 64,
-                     "crop": "resized"},
+        "imagenet": {**IMAGENET_SGD, "n_augmentations": 64, "crop": "resized"},
     }
 
     def configure(self, model: nn.Module) -> nn.Module:

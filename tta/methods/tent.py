@@ -16,12 +16,9 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy_objective
-from tta.core.params import OptimizerConfig, force_batch_statistics, norm_affine_params, train_only
+from tta.core.params import IMAGENET_SGD, OptimizerConfig, force_batch_statistics, norm_affine_params, train_only
 from tta.errors import ModelError
 from tta.registry import register
-
-# The reference benchmark's ImageNet-C settings (ResNet-50, batch 64).
-IMAGENET_SGD = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": True}
 
 
 @dataclass(frozen=True)
