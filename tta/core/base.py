@@ -417,7 +417,8 @@ class AdaptedModel(nn.Module):
                 for t, s in zip(tensors, saved, strict=True):
                     t.copy_(s)
             committed.value = False
-        # Structures that grew during the batch (new contexts, a filling memory bank) were checked by their owners.
+        # A batch that changed the structure (new contexts, a memory bank reallocated) is not rolled back here:
+        # its tensors are new objects, so there is nothing to compare them with.
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """Every parameter, buffer and optimizer-state tensor (the same objects from call to call)."""
