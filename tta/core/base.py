@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -299,9 +300,14 @@ class AdaptedModel(nn.Module):
             tmp.unlink(missing_ok=True)
         return path
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self.__dict__.pop("_snapshot_cache", None)  # .to(), .half(), ...: the snapshot buffers no longer match
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)  # locks cannot be copied or pickled; a copy gets its own
+        state.pop("_snapshot_cache", None)  # rebuilt on the next batch
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -404,21 +410,37 @@ class AdaptedModel(nn.Module):
 
     @contextmanager
     def _transaction(self) -> Iterator[bool]:
-        """Roll back every tensor of the state when the batch leaves one non-finite (one check per batch)."""
+        """Roll back every tensor of the state when the batch leaves one non-finite (one check per batch).
+
+        The snapshot is taken with one fused copy into buffers kept from the previous batch while the state's
+        structure (the list of its tensors) stays the same.
+        """
         tensors = self._state_tensors()
-        with torch.no_grad():
-            saved = [t.detach().clone() for t in tensors]
+        saved, floats = self._backup(tensors)
         committed = _Flag()
         yield committed  # type: ignore[misc]
+        if _all_finite(floats):
+            return
         after = self._state_tensors()
-        same = len(after) == len(tensors) and all(a is b for a, b in zip(after, tensors, strict=True))
-        if same and not _all_finite([t for t in after if t.is_floating_point()]):
+        if len(after) == len(tensors) and all(a is b for a, b in zip(after, tensors, strict=True)):
             with torch.no_grad():
-                for t, s in zip(tensors, saved, strict=True):
-                    t.copy_(s)
+                torch._foreach_copy_(tensors, saved)
             committed.value = False
         # A batch that changed the structure (new contexts, a memory bank reallocated) is not rolled back here:
         # its tensors are new objects, so there is nothing to compare them with.
+
+    def _backup(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of ``tensors`` (reusing last batch's buffers when it had the same tensors) and the float ones."""
+        cache = self.__dict__.get("_snapshot_cache")
+        with torch.no_grad():
+            if (cache is not None and len(cache[0]) == len(tensors)
+                    and all(a is b for a, b in zip(cache[0], tensors, strict=True))):
+                torch._foreach_copy_(cache[1], tensors)
+            else:
+                cache = (tensors, [t.detach().clone() for t in tensors],
+                         [t for t in tensors if t.is_floating_point() and t.numel()])
+                self.__dict__["_snapshot_cache"] = cache
+        return cache[1], cache[2]
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """Every parameter, buffer and optimizer-state tensor (the same objects from call to call)."""
@@ -483,8 +505,8 @@ class AdaptedModel(nn.Module):
         if device is not None and x.device != device:
             raise InputError(f"the batch is on {x.device} but the model is on {device}; move it with "
                              f"x.to({str(device)!r}) or the model with .to()")
-        finite, low, high = torch.stack([torch.isfinite(x).all().to(x.dtype), x.amin(), x.amax()]).tolist()
-        if not finite:
+        low, high = torch.stack(torch.aminmax(x)).tolist()  # one pass; NaN propagates, inf shows as a bound
+        if math.isnan(low) or math.isnan(high) or math.isinf(low) or math.isinf(high):
             raise InputError("the batch contains NaN or inf values; clean or drop those images before adapting")
         if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
             fix = ("divide by 255" if high > 1 + RANGE_TOLERANCE and high <= 255 + RANGE_TOLERANCE and low >= 0
@@ -546,17 +568,20 @@ def _as_ids(domain: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of every (floating-point) tensor is finite: a few fused kernels, one synchronisation."""
+    """Whether every value of every (floating-point, non-empty) tensor is finite: one fused kernel, one sync.
+
+    The largest absolute value of each tensor is finite exactly when the tensor is (NaN propagates); unlike a
+    2-norm it cannot overflow on large but finite values.
+    """
     if not tensors:
         return True
-    norms = torch._foreach_norm([t.detach() for t in tensors])
-    return bool(torch.isfinite(torch.stack([n.to(torch.float64) for n in norms])).all())
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=float("inf")))).all())
 
 
 def _finite(loss: torch.Tensor | None, params: list[nn.Parameter]) -> bool:
     """Whether the loss and every gradient are finite."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return _all_finite(grads + ([] if loss is None else [loss.reshape(1)]))
+    grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
+    return _all_finite(grads + ([] if loss is None else [loss.detach().reshape(1)]))
 
 
 @contextmanager
