@@ -5,8 +5,9 @@
 For each method (--methods, comma-separated), both sides take the same uint8 batches from host memory, move each to
 the device once, convert to [0, 1] floats and run the same model computation; the hand-written loop
 (benchmarks/hand_loops/<method>.py) has no input checks, no reset logic, no rollback and no accounting beyond a
-correct count. Runs alternate (engine, loop, engine, ...) and
-the median of --repeats runs is reported, as images per second and as the ratio engine / loop.
+correct count. After --warmup discarded runs of each side, the two sides alternate, each repeat in the opposite
+order of the one before (engine, loop, loop, engine, ...). Reported: the median images per second of each side
+over --repeats runs, and the median (and range) of the ratio engine / loop of the runs taken side by side.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet20")
     parser.add_argument("--n-images", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="discarded runs of each side per method")
     parser.add_argument("--methods", default="source,adabn,tent")
     args = parser.parse_args()
 
@@ -88,21 +90,25 @@ def main() -> None:
         x, y = x.pin_memory(), y.pin_memory()
     print(f"device={device} arch={args.arch} images={args.n_images} batch={args.batch_size} "
           f"repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'method':8s} {'engine img/s':>13s} {'loop img/s':>11s} {'ratio':>6s}")
+    print(f"{'method':8s} {'engine img/s':>13s} {'loop img/s':>11s} {'ratio':>6s} [range over repeats]")
     # Clean source data for the methods that need it (EATA's Fisher): random images of the same kind.
     source = (torch.from_numpy(rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)).permute(0, 3, 1, 2).float()
               .div(255), torch.from_numpy(rng.integers(0, 10, 512)))
-    engine_run("source", model, x, y, args.batch_size, device, None)  # warm-up (allocator, autotune, threads)
     for method in args.methods.split(","):
-        engine, loop = [], []
         needs = tta.methods.get_method(method).requires.source_data
         src = source if needs else None
-        for _ in range(args.repeats):
-            engine.append(engine_run(method, model, x, y, args.batch_size, device, src))
-            loop.append(hand_loop(method, model, x, y, args.batch_size, device, src))
-        e, h = statistics.median(engine), statistics.median(loop)
-        print(f"{method:8s} {e:13.0f} {h:11.0f} {e / h:6.3f}")
-
+        sides = {"engine": engine_run, "loop": hand_loop}
+        for _ in range(args.warmup):  # discarded: first-call costs (allocator, thread pools, autograd)
+            for run in sides.values():
+                run(method, model, x, y, args.batch_size, device, src)
+        speed: dict[str, list[float]] = {"engine": [], "loop": []}
+        for i in range(args.repeats):  # alternate which side goes first, so that drifts in load cancel
+            for side in (("engine", "loop") if i % 2 == 0 else ("loop", "engine")):
+                speed[side].append(sides[side](method, model, x, y, args.batch_size, device, src))
+        ratios = [e / h for e, h in zip(speed["engine"], speed["loop"], strict=True)]
+        e, h = statistics.median(speed["engine"]), statistics.median(speed["loop"])
+        print(f"{method:8s} {e:13.1f} {h:11.1f} {statistics.median(ratios):6.3f} "
+              f"[{min(ratios):.3f}, {max(ratios):.3f}]")
 
 if __name__ == "__main__":
     main()
