@@ -301,8 +301,17 @@ class AdaptedModel(nn.Module):
         return path
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self.__dict__.pop("_snapshot_cache", None)  # .to(), .half(), ...: the snapshot buffers no longer match
-        return super()._apply(fn, recurse)
+        """``.to()``, ``.double()``, ...: the optimizer's per-parameter moments follow their parameters."""
+        self.__dict__.pop("_snapshot_cache", None)  # the snapshot buffers no longer match
+        result = super()._apply(fn, recurse)
+        optimizer = self.__dict__.get("optimizer")
+        if optimizer is not None:
+            for param, state in optimizer.state.items():
+                for key, value in state.items():
+                    if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                            and (value.device != param.device or value.dtype != param.dtype)):
+                        state[key] = value.to(device=param.device, dtype=param.dtype)
+        return result
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
