@@ -181,14 +181,14 @@ def test_collapse_is_judged_against_the_model_as_reset_too(bn_model: nn.Module) 
     """The collapse reference is the larger of the source model's and the never-updated adapted copy's marginal
     entropy on the batch: the copy stays as it was while the adapted model moves."""
     adapted = tta.adapt(bn_model, "tent", lr=0.05, guard="monitor")
-    fresh = copy.deepcopy(adapted.guard.fresh)
+    fresh = copy.deepcopy(adapted.guard.reset_model)
     g = torch.Generator().manual_seed(3)
     for _ in range(4):
         x = torch.rand(16, 3, 16, 16, generator=g)
         adapted(x)
         expected = float(batch_signals(fresh.predict(x, None))["marginal_entropy"])
         assert adapted.guard.signals["reset_marginal_entropy"] == pytest.approx(expected, abs=1e-6)
-    assert _equal(_state(adapted.guard.fresh), _state(fresh))
+    assert _equal(_state(adapted.guard.reset_model), _state(fresh))
     assert not _equal(_state(adapted), _state(fresh))
 
 

@@ -104,7 +104,9 @@ class Guard:
     """Label-free monitor of an adapted model with actions when a signal crosses its threshold.
 
     ``guard.signals`` holds the last batch's signals, ``guard.averages`` their moving averages, ``guard.unhealthy``
-    the rules that fired on the last batch; ``guard.stats`` the source calibration (``None`` without source data).
+    the rules that fired on the last batch; ``guard.stats`` the source calibration (``None`` without source data);
+    ``guard.source_model`` and ``guard.reset_model`` the two frozen references (the latter ``None`` for methods
+    that never update).
     """
 
     def __init__(self, config: GuardConfig | None = None, *, source_data: SourceData | str | tuple[Any, Any] | None
@@ -121,7 +123,7 @@ class Guard:
         self.config = config
         self.source_data = as_source_data(source_data)
         self.source_model: nn.Module | None = None
-        self.fresh: AdaptedModel | None = None  # the adapted model as reset, never updated (the reset model)
+        self.reset_model: AdaptedModel | None = None  # the adapted model as reset, never updated (the reset model)
         self.stats: SourceStats | None = None
         self.signals: dict[str, float] = {}
         self.averages = MovingAverage(config.decay)
@@ -139,12 +141,12 @@ class Guard:
         source = self.source_data or adapted.source_data
         self.stats = None if source is None else calibrate(model, source, self.config.calibration_images)
         self.source_model = model
-        self.fresh = None
+        self.reset_model = None
         if adapted.update != "none":
             adapted.guard = None  # the copy must not carry a guard
-            self.fresh = copy.deepcopy(adapted)
-            self.fresh.reset()  # the state every update starts from
-            self.fresh.requires_grad_(False)
+            self.reset_model = copy.deepcopy(adapted)
+            self.reset_model.reset()  # the state every update starts from
+            self.reset_model.requires_grad_(False)
         self._resets_seen = adapted.counters.resets
         adapted.guard = self
 
@@ -164,18 +166,18 @@ class Guard:
         with torch.no_grad():
             self.source_model.to(x.device)
             src = self.source_model(x)
-            fresh = None if self.fresh is None else self.fresh.to(x.device).predict(x, domain)
+            reset = None if self.reset_model is None else self.reset_model.to(x.device).predict(x, domain)
         threshold = None if self.stats is None else self.stats.threshold
         mine = batch_signals(out.logits, src, threshold)
         theirs = batch_signals(src, None, threshold)
         names = list(mine) + [f"source_{k}" for k in theirs]
         tensors = [*mine.values(), *theirs.values()]
-        if fresh is not None:
+        if reset is not None:
             names.append("reset_marginal_entropy")
-            tensors.append(batch_signals(fresh)["marginal_entropy"])
+            tensors.append(batch_signals(reset)["marginal_entropy"])
             if threshold is not None:
                 names += ["reset_disagreement", "reset_confident", "reset_disagreement_se"]
-                tensors += list(confident_disagreement(out.logits, fresh, threshold))
+                tensors += list(confident_disagreement(out.logits, reset, threshold))
         if threshold is not None:
             names += ["estimated_gain", "estimated_gain_se"]
             tensors += list(paired_gain(out.logits, src, threshold))

@@ -67,6 +67,21 @@ def paired_gain(
     return diff.mean(), torch.maximum(spread, diff.new_tensor(1.0 / math.sqrt(n))) / math.sqrt(n)
 
 
+def confident_disagreement(
+    logits: torch.Tensor, reference_logits: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fraction of samples on which ``reference_logits`` are confident (max probability above ``threshold``) and
+    ``logits`` predict another class; the fraction of confident samples; the binomial standard error of the first
+    (never below 1/n)."""
+    reference = reference_logits.detach().float().softmax(1)
+    confident = reference.amax(1) > threshold
+    changed = (confident & (logits.detach().argmax(1) != reference.argmax(1))).float()
+    n = changed.numel()
+    rate = changed.mean()
+    se = torch.clamp((rate * (1 - rate) / n).sqrt(), min=1.0 / n)
+    return rate, confident.float().mean(), se
+
+
 class MovingAverage:
     """Exponential moving averages of named values: ``avg = decay * avg + (1 - decay) * value``."""
 
@@ -86,17 +101,3 @@ class MovingAverage:
         """Forget every average (after a reset: the next batch starts afresh)."""
         self.values.clear()
 
-
-def confident_disagreement(
-    logits: torch.Tensor, reference_logits: torch.Tensor, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fraction of samples on which ``reference_logits`` are confident (max probability above ``threshold``) and
-    ``logits`` predict another class; the fraction of confident samples; the binomial standard error of the first
-    (never below 1/n)."""
-    reference = reference_logits.detach().float().softmax(1)
-    confident = reference.amax(1) > threshold
-    changed = (confident & (logits.detach().argmax(1) != reference.argmax(1))).float()
-    n = changed.numel()
-    rate = changed.mean()
-    se = torch.clamp((rate * (1 - rate) / n).sqrt(), min=1.0 / n)
-    return rate, confident.float().mean(), se
