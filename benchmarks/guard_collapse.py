@@ -8,8 +8,11 @@ columns, including the guard's estimate and counts) plus a plot of accuracy alon
     PYTHONPATH=$PWD python benchmarks/guard_collapse.py \\
         --source npz:../shared/data/cifar10/test_exact_head.npz \\
         --checkpoint ../shared/models/cifar10_resnet20.th --arch resnet20 \\
-        --source-data npz:../shared/data/cifar10/train_jpeg_10k.npz \\
-        --collapse lr=0.01 --collapse optimizer=sgd --out guard.csv --plot docs/guard_collapse.png
+        --source-data npz:/tmp/held_out_clean.npz \\
+        --collapse lr=0.1 --out guard.csv --plot docs/guard_collapse.png
+
+``--source-data`` should be held-out clean images (not the model's training images, nor the images the stream is
+made of): the README's run uses CIFAR-10 test images 1,017..9,999, the stream the first 1,017.
 """
 
 from __future__ import annotations

@@ -154,3 +154,89 @@ def test_cli_guard_runs_and_fills_the_columns(tmp_path: Path, fake_cifar_c) -> N
     assert result.exit_code == 0, result.output
     df = pd.read_csv(out)
     assert df["estimated_accuracy"].between(0, 100).all() and len(df) == 1
+
+
+def test_paired_gain_is_the_estimate_difference_with_its_sampling_error() -> None:
+    from tta.monitor.signals import paired_gain
+
+    logits = torch.eye(10).repeat(4, 1) * torch.linspace(0, 9, 40)[:, None]  # confidence grows along the batch
+    gain, se = paired_gain(logits, logits, 0.5)
+    assert float(gain) == 0.0 and float(se) == pytest.approx(1 / 40)  # identical: no gain, the 1/n floor
+    sharper = logits * 3
+    gain, se = paired_gain(sharper, logits, 0.5)
+    above = (sharper.softmax(1).amax(1) > 0.5).float() - (logits.softmax(1).amax(1) > 0.5).float()
+    assert float(gain) == pytest.approx(float(above.mean())) and float(gain) > 0
+    assert float(se) == pytest.approx(float(above.std()) / 40 ** 0.5)
+
+
+def test_calibration_on_images_the_model_always_gets_right_warns(bn_model: nn.Module) -> None:
+    images = _source()[0]
+    with torch.no_grad():
+        labels = bn_model.eval()(images).argmax(1)  # 100 % right: what training images look like
+    with pytest.warns(UserWarning, match="held-out"):
+        tta.adapt(bn_model, "tent", guard="default", source_data=(images, labels))
+
+
+def test_collapse_is_judged_against_the_model_as_reset_too(bn_model: nn.Module) -> None:
+    """The collapse reference is the larger of the source model's and the never-updated adapted copy's marginal
+    entropy on the batch: the copy stays as it was while the adapted model moves."""
+    adapted = tta.adapt(bn_model, "tent", lr=0.05, guard="monitor")
+    fresh = copy.deepcopy(adapted.guard.reset_model)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x = torch.rand(16, 3, 16, 16, generator=g)
+        adapted(x)
+        expected = float(batch_signals(fresh.predict(x, None))["marginal_entropy"])
+        assert adapted.guard.signals["reset_marginal_entropy"] == pytest.approx(expected, abs=1e-6)
+    assert _equal(_state(adapted.guard.reset_model), _state(fresh))
+    assert not _equal(_state(adapted), _state(fresh))
+
+
+def test_guard_state_round_trips_through_save(bn_model: nn.Module, tmp_path: Path) -> None:
+    """Saved mid-stream and loaded onto the same source model, a guarded model goes on exactly as the original:
+    same snapshot, same run of unhealthy batches, same averages, same predictions and actions."""
+    settings = {"optimizer": "sgd", "lr": 5.0}
+    adapted = tta.adapt(bn_model, "tent", guard=Guard(reset_after=4, decay=0.5), source_data=_source(), **settings)
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.rand(16, 3, 16, 16, generator=g) * 0.6 for _ in range(10)]
+    for x in batches[:5]:
+        adapted(x)
+    adapted.save(tmp_path / "guarded.pt")
+    loaded = tta.load_adapted(tmp_path / "guarded.pt", bn_model, source_data=_source())
+    assert loaded.guard is not None and loaded.guard.config == adapted.guard.config
+    assert loaded.guard.averages.values == adapted.guard.averages.values
+    for x in batches[5:]:
+        assert torch.equal(adapted(x), loaded(x))
+        assert adapted.guard.unhealthy == loaded.guard.unhealthy
+    assert _equal(_state(adapted), _state(loaded))
+    with pytest.raises(tta.ConfigError, match="other guard settings"):
+        Guard(reset_after=2).load_state_dict(adapted.guard.state_dict())
+
+
+@pytest.mark.realdata
+def test_healthy_adaptation_on_a_real_shift_is_not_blocked(shared: Path) -> None:
+    """ResNet-20, Tent's defaults, the first 400 exact test images with Gaussian noise (severity 3), the guard
+    calibrated on other (held-out) test images: Tent gains on the source model and the guard lets every batch
+    through unchanged."""
+    import numpy as np
+
+    from tta.corruptions import corrupt
+
+    model = tta.load_model(checkpoint=shared / "models" / "cifar10_resnet20.th", arch="resnet20")
+    head = np.load(shared / "data" / "cifar10" / "test_exact_head.npz")
+    held_out = np.load(shared / "data" / "cifar10" / "test_jpeg.npz")
+    calibration = (held_out["x"][5000:7000], held_out["y"][5000:7000])
+    images = torch.from_numpy(head["x"][:400]).permute(0, 3, 1, 2).float() / 255
+    labels = torch.from_numpy(head["y"][:400])
+    noisy = corrupt(images, "gaussian_noise", 3, torch.Generator().manual_seed(0))
+    plain = tta.adapt(model, "tent")
+    guarded = tta.adapt(model, "tent", guard="default", source_data=calibration)
+    right = {"source": 0, "tent": 0}
+    for x, y in zip(noisy.split(200), labels.split(200), strict=True):
+        out = guarded(x)
+        assert not guarded.guard.unhealthy and torch.equal(out, plain(x))
+        right["tent"] += int((out.argmax(1) == y).sum())
+        with torch.no_grad():
+            right["source"] += int((guarded.guard.source_model(x).argmax(1) == y).sum())
+    assert right["tent"] > right["source"] + 40  # adaptation gains more than 10 points here, and keeps them
+    assert guarded.counters.fallbacks == guarded.counters.skipped == 0

@@ -111,8 +111,9 @@ def load_adapted(
     """An adapted model saved with ``adapted.save(path)``, rebuilt on ``model`` (the same source model it was
     adapted from) and restored exactly: parameters, statistics, declared state and optimizer state.
 
-    ``source_data`` is needed again for methods that require it. A file of another format, or a ``model`` other
-    than the one it was saved from, is a ``ModelError``.
+    ``source_data`` is needed again for methods that require it (and by a saved guard to calibrate). A guard saved
+    with the model comes back with its settings and state. A file of another format, or a ``model`` other than the
+    one it was saved from, is a ``ModelError``.
     """
     import torch
 
@@ -133,7 +134,18 @@ def load_adapted(
     if adapted.snapshot_fingerprint() != payload["source"]:
         raise ModelError(f"{path} was saved from another source model (or other settings); load it onto the model "
                          "it was adapted from")
+    guard_state = payload.get("guard")
+    if guard_state is not None:  # --- guard (tta.monitor): the same settings, then its state
+        from tta.monitor import GuardConfig, attach_guard
+
+        try:
+            config = GuardConfig(**guard_state["config"])
+        except (TypeError, KeyError):
+            raise ModelError(f"{path} holds guard settings this version does not know; save it again") from None
+        attach_guard(adapted, config, model, source_data)
     adapted.load_state_dict(payload["state_dict"])
+    if guard_state is not None and adapted.guard is not None:
+        adapted.guard.load_state_dict(guard_state)
     return adapted
 
 

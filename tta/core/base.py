@@ -289,6 +289,8 @@ class AdaptedModel(nn.Module):
         with self._lock:
             payload = {"format": SAVE_FORMAT, "version": 1, "method": self.name, "settings": to_dict(self.config),
                        "window": self.window, "source": self.snapshot_fingerprint(), "state_dict": self.state_dict()}
+            if self.guard is not None:  # tta.monitor: the guard's snapshot, counters and averages
+                payload["guard"] = self.guard.state_dict()
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
             with open(tmp, "wb") as f:

@@ -1,6 +1,6 @@
 """Guards and monitors for deployed adaptation: label-free signals, an accuracy estimate, and safe actions.
 
->>> adapted = tta.adapt(model, "tent", guard="default", source_data="cifar10")
+>>> adapted = tta.adapt(model, "tent", guard="default", source_data="npz:held_out_clean.npz")
 >>> adapted(x); adapted.guard.signals        # this batch's entropy, confidence, agreement, estimated accuracy
 """
 

@@ -4,16 +4,23 @@ Average thresholded confidence (ATC, Garg et al., ICLR 2022) estimates accuracy 
 of samples whose confidence exceeds a threshold ``t``; ``t`` is chosen on labelled clean source data so that the
 fraction of source samples above it equals the source accuracy there. The calibration is computed once per
 (model weights, source data, number of images) and cached (``tta.source.derived``).
+
+The source data should be *held-out* clean images (a validation split the model was not trained on). On its own
+training images a model is right almost everywhere, so the threshold comes out too low and every estimate too
+high; ``calibrate`` warns when the source accuracy exceeds ``SUSPICIOUS_ACCURACY``.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tta.source import SourceData, derived
+
+SUSPICIOUS_ACCURACY = 0.99  # above this on the calibration images, they are most likely training images
 
 
 @dataclass(frozen=True)
@@ -67,4 +74,9 @@ def calibrate(model: nn.Module, source: SourceData, n: int = 2000, batch_size: i
     model.eval()
     values = derived("guard-calibration", model_fingerprint(model), source, f"n={n}|v2",
                      lambda: _compute(model, source, n, batch_size))
-    return SourceStats(**{**values, "n": int(values["n"])})
+    stats = SourceStats(**{**values, "n": int(values["n"])})
+    if stats.accuracy > SUSPICIOUS_ACCURACY:
+        warnings.warn(f"the source model is {100 * stats.accuracy:.1f} % accurate on the guard's calibration images "
+                      f"({source.spec}): are they its training images? Calibrate on held-out clean images (a "
+                      "validation split), or the accuracy estimate will be too high", stacklevel=2)
+    return stats

@@ -1,34 +1,44 @@
 """Guards: watch an adapted model's label-free signals and intervene before adaptation makes it worse.
 
 A guard keeps a frozen copy of the source model and, on every batch, compares the adapted model's prediction with
-the source model's on the same images. A batch is *unhealthy* when any enabled rule fires:
+the source model's on the same images. A batch is *unhealthy* when an enabled rule fires:
 
 - ``collapse``: the adapted predictions' marginal entropy (entropy of the batch's mean prediction) is below
-  ``collapse_ratio`` times the source model's on the same batch: adaptation is putting the images into fewer
-  classes than the model it started from (the signature of entropy-minimisation collapse);
-- ``atc``: the ATC accuracy estimate of the adapted predictions is below the source model's estimate on the same
-  batch by more than ``atc_margin`` (both with the threshold calibrated on clean source data; adapted models are
-  over- rather than under-confident, so this only fires on clear degradation);
-- ``disagreement``: the adapted model contradicts the source model where the source model is confident (above
-  the ATC threshold) more often than the source model is wrong there: on ``confident_disagreement`` minus
-  ``(1 - precision) * source_estimated_accuracy`` > ``disagreement_margin``, ``precision`` being the source
-  model's accuracy above the threshold on clean source data. Adaptation that gains on the source model's
-  uncertain samples but breaks its confident ones is caught here, before it shows as low confidence;
-- ``agreement``: the agreement with the source model is so low that the adapted model must be less accurate than
-  the source one: both models are right only where they agree, so ``acc_adapted <= agreement + 1 - acc_source``,
-  which is below ``acc_source`` when ``agreement < 2 * acc_source - 1`` (``acc_source`` being its ATC estimate).
+  ``collapse_ratio`` times the larger of two references on the same batch: the source model's, and (for methods
+  that update) the *reset model*'s, a copy of the adapted model kept as it was at reset and never updated (for
+  Tent: the source weights with the batch's statistics; one more forward per batch). Adaptation is then putting
+  the images into fewer classes than both models it started from: the signature of entropy-minimisation
+  collapse. The second reference matters under strong shift, where the source model itself puts most images into
+  a few classes (so a collapse relative to it alone comes too late); both being measured on the same batch, a
+  stream whose batches really hold few classes does not fire the rule;
+- ``atc`` (needs source data): the ATC accuracy estimate of the adapted predictions is below the source model's on
+  the same batch by more than ``atc_z`` standard errors of the paired difference (per sample: whether the adapted
+  model is above the threshold minus whether the source model is), i.e. by more than the batch's sampling noise.
+  Both use the threshold calibrated on clean source data;
+- ``drift`` (needs source data and a method that updates): the adapted model changes the class of samples on
+  which the *reset model* is confident (above the threshold) more often than the reset model is expected to be
+  wrong there, ``(1 - precision) * confident fraction`` (``precision``: the source model's accuracy above the
+  threshold on the clean calibration images), by more than ``drift_z`` standard errors. The updates have then
+  moved the model away from its starting point on samples where that starting point is reliable. The reset model
+  is used rather than the source model because under shift the source model is confidently wrong (its
+  confident samples are far less often right than on clean data), while a model that adapts its statistics (the
+  reset state of Tent and its kin) stays close to its clean calibration.
 
-Every threshold is relative to the source model on the same batch or calibrated on clean source data; none is
-tuned on a benchmark. On an unhealthy batch the guard's actions (each can be switched off):
+Every threshold is relative to the source or reset model on the same batch, calibrated on clean source data, or
+the sampling error of the batch; none is tuned on a benchmark. Rules that compare with the source model's *estimated*
+accuracy in absolute terms are deliberately absent: under a strong shift the source model is confidently wrong
+(its ATC estimate can exceed its accuracy several times over), so such rules would block exactly the batches on
+which adaptation helps most. On an unhealthy batch the guard's actions (each can be switched off):
 
 - ``skip``: the batch's update is not applied (nor is it after a rollback or reset);
 - ``fallback``: the source model's prediction is returned for the batch;
 - ``rollback``: the adapted state returns to the last snapshot that produced a healthy batch;
 - ``reset``: after ``reset_after`` unhealthy batches in a row (rolling back did not help), ``reset()``.
 
-Calibration needs clean source data (``source_data=`` of the guard or of the adapted model); without it the
-``atc``, ``disagreement`` and ``agreement`` rules and the accuracy estimate are off and only ``collapse``
-guards the run.
+Calibration wants *held-out* clean labelled images (a validation split), not the images the model was trained on:
+on training images the source model is nearly always right, which makes the threshold too low and the estimates
+too high (``calibrate`` warns when the source accuracy there is above 99 %). Without source data the ``atc`` and
+``drift`` rules and the accuracy estimate are off and ``collapse`` alone guards the run.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from torch import nn
 from tta.core.validate import check_range
 from tta.errors import ConfigError
 from tta.monitor.calibrate import SourceStats, calibrate
-from tta.monitor.signals import MovingAverage, batch_signals
+from tta.monitor.signals import MovingAverage, batch_signals, confident_disagreement, paired_gain
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel, StepOutput
@@ -56,9 +66,8 @@ class GuardConfig:
     """Rules and actions of a ``Guard`` (see the module docstring); ratios and margins are fractions."""
 
     collapse_ratio: float = 0.9
-    atc_margin: float = 0.05
-    disagreement_margin: float = 0.02
-    agreement_rule: bool = True
+    atc_z: float = 3.0
+    drift_z: float = 3.0
     skip: bool = True
     fallback: bool = True
     rollback: bool = True
@@ -70,8 +79,8 @@ class GuardConfig:
     def __post_init__(self) -> None:
         try:
             check_range("collapse_ratio", self.collapse_ratio, low=0.0, high=1.0)
-            check_range("atc_margin", self.atc_margin, low=0.0, high=1.0)
-            check_range("disagreement_margin", self.disagreement_margin, low=0.0, high=1.0)
+            check_range("atc_z", self.atc_z, low=0.0, allow_inf=True)
+            check_range("drift_z", self.drift_z, low=0.0, allow_inf=True)
             check_range("decay", self.decay, low=0.0, high=1.0, high_open=True)
         except ValueError as err:
             raise ConfigError(f"guard setting: {err}") from None
@@ -95,7 +104,9 @@ class Guard:
     """Label-free monitor of an adapted model with actions when a signal crosses its threshold.
 
     ``guard.signals`` holds the last batch's signals, ``guard.averages`` their moving averages, ``guard.unhealthy``
-    the rules that fired on the last batch; ``guard.stats`` the source calibration (``None`` without source data).
+    the rules that fired on the last batch; ``guard.stats`` the source calibration (``None`` without source data);
+    ``guard.source_model`` and ``guard.reset_model`` the two frozen references (the latter ``None`` for methods
+    that never update).
     """
 
     def __init__(self, config: GuardConfig | None = None, *, source_data: SourceData | str | tuple[Any, Any] | None
@@ -112,6 +123,7 @@ class Guard:
         self.config = config
         self.source_data = as_source_data(source_data)
         self.source_model: nn.Module | None = None
+        self.reset_model: AdaptedModel | None = None  # the adapted model as reset, never updated (the reset model)
         self.stats: SourceStats | None = None
         self.signals: dict[str, float] = {}
         self.averages = MovingAverage(config.decay)
@@ -129,6 +141,12 @@ class Guard:
         source = self.source_data or adapted.source_data
         self.stats = None if source is None else calibrate(model, source, self.config.calibration_images)
         self.source_model = model
+        self.reset_model = None
+        if adapted.update != "none":
+            adapted.guard = None  # the copy must not carry a guard
+            self.reset_model = copy.deepcopy(adapted)
+            self.reset_model.reset()  # the state every update starts from
+            self.reset_model.requires_grad_(False)
         self._resets_seen = adapted.counters.resets
         adapted.guard = self
 
@@ -148,11 +166,22 @@ class Guard:
         with torch.no_grad():
             self.source_model.to(x.device)
             src = self.source_model(x)
+            reset = None if self.reset_model is None else self.reset_model.to(x.device).predict(x, domain)
         threshold = None if self.stats is None else self.stats.threshold
         mine = batch_signals(out.logits, src, threshold)
         theirs = batch_signals(src, None, threshold)
         names = list(mine) + [f"source_{k}" for k in theirs]
-        values = torch.stack([*mine.values(), *theirs.values()]).tolist()  # the one synchronisation of a batch
+        tensors = [*mine.values(), *theirs.values()]
+        if reset is not None:
+            names.append("reset_marginal_entropy")
+            tensors.append(batch_signals(reset)["marginal_entropy"])
+            if threshold is not None:
+                names += ["reset_disagreement", "reset_confident", "reset_disagreement_se"]
+                tensors += list(confident_disagreement(out.logits, reset, threshold))
+        if threshold is not None:
+            names += ["estimated_gain", "estimated_gain_se"]
+            tensors += list(paired_gain(out.logits, src, threshold))
+        values = torch.stack(tensors).tolist()  # the one synchronisation of a batch
         self.signals = dict(zip(names, values, strict=True))
         self.averages.update(self.signals)
         self.unhealthy = self._rules(self.signals)
@@ -187,20 +216,36 @@ class Guard:
         self._fallback_logits = None
         return out
 
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What the guard learned along the stream: its settings, the last healthy snapshot, the run of unhealthy
+        batches and the moving averages (``adapted.save`` includes it). The source copy and the calibration are
+        not saved: ``attach`` rebuilds them from the source model and source data."""
+        return {"config": dataclasses.asdict(self.config), "good": copy.deepcopy(self._good),
+                "bad_run": self._bad_run, "averages": dict(self.averages.values)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (after ``attach``); settings other than this guard's are an error."""
+        if state.get("config") != dataclasses.asdict(self.config):
+            raise ConfigError(f"this guard state was saved with other guard settings ({state.get('config')}); "
+                              f"attach a guard with those settings first")
+        self._good = copy.deepcopy(state["good"])
+        self._bad_run = int(state["bad_run"])
+        self.averages.values = dict(state["averages"])
+
     # ---------------------------------------------------------------------------------------------- helpers
     def _rules(self, s: dict[str, float]) -> list[str]:
         cfg = self.config
         fired = []
-        if s["marginal_entropy"] < cfg.collapse_ratio * s["source_marginal_entropy"]:
+        reference = max(s["source_marginal_entropy"], s.get("reset_marginal_entropy", 0.0))
+        if s["marginal_entropy"] < cfg.collapse_ratio * reference:
             fired.append("collapse")
-        if "estimated_accuracy" in s:
-            if s["estimated_accuracy"] < s["source_estimated_accuracy"] - cfg.atc_margin:
-                fired.append("atc")
-            expected_wrong = (1 - self.stats.precision) * s["source_estimated_accuracy"]  # type: ignore[union-attr]
-            if s["confident_disagreement"] - expected_wrong > cfg.disagreement_margin:
-                fired.append("disagreement")
-            if cfg.agreement_rule and s["agreement"] < 2 * s["source_estimated_accuracy"] - 1:
-                fired.append("agreement")
+        if "estimated_gain" in s and s["estimated_gain"] < -cfg.atc_z * s["estimated_gain_se"]:
+            fired.append("atc")
+        if "reset_disagreement" in s:
+            expected = (1 - self.stats.precision) * s["reset_confident"]  # type: ignore[union-attr]
+            if s["reset_disagreement"] - expected > cfg.drift_z * s["reset_disagreement_se"]:
+                fired.append("drift")
         return fired
 
     @staticmethod

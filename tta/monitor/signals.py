@@ -9,8 +9,11 @@ All entropies are divided by ``ln(C)`` (C classes), so 0 is a one-hot prediction
 - ``agreement``: fraction of samples whose class equals the frozen source model's (when one is kept);
 - ``estimated_accuracy``: the ATC estimate, the fraction of samples whose confidence exceeds the threshold
   calibrated on clean source data (see ``tta.monitor.calibrate``);
-- ``confident_disagreement``: fraction of samples on which the source model is above that threshold (so most
-  likely right) and the prediction disagrees with it (needs both the source logits and the threshold).
+- ``estimated_gain`` (guards only): the adapted estimate minus the source model's on the same batch, with
+  ``estimated_gain_se`` its standard error (paired over samples, at least that of one sample in n);
+- ``reset_disagreement`` (guards only): fraction of samples on which the reset model (the adapted model as it
+  was before any update) is above the threshold and the prediction differs from its class, with
+  ``reset_confident`` the fraction above the threshold and ``reset_disagreement_se`` the standard error.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ import math
 
 import torch
 
-SIGNALS: tuple[str, ...] = ("entropy", "confidence", "marginal_entropy", "agreement", "estimated_accuracy",
-                            "confident_disagreement")
+SIGNALS: tuple[str, ...] = ("entropy", "confidence", "marginal_entropy", "agreement", "estimated_accuracy")
 
 
 def batch_signals(
@@ -46,11 +48,38 @@ def batch_signals(
         out["agreement"] = (logits.argmax(1) == source_logits.argmax(1)).float().mean()
     if threshold is not None:
         out["estimated_accuracy"] = (conf > threshold).float().mean()
-    if source_logits is not None and threshold is not None:
-        source_p = source_logits.detach().float().softmax(1)
-        confident = source_p.amax(1) > threshold
-        out["confident_disagreement"] = (confident & (logits.argmax(1) != source_p.argmax(1))).float().mean()
     return out
+
+
+def paired_gain(
+    logits: torch.Tensor, source_logits: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATC estimate of ``logits`` minus that of ``source_logits`` on the same samples, and its standard error.
+
+    Per sample the difference is 1, 0 or -1 (which of the two is above ``threshold``); the error is the sample
+    standard deviation of those differences over sqrt(n), never below 1/n (no spread seen is not certainty).
+    """
+    above = (logits.detach().float().softmax(1).amax(1) > threshold).float()
+    source_above = (source_logits.detach().float().softmax(1).amax(1) > threshold).float()
+    diff = above - source_above
+    n = diff.numel()
+    spread = diff.std() if n > 1 else diff.new_tensor(1.0)
+    return diff.mean(), torch.maximum(spread, diff.new_tensor(1.0 / math.sqrt(n))) / math.sqrt(n)
+
+
+def confident_disagreement(
+    logits: torch.Tensor, reference_logits: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fraction of samples on which ``reference_logits`` are confident (max probability above ``threshold``) and
+    ``logits`` predict another class; the fraction of confident samples; the binomial standard error of the first
+    (never below 1/n)."""
+    reference = reference_logits.detach().float().softmax(1)
+    confident = reference.amax(1) > threshold
+    changed = (confident & (logits.detach().argmax(1) != reference.argmax(1))).float()
+    n = changed.numel()
+    rate = changed.mean()
+    se = torch.clamp((rate * (1 - rate) / n).sqrt(), min=1.0 / n)
+    return rate, confident.float().mean(), se
 
 
 class MovingAverage:
@@ -71,3 +100,4 @@ class MovingAverage:
     def clear(self) -> None:
         """Forget every average (after a reset: the next batch starts afresh)."""
         self.values.clear()
+
