@@ -7,7 +7,7 @@ once from the clean test head (``tta.data.generated``, the generator of ``tta ad
 every row sees the same bytes. Rows (reset per corruption x severity): the BN model without adaptation, AdaBN with
 batches of 200, the BN model one image at a time (adabn's source prior, N = 16, and tent on the sliding window), the
 converted model one image at a time without adaptation and with tent (a step per image, or on a sliding window of the
-last 16 or 64 images: ``tta adapt --batch-size 1``'s default) and with ETA on the window; plus clean accuracy of
+last 16 or 64 images: ``tta adapt --batch-size 1``'s default) and with ETA on the windows; plus clean accuracy of
 both models. Prints one markdown table (accuracy in percent, mean over the corruptions per severity) and writes the
 tidy results to ``--out``.
 """
@@ -41,6 +41,7 @@ ROWS: dict[str, tuple[str, str, dict[str, object], int, int]] = {
     "PN tent window 64 (batch 1)": ("pn", "tent", {}, 1, 64),
     "PN tent window 16 (batch 1)": ("pn", "tent", {}, 1, 16),
     "PN eta window 64 (batch 1)": ("pn", "eta", {}, 1, 64),
+    "PN eta window 16 (batch 1)": ("pn", "eta", {}, 1, 16),
 }
 
 
