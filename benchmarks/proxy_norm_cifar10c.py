@@ -5,9 +5,11 @@
 ``WARM.pt`` is the checkpoint of ``tta warmup --method proxy-norm`` (see the README). The corruptions are generated
 once from the clean test head (``tta.data.generated``, the generator of ``tta adapt --generate``, data seed 0), so
 every row sees the same bytes. Rows (reset per corruption x severity): the BN model without adaptation, AdaBN with
-batches of 200, the BN model one image at a time (adabn's source prior, N = 16, and tent), the converted model one
-image at a time without adaptation and with tent; plus clean accuracy of both models. Prints one markdown table
-(accuracy in percent, mean over the corruptions per severity) and writes the tidy results to ``--out``.
+batches of 200, the BN model one image at a time (adabn's source prior, N = 16, and tent on the sliding window), the
+converted model one image at a time without adaptation and with tent (a step per image, or on a sliding window of the
+last 16 or 64 images: ``tta adapt --batch-size 1``'s default) and with ETA on the windows; plus clean accuracy of
+both models. Prints one markdown table (accuracy in percent, mean over the corruptions per severity) and writes the
+tidy results to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,16 +28,20 @@ from tta.data.generated import generated_stream
 from tta.data.settings import WholeDomainCache
 from tta.data.stream import Stream
 
-# label -> (which model, method, settings, batch size)
-ROWS: dict[str, tuple[str, str, dict[str, object], int]] = {
-    "BN source (batch 200)": ("bn", "source", {}, 200),
-    "BN adabn (batch 200)": ("bn", "adabn", {}, 200),
-    "BN adabn prior N=16 (batch 1)": ("bn", "adabn", {"mode": "prior"}, 1),
-    "BN tent (batch 1)": ("bn", "tent", {}, 1),
-    "PN source (batch 1)": ("pn", "source", {}, 1),
-    "PN source (batch 200)": ("pn", "source", {}, 200),  # batch-independent: the same predictions as batch 1
-    "PN tent (batch 1)": ("pn", "tent", {}, 1),
-    "PN tent lr=1e-4 (batch 1)": ("pn", "tent", {"lr": 1e-4}, 1),
+# label -> (which model, method, settings, batch size, sliding window: 0 = a step per batch, even of one image)
+ROWS: dict[str, tuple[str, str, dict[str, object], int, int]] = {
+    "BN source (batch 200)": ("bn", "source", {}, 200, 0),
+    "BN adabn (batch 200)": ("bn", "adabn", {}, 200, 0),
+    "BN adabn prior N=16 (batch 1)": ("bn", "adabn", {"mode": "prior"}, 1, 0),
+    "BN tent window 64 (batch 1)": ("bn", "tent", {}, 1, 64),
+    "PN source (batch 1)": ("pn", "source", {}, 1, 0),
+    "PN source (batch 200)": ("pn", "source", {}, 200, 0),  # batch-independent: the same predictions as batch 1
+    "PN tent (batch 1)": ("pn", "tent", {}, 1, 0),
+    "PN tent lr=1e-4 (batch 1)": ("pn", "tent", {"lr": 1e-4}, 1, 0),
+    "PN tent window 64 (batch 1)": ("pn", "tent", {}, 1, 64),
+    "PN tent window 16 (batch 1)": ("pn", "tent", {}, 1, 16),
+    "PN eta window 64 (batch 1)": ("pn", "eta", {}, 1, 64),
+    "PN eta window 16 (batch 1)": ("pn", "eta", {}, 1, 16),
 }
 
 
@@ -77,7 +83,7 @@ def main() -> None:
     frames: list[pd.DataFrame] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for label in args.rows.split(","):
-        which, method, settings, batch_size = ROWS[label]
+        which, method, settings, batch_size, window = ROWS[label]
         if which not in models:
             print(f"{label}: skipped ({args.warm} does not exist)")
             continue
@@ -90,8 +96,8 @@ def main() -> None:
             done.append({**row, "method": label})
             pd.concat([*frames, pd.DataFrame(done)], ignore_index=True).to_csv(args.out, index=False)
 
-        df = tta.evaluate(tta.adapt(models[which], method, **settings), rows, "domain", device=args.device,
-                          model_name=args.arch, seed=1, on_result=save)
+        adapted = tta.adapt(models[which], method, window=window, **settings)
+        df = tta.evaluate(adapted, rows, "domain", device=args.device, model_name=args.arch, seed=1, on_result=save)
         print(f"{label}: mean {df.accuracy.mean():.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         frames.append(df.assign(method=label))
         results = pd.concat(frames, ignore_index=True)

@@ -205,6 +205,22 @@ def test_tent_adapts_norm_and_proxy_parameters_and_stays_batch_independent(conve
                            converted.state_dict()["1.bn1_act.proxy_beta"])  # tent moved the proxy
 
 
+def test_sliding_window_updates_on_the_window_and_predicts_each_image_alone(converted: nn.Module) -> None:
+    """At batch size 1 with a window, the update averages over the last images while every prediction stays the
+    image's own: equal to the adapted network applied to that image alone, never to the window."""
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(1, 3, 8, 8, generator=g) for _ in range(7)]
+    windowed = tta.adapt(converted, "tent", window=3)
+    start = copy.deepcopy(windowed.model.state_dict())
+    for i, x in enumerate(images):
+        with torch.no_grad():
+            expected = windowed.model(x)
+        torch.testing.assert_close(windowed(x), expected, rtol=1e-4, atol=1e-4)
+        moved = not torch.equal(windowed.model.state_dict()["1.bn1_act.proxy_beta"], start["1.bn1_act.proxy_beta"])
+        assert moved == (i >= 2)  # the first update comes with the window's third image
+    assert windowed.counters.batches == 2  # one step per 3 images
+
+
 def test_a_bn_model_under_tent_is_batch_dependent() -> None:
     """The property above can fail: with BatchNorm, image a's logits change with its batch-mate."""
     base = load_model_from(cifar_resnet("resnet20"))

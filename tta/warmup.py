@@ -47,9 +47,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "proxy-norm": {"norm": "layer", "groups": 8, "eps": 1e-5},
 }
 # Training defaults per method: AFN's official recipe; for proxy-norm, see the README's Proxy Normalization section.
-DEFAULTS: dict[str, dict[str, str]] = {
-    "afn": {"loss": "ce", "schedule": "constant"},
-    "proxy-norm": {"loss": "ce+distill", "schedule": "cosine"},
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "afn": {"loss": "ce", "schedule": "constant", "epochs": 5},
+    "proxy-norm": {"loss": "ce+distill", "schedule": "cosine", "epochs": 4},
 }
 LEGACY_AFN_FORMAT = "tta.afn-warmup"  # AFN warm-ups written before the self-describing format; still readable
 
@@ -186,7 +186,7 @@ def warmup(
     method: str = "proxy-norm",
     *,
     settings: Mapping[str, Any] | None = None,
-    epochs: int = 5,
+    epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
@@ -208,16 +208,17 @@ def warmup(
     conversion's (``SETTINGS[method]`` lists them and their defaults). Adam, random crop and flip when
     ``augment``. ``loss``: ``ce`` (cross-entropy with the labels), ``distill`` (KL divergence from the softmax of
     ``model``'s own logits on the same augmented batch, temperature 1) or ``ce+distill`` (their sum);
-    ``schedule``: ``constant`` or ``cosine`` learning rate (decaying to 0 over the run); both default per method
-    (``DEFAULTS``). ``resume``: a file where the state is written after every epoch and read back on the next call
-    with the same inputs, so an interrupted warm-up continues where it stopped; it is left in place (delete it
-    once the result is saved). ``base`` and ``build`` describe the pretrained model in the checkpoint.
+    ``schedule``: ``constant`` or ``cosine`` learning rate (decaying to 0 over the run); they and ``epochs`` default
+    per method (``DEFAULTS``). ``resume``: a file where the state is written after every epoch and read back on the
+    next call with the same inputs, so an interrupted warm-up continues where it stopped; it is left in place
+    (delete it once the result is saved). ``base`` and ``build`` describe the pretrained model in the checkpoint.
     ``calibrate``: for proxy-norm, how many source images (a seeded random subset, without augmentation) set the
     converted layers' initial parameters (``tta.norm.proxy_norm.calibrate_proxy_norm``) before training; 0 skips it.
     """
     settings = _method_settings(method, settings)
     loss = loss or DEFAULTS[method]["loss"]
     schedule = schedule or DEFAULTS[method]["schedule"]
+    epochs = DEFAULTS[method]["epochs"] if epochs is None else epochs
     if loss not in LOSSES:
         raise ConfigError(f"unknown warm-up loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if schedule not in SCHEDULES:
@@ -449,7 +450,7 @@ def run_warmup(
     dataset: str = "cifar10",
     data_dir: str | Path = "data",
     n_images: int | None = None,
-    epochs: int = 5,
+    epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 1e-3,
     weight_decay: float = 0.0,

@@ -111,6 +111,10 @@ class AdaptedModel(nn.Module):
         model = copy.deepcopy(model)  # never modify the caller's model
         check_requirements(self.requires, model, self.name, self.source_data)
         self.check_model(model)
+        # Without BatchNorm (e.g. a Proxy Normalization model) and with the default predict, an image's prediction
+        # does not depend on its batch-mates: the sliding window then predicts each image alone, not with the window.
+        self._predict_alone = type(self).predict is AdaptedModel.predict and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.num_classes = _num_classes(model)
         self.in_channels = _input_channels(model)
         self._extra: dict[str, Any] = {}
@@ -478,6 +482,9 @@ class AdaptedModel(nn.Module):
         window_ids = None if domain is None else ids
         if pointer == self.window - 1:
             logits = self.step(buf, window_ids).logits[pointer: pointer + 1]
+        elif self._predict_alone:
+            with torch.no_grad():
+                logits = self.predict(x, None if domain is None else new_id)
         else:
             # Until the window holds min_batch images, it is padded with copies of itself (batch statistics of a
             # single value per channel do not exist).
