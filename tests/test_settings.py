@@ -195,6 +195,11 @@ def test_cli_setting_and_contexts_reach_the_stream_and_method(
 
     out = tmp_path / "r.csv"
     extra = ["--contexts", contexts] if contexts else []
+    if contexts == "infer":  # inferred contexts calibrate on clean source images
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "src.npz", x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, 16))
+        extra += ["--source-data", f"npz:{tmp_path / 'src.npz'}"]
     result = CliRunner().invoke(cli, [*cli_args, "--method", method, "--setting", setting, *extra,
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
