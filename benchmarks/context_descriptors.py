@@ -13,7 +13,8 @@ corruptions (the first ``--n`` images of the shared exact CIFAR-10 test head, ge
     python benchmarks/context_descriptors.py --n 400 --arch resnet20
 
 The standardisation uses ``--source-n`` clean training images (the shared JPEG training subset): per dimension,
-subtract their mean and divide by their standard deviation, what ``contexts=infer`` does.
+subtract their mean and divide by their standard deviation; "whitened" further projects on their top principal
+directions divided by their standard deviations (``tta.norm.assign.calibrate``), what ``contexts=infer`` does.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import tta
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
 from tta.data.generated import GeneratedSource
 from tta.data.stream import Domain
+from tta.norm.assign import calibrate
 from tta.norm.descriptors import DEPTHS, StyleProbe, describe, select_layers
 
 
@@ -123,6 +125,13 @@ def main() -> None:
     zp = z @ proj
     rows.append(("all", "mean+logstd, random projection", "yes", 64, nearest_centroid(zp, labels_t, train),
                  kmeans_purity(zp, labels_t, 15)))
+    # whitened by the source covariance (what contexts=infer uses): tta.norm.assign's calibration
+    for depth in DEPTHS:
+        cols = columns(depth, True)
+        cal = calibrate(s_all[:, cols])
+        zw = ((z_all[:, cols].double() - cal.mean.double()) / cal.std.double()) @ cal.projection.double()
+        rows.append((depth, "mean+logstd", f"whitened (rank {zw.shape[1]})", zw.shape[1],
+                     nearest_centroid(zw, labels_t, train), kmeans_purity(zw, labels_t, 15)))
     print(f"\n{args.arch}, 15 corruptions, severity {args.severity}, {args.n} images each "
           f"({len(bns)} BatchNorm layers):\n")
     print("| layers | statistics | standardised | dims | nearest centroid (%) | k-means purity (%) |")

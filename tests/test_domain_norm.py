@@ -316,7 +316,7 @@ def test_config_file_equals_the_dataclass(name: str) -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [("prior_n", -1.0), ("min_subset", 0), ("max_contexts", 1),
-                                            ("fallback", "spawn"), ("contexts", "guess"), ("novelty_quantile", 1.0),
+                                            ("fallback", "spawn"), ("contexts", "guess"), ("split_quantile", 1.0),
                                             ("descriptor", "deep"), ("calibration_images", 1)])
 def test_bad_settings_are_config_errors(key: str, value: object) -> None:
     with pytest.raises(ConfigError):

@@ -182,7 +182,8 @@ def cli_args(tmp_path: Path, fake_cifar_c: Callable[..., Path]) -> list[str]:
 
 
 @pytest.mark.parametrize(("method", "setting", "contexts"), [
-    ("context-norm", "mixed", "infer"), ("dsbn", "gradual", "oracle"),
+    ("context-norm", "mixed", "infer"), ("dsbn", "gradual", "oracle"), ("dsbn", "correlated", "infer"),
+    ("context-norm", "continual", "infer"),
 ])
 def test_cli_setting_and_contexts_reach_the_stream_and_method(
     cli_args: list[str], tmp_path: Path, method: str, setting: str, contexts: str | None

@@ -35,7 +35,7 @@ class DomainNormConfig:
     min_subset: int = 2
     declared_contexts: int = 0
     descriptor: Literal["first", "early", "half", "all"] = "all"
-    novelty_quantile: float = 0.99
+    split_quantile: float = 0.99
     calibration_images: int = 1000
     min_spawn: int = 8
     max_contexts: int = 16
@@ -48,7 +48,7 @@ class DomainNormConfig:
             raise ValueError(f"min_subset must be >= 1, got {self.min_subset}")
         if self.declared_contexts < 0:
             raise ValueError(f"declared_contexts must be >= 0, got {self.declared_contexts}")
-        check_range("novelty_quantile", self.novelty_quantile, low=0.5, high=1.0, high_open=True)
+        check_range("split_quantile", self.split_quantile, low=0.5, high=1.0, high_open=True)
         if not 2 <= self.calibration_images <= 100_000:
             raise ValueError(f"calibration_images must be in [2, 100000], got {self.calibration_images}")
         if self.min_spawn < 1:
@@ -94,11 +94,11 @@ class DomainNormMethod(AdaptedModel):
         """Context inference's calibration on ``calibration_images`` clean source images, cached."""
         cfg, source = self.config, self.source_data
         assert source is not None  # check_model refused inference without source data
-        settings = f"n={cfg.calibration_images}|depth={cfg.descriptor}|q={cfg.novelty_quantile}|v1"
+        settings = f"n={cfg.calibration_images}|depth={cfg.descriptor}|q={cfg.split_quantile}|v1"
 
         def compute() -> dict[str, torch.Tensor]:
             images, _ = source.sample(cfg.calibration_images, seed=0)
-            return calibrate_contexts(model, images, cfg.descriptor, cfg.novelty_quantile).to_dict()
+            return calibrate_contexts(model, images, cfg.descriptor, cfg.split_quantile).to_dict()
 
         return Calibration.from_dict(derived("context-calibration", model_fingerprint(model), source, settings,
                                              compute))

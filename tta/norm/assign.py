@@ -145,6 +145,9 @@ class ContextAssigner(nn.Module):
         self.register_buffer("buffer", torch.zeros(0, dim, dtype=torch.float64))
 
     # ------------------------------------------------------------------------------------------ state
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        return self  # the bookkeeping stays on the CPU in float64 whatever device or dtype the model moves to
+
     @property
     def num_contexts(self) -> int:
         """Context slots in use, the source (0) included."""
