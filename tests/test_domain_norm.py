@@ -402,3 +402,63 @@ def test_trained_contexts_and_their_optimizer_state_round_trip(bn_model: nn.Modu
     for seed in (3, 4):  # the second batch shows that the Adam moments were restored too
         x, ids = mixed_batch(seed)
         torch.testing.assert_close(fresh(x, domain=ids), adapted(x, domain=ids), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------ descriptors and assignment
+def test_descriptors_are_per_image_and_stop_at_the_deepest_layer_read(bn_model: nn.Module) -> None:
+    from tta.norm.descriptors import StyleProbe
+
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    full, first = StyleProbe(bn_model, "all"), StyleProbe(bn_model, "first")
+    assert full.dim == 2 * (8 + 16 + 16) and first.dim == 2 * 8
+    together = full(x)
+    torch.testing.assert_close(together[2:3], full(x[2:3]))  # an image's descriptor ignores the rest of the batch
+    torch.testing.assert_close(first(x), together[:, :16])
+    calls: list[int] = []
+    head = first.net.head.register_forward_hook(lambda m, i, o: calls.append(1))
+    first(x)
+    head.remove()
+    assert not calls  # the probe never ran the layers after the one it reads
+
+
+def _clusters(centres: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(len(centres)).repeat_interleave(n)
+    return centres[ids] + torch.randn(len(ids), centres.shape[1], generator=g, dtype=torch.float64), ids
+
+
+def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() -> None:
+    from tta.norm.assign import ContextAssigner, calibrate
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(800, 20, generator=g, dtype=torch.float64)
+    cal = calibrate(source)
+    assert cal.typical == pytest.approx(1.0, abs=0.05) and cal.dof > 10  # the source cloud is whitened
+    shift = torch.zeros(3, 20, dtype=torch.float64)
+    shift[0, :10], shift[1, 10:], shift[2, 0] = 2.0, -2.0, 0.1  # two distinct domains and one source-like
+    assigner = ContextAssigner(cal, min_spawn=8, max_contexts=3)
+    for seed in range(8):
+        d, ids = _clusters(shift, 40, seed)
+        assigner.observe(d, assigner.assign(d))
+    d, ids = _clusters(shift, 40, 99)
+    hard = assigner.assign(d).argmax(1)
+    assert assigner.live().sum() == 3  # the source and one context per distinct domain, within the bound
+    assert {int(hard[ids == k].mode().values) for k in range(3)} == {0, 1, 2}
+    assert float((hard[ids == 2] == 0).double().mean()) > 0.9  # the source-like domain stays with the source
+    # a third distinct domain under the bound: the least recently used context is forgotten, never the source
+    new = torch.zeros(1, 20, dtype=torch.float64)
+    new[0, ::2] = 3.0
+    for seed in range(8):
+        d, _ = _clusters(new, 60, 100 + seed)
+        assigner.observe(d, assigner.assign(d))
+    assert assigner.live().sum() == 3 and bool(assigner.live()[0])
+    assert int(assigner.assign(_clusters(new, 10, 200)[0]).argmax(1).mode().values) != 0
+    # two contexts with (nearly) the same centre merge into one
+    twins = ContextAssigner(cal, min_spawn=8, max_contexts=4)
+    twins.resize(3)
+    centre = torch.full((twins.dim,), 1.5, dtype=torch.float64)
+    twins.centre[1], twins.centre[2] = centre, centre + 1e-3
+    twins.count[1], twins.count[2] = 50.0, 30.0
+    few = torch.randn(4, 20, generator=g, dtype=torch.float64)  # too few to split anything
+    assert twins.observe(few, twins.assign(few)) == [("merge", 1, 2)]
+    assert twins.live().tolist() == [True, True, False] and float(twins.count[1]) >= 80.0

@@ -12,13 +12,15 @@ are found as *groups*. Distances are mean squared z-scores, D(a, b) = mean_j
 - *assignment*: soft responsibilities over the live contexts, softmax_k(log pi_k - 0.5 dof D(z, c_k) / typical),
   the Gaussian log-likelihood with the source's spread (``typical``: the source images' mean distance to their
   centre; ``dof``: the effective degrees of freedom of that distance, from a scaled chi-square fit of its mean and
-  variance), pi_k proportional to the context's count plus ``min_spawn``;
+  variance), pi_k proportional to the context's count plus ``min_spawn`` (the source context counts the
+  calibration images);
 - *create* (split): the last ``BUFFER`` descriptors are kept; each live context's members among them (by nearest
   centre) are split in two by 2-means, and the half further from the context's centre becomes a new context when
   the halves' means lie further apart than 2-means ever splits a cloud of source images (``split``: the
   ``quantile`` of the separations of 2-means on ``SPLIT_DRAWS`` resamples of ``BUFFER`` source descriptors), and
   each half holds at least ``min_spawn`` images; the context that was split keeps the other half;
-- *merge*: two contexts whose centres are closer than the smallest of those null separations (``merge``) are one;
+- *merge*: two contexts whose centres are closer than the ``1 - quantile`` quantile of those null separations
+  (``merge``, at the largest size) are one;
   the larger absorbs the smaller, and a target context that close to the source context is absorbed by it;
 - *forget*: with ``max_contexts`` in use, a new context replaces the least recently used target context. The source
   context (0) is never forgotten, never moves and keeps the source statistics.
@@ -85,17 +87,18 @@ class Calibration:
     dof: float  # effective degrees of freedom of that distance (scaled chi-square fit)
     split: torch.Tensor  # (2, S): cloud sizes and the 2-means separation above which such a cloud is not one
     merge: float  # centres closer than this are one domain
+    images: int = 0  # how many source images the calibration saw (the source context's count)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (what ``torch.load(weights_only=True)`` reads back)."""
         return {"mean": self.mean, "std": self.std, "projection": self.projection, "split": self.split,
-                "values": torch.tensor([self.typical, self.dof, self.merge], dtype=torch.float64)}
+                "values": torch.tensor([self.typical, self.dof, self.merge, self.images], dtype=torch.float64)}
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> Calibration:
         """The inverse of ``to_dict``."""
-        typical, dof, merge = d["values"].tolist()
-        return cls(d["mean"], d["std"], d["projection"], typical, dof, d["split"], merge)
+        typical, dof, merge, images = d["values"].tolist()
+        return cls(d["mean"], d["std"], d["projection"], typical, dof, d["split"], merge, int(images))
 
 
 def calibrate(source: torch.Tensor, quantile: float = 0.99, seed: int = 0) -> Calibration:
@@ -112,16 +115,14 @@ def calibrate(source: torch.Tensor, quantile: float = 0.99, seed: int = 0) -> Ca
     dof = min(2 * typical**2 / max(spread, 1e-12), float(z.shape[1]))
     gen = torch.Generator().manual_seed(seed)
     sizes = [n for n in SPLIT_SIZES if n <= 4 * len(z)]
-    split, merge = [], math.inf
+    split = []
     for n in sizes:  # 2-means on a source-like cloud of n images: how far apart its halves fall by chance
-        seps = []
-        for _ in range(SPLIT_DRAWS):
-            seps.append(held_out_split(z[torch.randint(len(z), (n,), generator=gen)])[0])
-        null = torch.tensor(seps, dtype=torch.float64)
+        seps = [held_out_split(z[torch.randint(len(z), (n,), generator=gen)])[0] for _ in range(SPLIT_DRAWS)]
+        null = torch.tensor([v for v in seps if v > 0] or [0.0], dtype=torch.float64)
         split.append(float(torch.quantile(null, quantile)))
-        merge = min(merge, float(null.min()))
+    merge = float(torch.quantile(null, 1 - quantile))  # closer than chance separates one cloud (largest size)
     table = torch.tensor([sizes, split], dtype=torch.float64)
-    return Calibration(mean.float(), std.float(), projection.float(), typical, dof, table, merge)
+    return Calibration(mean.float(), std.float(), projection.float(), typical, dof, table, merge, len(z))
 
 
 class ContextAssigner(nn.Module):
@@ -139,7 +140,8 @@ class ContextAssigner(nn.Module):
         self.register_buffer("split_table", calibration.split.double().clone())
         # context 0: the source, centre 0 in standardised units, never updated
         self.register_buffer("centre", torch.zeros(1, dim, dtype=torch.float64))
-        self.register_buffer("count", torch.zeros(1, dtype=torch.float64))
+        # the source context counts the calibration images (its weight in the responsibilities)
+        self.register_buffer("count", torch.full((1,), float(calibration.images), dtype=torch.float64))
         self.register_buffer("last_used", torch.zeros(1, dtype=torch.float64))
         self.register_buffer("batches", torch.zeros((), dtype=torch.float64))
         self.register_buffer("buffer", torch.zeros(0, dim, dtype=torch.float64))
