@@ -15,13 +15,14 @@ are found as *groups*. Distances are mean squared z-scores, D(a, b) = mean_j
   variance), pi_k proportional to the context's count plus ``min_spawn`` (the source context counts the
   calibration images);
 - *create* (split): the last ``BUFFER`` descriptors are kept; each live context's members among them (by nearest
-  centre) are split in two by 2-means, and the half further from the context's centre becomes a new context when
-  the halves' means lie further apart than 2-means ever splits a cloud of source images (``split``: the
-  ``quantile`` of the separations of 2-means on ``SPLIT_DRAWS`` resamples of ``BUFFER`` source descriptors), and
-  each half holds at least ``min_spawn`` images; the context that was split keeps the other half;
-- *merge*: two contexts whose centres are closer than the ``1 - quantile`` quantile of those null separations
-  (``merge``, at the largest size) are one;
-  the larger absorbs the smaller, and a target context that close to the source context is absorbed by it;
+  centre) are split in two by 2-means fitted on half of them (``held_out_split``), the separation measured on the
+  other half; the half further from the context's centre becomes a new context when that separation exceeds what
+  the same procedure finds by chance in a cloud of as many source images (``split``: the ``quantile`` of
+  ``SPLIT_DRAWS`` source resamples per size in ``SPLIT_SIZES``, interpolated in log size) and both halves hold at
+  least ``min_spawn`` images; the context that was split keeps the other half (and its statistics start afresh);
+- *merge*: two contexts whose centres are closer than the ``1 - quantile`` quantile of those chance separations
+  (``merge``, at the largest size) are one: the larger absorbs the smaller, and a target context that close to the
+  source context is absorbed by it;
 - *forget*: with ``max_contexts`` in use, a new context replaces the least recently used target context. The source
   context (0) is never forgotten, never moves and keeps the source statistics.
 
