@@ -37,9 +37,8 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "dsbn+tent (oracle)": ("dsbn", {"tent": True}),
     "context-norm (oracle)": ("context-norm", {}),
     "context-norm (oracle, learned)": ("context-norm", {"learned": True}),
-    "context-norm (infer, spawn)": ("context-norm", {"contexts": "infer", "fallback": "spawn"}),
-    "context-norm (infer, soft)": ("context-norm", {"contexts": "infer", "fallback": "soft"}),
-    "context-norm (infer, source)": ("context-norm", {"contexts": "infer", "fallback": "source"}),
+    "context-norm (infer)": ("context-norm", {"contexts": "infer"}),
+    "dsbn (infer)": ("dsbn", {"contexts": "infer"}),
 }
 
 
@@ -75,6 +74,7 @@ def main() -> None:
     model = tta.load_model(checkpoint=args.shared / "models" / f"cifar10_{args.arch}.th", arch=args.arch)
     source = build_source(args.shared / "data" / "cifar10" / f"{args.clean}.npz", args.n, args.corruptions,
                           args.severity, args.seed)
+    source_data = f"npz:{args.shared / 'data' / 'cifar10' / 'train_jpeg_10k.npz'}"
     rows = []
     for setting in args.settings:
         stream = SettingStream(source, args.corruptions, [args.severity], setting=setting,
@@ -82,7 +82,8 @@ def main() -> None:
         for label in args.methods:
             method, overrides = METHODS[label]
             started = time.perf_counter()
-            df = tta.evaluate(tta.adapt(model, method, **overrides), stream, "domain", device="cpu",
+            clean = source_data if overrides.get("contexts") == "infer" else None  # inference calibrates on it
+            df = tta.evaluate(tta.adapt(model, method, source_data=clean, **overrides), stream, "domain", device="cpu",
                               model_name=args.arch, seed=args.seed)
             df.insert(0, "label", label)
             rows.append(df)

@@ -124,7 +124,7 @@ def test_declared_contexts_exist_up_front_and_survive_reset(bn_model: nn.Module)
 
 
 def test_context_zero_is_the_source_model(bn_model: nn.Module) -> None:
-    adapted = make("context-norm", bn_model, contexts="infer", fallback="source")
+    adapted = make("context-norm", bn_model, fallback="source")  # calls without ids: the source context
     for seed in range(3):
         x = domain_batch(seed % 3, 10, seed)
         torch.testing.assert_close(adapted(x), bn_model(x), atol=1e-5, rtol=1e-5)
@@ -151,90 +151,130 @@ def test_grown_state_dict_loads_into_a_fresh_adapted_model(bn_model: nn.Module) 
 
 
 # ------------------------------------------------------------------------------- contexts: oracle / infer
+def source_images(n: int = 64, seed: int = 99) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean "source" images of the synthetic benchmark: uniform noise, unlike every test domain."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def infer(name: str, model: nn.Module, window: int = 0, **overrides: object) -> AdaptedModel:
+    cls = get_method(name)
+    return cls(model, build_config(cls.Config, {"contexts": "infer", "min_spawn": 8, **overrides}),
+               source_data=source_images(), window=window)
+
+
 def test_oracle_calls_without_ids_go_to_the_fallback(bn_model: nn.Module) -> None:
     x = domain_batch(0, 4, 0)
     torch.testing.assert_close(make("context-norm", bn_model, fallback="source")(x), bn_model(x), atol=1e-5, rtol=0)
-    spawn = make("context-norm", bn_model, fallback="spawn", min_spawn=4)
-    spawn(x)
-    assert spawn.model.router.num_contexts == 2
+    cls = get_method("context-norm")
+    inferring = cls(bn_model, build_config(cls.Config, {"fallback": "infer", "min_spawn": 4}),
+                    source_data=source_images())
+    for seed in range(2):
+        inferring(domain_batch(0, 8, seed))
+    assert inferring.model.router.num_contexts == 2  # the source and one inferred context
     with pytest.raises(InputError, match="one id per image"):
-        spawn(x, domain=torch.tensor([0, 1]))
+        inferring(x, domain=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("overrides", [{"contexts": "infer"}, {"fallback": "infer"}])
+def test_inference_without_source_data_is_a_config_error(bn_model: nn.Module, overrides: dict) -> None:
+    with pytest.raises(ConfigError, match="source data"):
+        make("dsbn", bn_model, **overrides)
 
 
 def test_infer_never_looks_at_the_ids(bn_model: nn.Module) -> None:
-    a = make("context-norm", bn_model, contexts="infer", min_spawn=4)
-    b = make("context-norm", bn_model, contexts="infer", min_spawn=4)
+    a, b = infer("context-norm", bn_model), infer("context-norm", bn_model)
     for seed in range(3):
         x, ids = mixed_batch(seed)
         torch.testing.assert_close(a(x, domain=ids), b(x, domain=torch.zeros_like(ids)))
 
 
 def _purity(assigned: torch.Tensor, ids: torch.Tensor) -> float:
-    """Fraction of samples whose inferred context is the majority context of their true domain."""
-    hits = 0
-    for d in ids.unique():
-        hits += int(assigned[ids == d].bincount().max())
-    return hits / len(ids)
+    """Share of samples whose context's majority domain is their own domain."""
+    return sum(int(ids[assigned == k].bincount().max()) for k in assigned.unique()) / len(ids)
 
 
 def _routing(adapted: AdaptedModel, x: torch.Tensor) -> torch.Tensor:
-    """The context ids the router picked for ``x`` (recorded by the first layer's forward)."""
+    """The routing weights (N, K) the router used for ``x`` (recorded by the first layer's forward)."""
     seen: list[torch.Tensor] = []
     router = adapted.model.router
-    handle = layers(adapted)[0].register_forward_hook(lambda m, i, o: seen.append(router.ids.clone()))
+    handle = layers(adapted)[0].register_forward_hook(lambda m, i, o: seen.append(router.weights.clone()))
     adapted(x)
     handle.remove()
     return seen[0]
 
 
-def test_spawn_creates_one_context_per_distinct_domain(bn_model: nn.Module) -> None:
-    adapted = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=4)
-    purities = []
-    for seed in range(4):
+@pytest.mark.parametrize("name", ["context-norm", "dsbn"])
+def test_infer_separates_distinct_domains(bn_model: nn.Module, name: str) -> None:
+    adapted = infer(name, bn_model)
+    purities, used = [], []
+    for seed in range(6):
         x, ids = mixed_batch(seed, sizes=(12, 12, 12))
-        purities.append(_purity(_routing(adapted, x), ids))
-    assert adapted.model.router.num_contexts == 4  # the source and one per domain, no more on later batches
-    assert min(purities) >= 0.95
+        weights = _routing(adapted, x)
+        torch.testing.assert_close(weights.sum(1), torch.ones(len(x), dtype=weights.dtype))
+        purities.append(_purity(weights.argmax(1), ids))
+        used.append(len(weights.argmax(1).unique()))
+    # The first batch meets no known context (all go to the source); contexts are split off batch after batch and
+    # never mix the domains (a domain may be split in several contexts).
+    assert used[0] == 1 and min(used[3:]) >= 3
+    assert min(purities[3:]) >= 0.95
+    router = adapted.model.router
+    assert all(layer.num_contexts == router.num_contexts for layer in layers(adapted))
 
 
-def test_spawn_respects_min_spawn_and_max_contexts(bn_model: nn.Module) -> None:
-    few = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=20)
-    x = domain_batch(1, 10, 0)
-    torch.testing.assert_close(few(x), bn_model(x), atol=1e-5, rtol=1e-5)  # too few to spawn: source context
-    assert few.model.router.num_contexts == 1
-    capped = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=4, max_contexts=2)
+def test_an_images_context_does_not_depend_on_the_rest_of_its_batch(bn_model: nn.Module) -> None:
+    a, b = infer("context-norm", bn_model), infer("context-norm", bn_model)
+    for seed in range(3):  # the same history
+        x, _ = mixed_batch(seed, sizes=(12, 12, 12))
+        a(x)
+        b(x)
+    probe, _ = mixed_batch(10, sizes=(4, 4, 4))
+    others_a = domain_batch(0, 20, 11)  # one batch full of low-contrast images ...
+    others_b = torch.cat([domain_batch(1, 3, 12), domain_batch(2, 30, 13)])  # ... the other of the two others
+    wa = _routing(a, torch.cat([probe, others_a]))[: len(probe)]
+    wb = _routing(b, torch.cat([others_b, probe]))[-len(probe):]
+    torch.testing.assert_close(wa, wb, atol=1e-9, rtol=0)
+
+
+def test_infer_respects_min_spawn_and_max_contexts(bn_model: nn.Module) -> None:
+    few = infer("context-norm", bn_model, min_spawn=40)
     for seed in range(3):
+        x = domain_batch(1, 10, seed)
+        torch.testing.assert_close(few(x), bn_model(x), atol=1e-5, rtol=1e-5)  # too few to found one: source
+    assert few.model.router.num_contexts == 1
+    capped = infer("context-norm", bn_model, max_contexts=2)
+    for seed in range(4):
         capped(mixed_batch(seed, sizes=(12, 12, 12))[0])
     assert capped.model.router.num_contexts == 2
     assert all(layer.num_contexts == 2 for layer in layers(capped))
 
 
-def test_soft_mixes_the_contexts_with_responsibilities(bn_model: nn.Module) -> None:
-    soft = make("context-norm", bn_model, contexts="infer", fallback="soft", min_spawn=4)
-    hard = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=4)
-    taus = []
-    router = soft.model.router
-    hook = layers(soft)[0].register_forward_hook(lambda m, i, o: taus.append(router.tau.clone()))
-    for seed in range(3):
-        x, _ = mixed_batch(seed, sizes=(12, 12, 12))
-        out_soft, out_hard = soft(x), hard(x)
-    hook.remove()
-    assert router.num_contexts == hard.model.router.num_contexts == 4
-    for tau in taus:
-        torch.testing.assert_close(tau.sum(1), torch.ones(len(tau), dtype=tau.dtype))
-        assert bool((tau[:, 0] == 0).all())  # the source context has no signature model once others exist
-    # Well-separated domains: responsibilities are nearly one-hot, so soft and hard routing nearly agree.
-    assert float(taus[-1].max(1).values.min()) > 0.9
-    torch.testing.assert_close(out_soft, out_hard, atol=2e-2, rtol=0)
+@pytest.mark.parametrize("name", ["context-norm", "dsbn"])
+def test_inferred_contexts_work_on_single_images_through_the_window(bn_model: nn.Module, name: str) -> None:
+    adapted = infer(name, bn_model, window=8)
+    for seed in range(4):
+        for i, x in enumerate(domain_batch(seed % 2, 8, seed)):
+            out = adapted(x[None])
+            assert out.shape == (1, 10) and bool(torch.isfinite(out).all())
+            if i < 7:  # in-between predictions store nothing: the state is that of the last window update
+                before = {k: v.clone() for k, v in adapted.model.state_dict().items()}
+                adapted.predict(adapted._window_x, None)
+                after = adapted.model.state_dict()
+                assert all(torch.equal(before[k], after[k]) for k in before)
+    assert adapted.model.router.num_contexts >= 2
 
 
-def test_soft_with_one_context_equals_hard_routing(bn_model: nn.Module) -> None:
-    soft = make("context-norm", bn_model, contexts="infer", fallback="soft", min_spawn=4)
-    hard = make("context-norm", bn_model, contexts="infer", fallback="spawn", min_spawn=4)
+def test_inferred_state_round_trips_and_resets(bn_model: nn.Module) -> None:
+    adapted = infer("dsbn", bn_model)
     for seed in range(3):
-        x = domain_batch(1, 16, seed)
-        torch.testing.assert_close(soft(x), hard(x), atol=1e-5, rtol=1e-5)
-    assert soft.model.router.num_contexts == 2
+        adapted(mixed_batch(seed, sizes=(12, 12, 12))[0])
+    fresh = infer("dsbn", bn_model)
+    fresh.load_state_dict(adapted.state_dict())
+    x, _ = mixed_batch(7, sizes=(12, 12, 12))
+    torch.testing.assert_close(fresh(x), adapted(x), atol=0, rtol=0)
+    adapted.reset()
+    assert adapted.model.router.num_contexts == 1 and len(adapted.model.router.assigner.buffer) == 0
+    torch.testing.assert_close(adapted(x), infer("dsbn", bn_model)(x), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ training variants
@@ -276,7 +316,8 @@ def test_config_file_equals_the_dataclass(name: str) -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [("prior_n", -1.0), ("min_subset", 0), ("max_contexts", 1),
-                                            ("fallback", "nearest"), ("contexts", "guess")])
+                                            ("fallback", "spawn"), ("contexts", "guess"), ("split_quantile", 1.0),
+                                            ("descriptor", "deep"), ("calibration_images", 1)])
 def test_bad_settings_are_config_errors(key: str, value: object) -> None:
     with pytest.raises(ConfigError):
         build_config(get_method("context-norm").Config, {key: value})
@@ -335,7 +376,8 @@ def test_domain_aware_methods_keep_per_domain_accuracy_on_a_mixed_real_stream(sh
 
     def accuracy(setting: str, method: str, **overrides: object) -> float:
         stream = SettingStream(source, ["contrast", "gaussian_noise"], [5], setting=setting, batch_size=100)
-        df = tta.evaluate(tta.adapt(model, method, **overrides), stream, device="cpu", seed=1)
+        clean = f"npz:{shared / 'data' / 'cifar10' / 'train_jpeg_10k.npz'}" if "contexts" in overrides else None
+        df = tta.evaluate(tta.adapt(model, method, source_data=clean, **overrides), stream, device="cpu", seed=1)
         return float(df.accuracy.mean())
 
     adabn_alone, adabn_mixed = accuracy("per-domain", "adabn"), accuracy("mixed", "adabn")
@@ -360,3 +402,63 @@ def test_trained_contexts_and_their_optimizer_state_round_trip(bn_model: nn.Modu
     for seed in (3, 4):  # the second batch shows that the Adam moments were restored too
         x, ids = mixed_batch(seed)
         torch.testing.assert_close(fresh(x, domain=ids), adapted(x, domain=ids), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------ descriptors and assignment
+def test_descriptors_are_per_image_and_stop_at_the_deepest_layer_read(bn_model: nn.Module) -> None:
+    from tta.norm.descriptors import StyleProbe
+
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    full, first = StyleProbe(bn_model, "all"), StyleProbe(bn_model, "first")
+    assert full.dim == 2 * (8 + 16 + 16) and first.dim == 2 * 8
+    together = full(x)
+    torch.testing.assert_close(together[2:3], full(x[2:3]))  # an image's descriptor ignores the rest of the batch
+    torch.testing.assert_close(first(x), together[:, :16])
+    calls: list[int] = []
+    head = first.net.head.register_forward_hook(lambda m, i, o: calls.append(1))
+    first(x)
+    head.remove()
+    assert not calls  # the probe never ran the layers after the one it reads
+
+
+def _clusters(centres: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(len(centres)).repeat_interleave(n)
+    return centres[ids] + torch.randn(len(ids), centres.shape[1], generator=g, dtype=torch.float64), ids
+
+
+def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() -> None:
+    from tta.norm.assign import ContextAssigner, calibrate
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(800, 20, generator=g, dtype=torch.float64)
+    cal = calibrate(source)
+    assert cal.typical == pytest.approx(1.0, abs=0.05) and cal.dof > 10  # the source cloud is whitened
+    shift = torch.zeros(3, 20, dtype=torch.float64)
+    shift[0, :10], shift[1, 10:], shift[2, 0] = 2.0, -2.0, 0.1  # two distinct domains and one source-like
+    assigner = ContextAssigner(cal, min_spawn=8, max_contexts=3)
+    for seed in range(8):
+        d, ids = _clusters(shift, 40, seed)
+        assigner.observe(d, assigner.assign(d))
+    d, ids = _clusters(shift, 40, 99)
+    hard = assigner.assign(d).argmax(1)
+    assert assigner.live().sum() == 3  # the source and one context per distinct domain, within the bound
+    assert {int(hard[ids == k].mode().values) for k in range(3)} == {0, 1, 2}
+    assert float((hard[ids == 2] == 0).double().mean()) > 0.9  # the source-like domain stays with the source
+    # a third distinct domain under the bound: the least recently used context is forgotten, never the source
+    new = torch.zeros(1, 20, dtype=torch.float64)
+    new[0, ::2] = 3.0
+    for seed in range(8):
+        d, _ = _clusters(new, 60, 100 + seed)
+        assigner.observe(d, assigner.assign(d))
+    assert assigner.live().sum() == 3 and bool(assigner.live()[0])
+    assert int(assigner.assign(_clusters(new, 10, 200)[0]).argmax(1).mode().values) != 0
+    # two contexts with (nearly) the same centre merge into one
+    twins = ContextAssigner(cal, min_spawn=8, max_contexts=4)
+    twins.resize(3)
+    centre = torch.full((twins.dim,), 1.5, dtype=torch.float64)
+    twins.centre[1], twins.centre[2] = centre, centre + 1e-3
+    twins.count[1], twins.count[2] = 50.0, 30.0
+    few = torch.randn(4, 20, generator=g, dtype=torch.float64)  # too few to split anything
+    assert twins.observe(few, twins.assign(few)) == [("merge", 1, 2)]
+    assert twins.live().tolist() == [True, True, False] and float(twins.count[1]) >= 80.0

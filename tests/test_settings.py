@@ -182,7 +182,8 @@ def cli_args(tmp_path: Path, fake_cifar_c: Callable[..., Path]) -> list[str]:
 
 
 @pytest.mark.parametrize(("method", "setting", "contexts"), [
-    ("context-norm", "mixed", "infer"), ("dsbn", "gradual", "oracle"),
+    ("context-norm", "mixed", "infer"), ("dsbn", "gradual", "oracle"), ("dsbn", "correlated", "infer"),
+    ("context-norm", "continual", "infer"),
 ])
 def test_cli_setting_and_contexts_reach_the_stream_and_method(
     cli_args: list[str], tmp_path: Path, method: str, setting: str, contexts: str | None
@@ -195,6 +196,11 @@ def test_cli_setting_and_contexts_reach_the_stream_and_method(
 
     out = tmp_path / "r.csv"
     extra = ["--contexts", contexts] if contexts else []
+    if contexts == "infer":  # inferred contexts calibrate on clean source images
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "src.npz", x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, 16))
+        extra += ["--source-data", f"npz:{tmp_path / 'src.npz'}"]
     result = CliRunner().invoke(cli, [*cli_args, "--method", method, "--setting", setting, *extra,
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -15,22 +15,28 @@ from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy_objective
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
-from tta.norm.domain import ContextNormModel, convert_context_norm
+from tta.errors import ConfigError
+from tta.models.fingerprint import model_fingerprint
+from tta.norm.assign import Calibration
+from tta.norm.domain import ContextNormModel, calibrate_contexts, convert_context_norm
+from tta.source import derived
 
 
 @dataclass(frozen=True)
 class DomainNormConfig:
-    """Settings shared by ``context-norm`` and ``dsbn``; the spawn keys only matter with ``contexts: infer``."""
+    """Settings shared by ``context-norm`` and ``dsbn``; the inference keys matter with ``contexts: infer`` (or
+    ``fallback: infer``), which need clean source data to calibrate on."""
 
     contexts: Literal["oracle", "infer"] = "oracle"
-    fallback: Literal["source", "soft", "spawn"] = "spawn"
+    fallback: Literal["source", "infer"] = "source"
     update: Literal["cumulative", "ema"] = "cumulative"
     prior_n: float = 16.0
     stats_momentum: float = 0.1
     min_subset: int = 2
     declared_contexts: int = 0
-    spawn_threshold: float = 4.0
-    spawn_var: float = 1.0
+    descriptor: Literal["first", "early", "half", "all"] = "all"
+    split_quantile: float = 0.99
+    calibration_images: int = 1000
     min_spawn: int = 8
     max_contexts: int = 16
     lr: float = 1e-3  # Adam's, for dsbn's branch-local Tent and context-norm's learned mode
@@ -42,14 +48,20 @@ class DomainNormConfig:
             raise ValueError(f"min_subset must be >= 1, got {self.min_subset}")
         if self.declared_contexts < 0:
             raise ValueError(f"declared_contexts must be >= 0, got {self.declared_contexts}")
-        check_range("spawn_threshold", self.spawn_threshold, low=0.0, low_open=True)
-        check_range("spawn_var", self.spawn_var, low=0.0, low_open=True)
+        check_range("split_quantile", self.split_quantile, low=0.5, high=1.0, high_open=True)
+        if not 2 <= self.calibration_images <= 100_000:
+            raise ValueError(f"calibration_images must be in [2, 100000], got {self.calibration_images}")
         if self.min_spawn < 1:
             raise ValueError(f"min_spawn must be >= 1, got {self.min_spawn}")
         if self.max_contexts < 2:
             raise ValueError(f"max_contexts must be >= 2 (the source and at least one target context), "
                              f"got {self.max_contexts}")
         check_range("lr", self.lr, low=0.0, low_open=True)
+
+    @property
+    def infers(self) -> bool:
+        """Whether contexts are ever inferred (and a source calibration is needed)."""
+        return self.contexts == "infer" or self.fallback == "infer"
 
 
 class DomainNormMethod(AdaptedModel):
@@ -58,18 +70,38 @@ class DomainNormMethod(AdaptedModel):
     requires = Requirements(norm_layers=(_BatchNorm,), running_stats=True, domain_ids=True)
     per_context_affine = False
 
+    def check_model(self, model: nn.Module) -> None:
+        if self.config.infers and self.source_data is None:
+            raise ConfigError(f"{self.name} with inferred contexts calibrates on clean source data; pass "
+                              "source_data='cifar10' (or 'npz:PATH', 'folder:PATH') to tta.adapt, or --source-data "
+                              "on the command line (or use contexts=oracle with domain ids)")
+
     def configure(self, model: nn.Module) -> nn.Module:
         model = super().configure(model)
         cfg = self.config
         wrapped = convert_context_norm(
             model, update=cfg.update, prior_n=cfg.prior_n, momentum=cfg.stats_momentum, min_subset=cfg.min_subset,
             per_context_affine=self.per_context_affine, learned=getattr(cfg, "learned", False),
-            declared=cfg.declared_contexts, fallback=cfg.fallback, spawn_threshold=cfg.spawn_threshold,
-            spawn_var=cfg.spawn_var, min_spawn=cfg.min_spawn, max_contexts=cfg.max_contexts)
+            declared=cfg.declared_contexts, fallback="infer" if cfg.infers else "source",
+            calibration=self._calibration(model) if cfg.infers else None, descriptor=cfg.descriptor,
+            min_spawn=cfg.min_spawn, max_contexts=cfg.max_contexts)
         for layer in wrapped.layers():
             layer.set_trainable(self.trains_affine())
         self.update = "gradient" if self.trains() else "none"
         return wrapped.eval()
+
+    def _calibration(self, model: nn.Module) -> Calibration:
+        """Context inference's calibration on ``calibration_images`` clean source images, cached."""
+        cfg, source = self.config, self.source_data
+        assert source is not None  # check_model refused inference without source data
+        settings = f"n={cfg.calibration_images}|depth={cfg.descriptor}|q={cfg.split_quantile}|v2"
+
+        def compute() -> dict[str, torch.Tensor]:
+            images, _ = source.sample(cfg.calibration_images, seed=0)
+            return calibrate_contexts(model, images, cfg.descriptor, cfg.split_quantile).to_dict()
+
+        return Calibration.from_dict(derived("context-calibration", model_fingerprint(model), source, settings,
+                                             compute))
 
     def trains_affine(self) -> bool:
         """Whether per-context affine parameters train (branch-local Tent)."""
@@ -90,6 +122,12 @@ class DomainNormMethod(AdaptedModel):
         return torch.optim.Adam([{"params": self.params()}], lr=self.config.lr)
 
     def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
-        ids = domain if self.config.contexts == "oracle" else None  # infer: ids are never looked at
-        logits = self.model(x, domain=ids)
+        logits = self.model(x, domain=self._ids(domain))
         return entropy_objective(logits) if self.trains() else StepOutput(logits)
+
+    def predict(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
+        """The sliding window's in-between prediction: routed as ``loss`` routes, storing nothing."""
+        return self.model(x, domain=self._ids(domain), update=False)
+
+    def _ids(self, domain: torch.Tensor | None) -> torch.Tensor | None:
+        return domain if self.config.contexts == "oracle" else None  # infer: ids are never looked at

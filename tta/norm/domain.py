@@ -1,46 +1,41 @@
 """Domain-aware normalisation: per-context BatchNorm statistics for mixed-domain streams (METHODS.md 3 and 4.5).
 
 ``DomainContextNorm`` replaces a pretrained BatchNorm. It keeps per-context statistics (mean, variance, counts);
-context 0 is the source (the BN's running statistics, never updated) and a context per domain is created on first
-sight (or declared up front) from the source statistics with a count of 0. Each forward routes every sample to its
-context: the batch is split by context, each subset normalised with its own context's statistics, and the results
-scattered back in batch order (so the output does not depend on the order of the samples).
+context 0 is the source (the BN's running statistics, never updated) and further contexts are created at test time
+(from domain ids, or inferred) starting from the source statistics with a count of 0, or declared up front.
 
-Statistics of a context k >= 1 on a subset of b images (values-per-channel counts in float64, as AdaptiveBN):
+Routing is dense: for every forward a ``ContextRouter`` shared by all layers of a model holds an (N, K) matrix of
+routing weights (one-hot rows for hard routing, responsibilities for soft), decided once per batch. Each layer then
+computes every context's statistics on its weighted share of the batch with matrix products (no per-context loop,
+no host-device synchronisation) and normalises every sample with the weighted mixture of its contexts'
+normalisations, which is one per-sample, per-channel scale and shift:
 
-- ``cumulative``: the context's pool (all target values it has seen, merged exactly) plus the subset, blended with
+    y_i = sum_k w_ik (gamma_k (x_i - mu_k) / sigma_k + beta_k).
+
+With one-hot weights, each sample is normalised exactly with its own context (the result does not depend on the
+order or the other contexts of the batch). Statistics of a context k >= 1 on a share of b images (values-per-channel
+counts in float64, as AdaptiveBN):
+
+- ``cumulative``: the context's pool (all target values it has seen, merged exactly) plus the share, blended with
   the source by image counts, N_src/(N_src + n_k + b) (``prior_n`` = N_src; 0 = full adaptation, inf = source);
-- ``ema``: an exponential moving average initialised from the source, updated with the subset before use.
+- ``ema``: an exponential moving average initialised from the source, updated with the share before use.
 
-Subsets smaller than ``min_subset`` images normalise with the context's running statistics and leave them as they
+Shares smaller than ``min_subset`` images normalise with the context's running statistics and leave them as they
 are. With ``per_context_affine`` every context also has its own gamma_k, beta_k (copies of the BN's): that is DSBN;
 without, the affine is shared (DomainContextNorm, "per-domain AdaBN"). ``learned`` replaces the statistics of a
 context by trainable mu_k and log sigma_k initialised from the source (the TTA analogue of context normalisation).
+A forward with ``update=False`` (the sliding window's in-between predictions) uses the same statistics but stores
+nothing.
 
-The model's forward does not take domain ids, so a ``ContextRouter`` shared by all layers of a model carries them:
-``ContextNormModel.forward(x, domain)`` sets them on the router for the duration of one forward, then clears them.
-When no ids are given the router infers contexts from a per-sample signature (channel mean and log-variance of the
-input of the first layer the forward reaches) with the ``fallback``:
-
-- ``source``: every sample goes to context 0 (the source statistics: no adaptation);
-- ``spawn``: hard assignment to the most likely context (tau below); samples whose signature lies further than
-  ``spawn_threshold`` (mean squared z-score over signature dimensions) from every context spawn a new one when
-  there are at least ``min_spawn`` of them within ``spawn_threshold`` of a centre (found by mean shift from the
-  tightest group of ``min_spawn`` unseen signatures; distances scaled by ``spawn_var`` x the signature variance
-  of the first batch seen, within the clusters that 2-means finds in it when it mixes separable domains),
-  up to ``max_contexts``;
-- ``soft``: contexts are created as in ``spawn``, but each sample is normalised with the mixture
-  sum_k tau_k (x - mu_k) / sigma_k, tau = softmax_k(log lambda_k + log N(s; m_k, diag v_k)), the same tau in every
-  layer; context statistics are updated with tau-weighted moments.
-
-Per-context Gaussians of signatures are kept for every context k >= 1 that has received samples (also when ids are
-given, so a model adapted with known domains can later infer them). Context 0 has none (there are no source
-samples), so inference never routes to it once some context exists.
+``ContextNormModel.forward(x, domain)`` routes by domain id (context = id + 1) when ids are given. Without ids the
+router's ``fallback`` decides: ``source`` sends every sample to context 0 (no adaptation), ``infer`` routes by the
+image's style descriptor (``tta.norm.descriptors``: its feature statistics at every BatchNorm of the frozen source
+model) with the source-calibrated online assignment of ``tta.norm.assign`` (create, merge, forget, soft
+responsibilities). An image's routing depends only on the state before its batch and on the image itself.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -50,16 +45,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.errors import ModelError
 from tta.norm.adaptive_bn import blend_prior
+from tta.norm.assign import Calibration, ContextAssigner, calibrate
 from tta.norm.convert import Float64State, replace_batchnorms
+from tta.norm.descriptors import DEFAULT_DEPTH, StyleProbe, describe
 
 Update = Literal["cumulative", "ema"]
-Fallback = Literal["source", "soft", "spawn"]
+Fallback = Literal["source", "infer"]
 UPDATES: tuple[str, ...] = ("cumulative", "ema")
-FALLBACKS: tuple[str, ...] = ("source", "soft", "spawn")
-# 2-means separation (mean over signature dimensions of the squared centroid gap in within-cluster variances) above
-# which the first batch is taken to hold several domains. Batches of one domain of real CIFAR-10 images split at
-# 1.5 (median) to 4.6 (max) by image content; low contrast against other corruptions splits at 8 to 15.
-SPLIT_SEPARATION = 6.0
+FALLBACKS: tuple[str, ...] = ("source", "infer")
+OPS: tuple[str, ...] = ("grow", "clear", "merge")  # structural changes of inferred contexts
 
 
 def _resize_rows(t: torch.Tensor, k: int, fill: torch.Tensor) -> torch.Tensor:
@@ -96,221 +90,122 @@ class GrowingContexts(Float64State):
 
 
 class ContextRouter(GrowingContexts):
-    """Which context each sample of the current forward belongs to; shared by every layer of one model."""
+    """Which contexts the samples of the current forward belong to; shared by every layer of one model.
 
-    size_buffer = "sig_count"
+    Holds the dense routing weights of the forward in progress, the number of contexts, and (with ``fallback``
+    ``infer``) the ``ContextAssigner`` whose structural changes (new, merged, forgotten contexts) it mirrors in every
+    layer before the next forward.
+    """
 
-    def __init__(
-        self,
-        signature_dim: int,
-        declared: int = 0,
-        fallback: Fallback = "source",
-        spawn_threshold: float = 4.0,
-        spawn_var: float = 1.0,
-        min_spawn: int = 8,
-        max_contexts: int = 16,
-    ) -> None:
+    size_buffer = "seen"
+
+    def __init__(self, declared: int = 0, fallback: Fallback = "source", assigner: ContextAssigner | None = None
+                 ) -> None:
         super().__init__()
         if fallback not in FALLBACKS:
             raise ValueError(f"unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}")
-        self.signature_dim, self.initial_contexts, self.fallback = signature_dim, 1 + declared, fallback
-        self.spawn_threshold, self.spawn_var, self.min_spawn = spawn_threshold, spawn_var, min_spawn
-        self.max_contexts = max_contexts
-        k = self.initial_contexts
-        self.register_buffer("sig_mean", torch.zeros(k, signature_dim, dtype=torch.float64))
-        self.register_buffer("sig_m2", torch.zeros(k, signature_dim, dtype=torch.float64))
-        self.register_buffer("sig_count", torch.zeros(k, dtype=torch.float64))
-        # Scale of signatures (variance over the first batch seen, times spawn_var): the spread of a new context.
-        self.register_buffer("sig_prior", torch.ones(signature_dim, dtype=torch.float64))
-        self.register_buffer("sig_prior_set", torch.zeros((), dtype=torch.bool))
+        if fallback == "infer" and assigner is None:
+            raise ValueError("fallback 'infer' needs a ContextAssigner (calibrated on clean source data)")
+        self.initial_contexts, self.fallback, self.assigner = 1 + declared, fallback, assigner
+        self.register_buffer("seen", torch.zeros(self.initial_contexts, dtype=torch.float64))
         # Routing of the forward in progress: not state, never saved.
-        self.active = self.observed = False
-        self.ids: torch.Tensor | None = None
-        self.tau: torch.Tensor | None = None
-        self._fresh: list[int] = []  # contexts spawned by the current batch (no samples merged yet)
+        self.weights: torch.Tensor | None = None
+        self.update = True
+        self._layers: list[DomainContextNorm] = []
+        # structural changes decided by the last batch, applied before the next (op code, a, b); saved state
+        self.register_buffer("pending", torch.zeros(0, 3, dtype=torch.long))
 
     @property
     def num_contexts(self) -> int:
         """Contexts in use, the source (0) included."""
-        return self.sig_count.shape[0]
+        return self.seen.shape[0]
 
     def resize(self, k: int) -> None:
-        """Grow (new contexts start empty) or shrink to ``k`` contexts."""
-        if k == self.num_contexts:
-            return
-        zero = torch.zeros((), dtype=torch.float64)
-        self.sig_mean = _resize_rows(self.sig_mean, k, zero)
-        self.sig_m2 = _resize_rows(self.sig_m2, k, zero)
-        self.sig_count = _resize_rows(self.sig_count, k, zero)
+        """Grow (new contexts start unseen) or shrink to ``k`` contexts."""
+        if k != self.num_contexts:
+            self.seen = _resize_rows(self.seen, k, torch.zeros((), dtype=torch.float64))
 
-    # ------------------------------------------------------------------------------------------- routing
-    def begin(self, domain: torch.Tensor | None) -> None:
-        """Route the next forward: ``domain`` holds per-sample domain ids (context = id + 1), or ``None`` to infer."""
-        self.active, self.observed, self.tau = True, False, None
-        if domain is None:
-            self.ids = None
-            return
-        self.ids = domain.long() + 1
-        self.resize(max(self.num_contexts, int(self.ids.max()) + 1))
+    def reset_structure(self) -> None:
+        super().reset_structure()
+        self.pending = torch.zeros(0, 3, dtype=torch.long)
+        if self.assigner is not None:
+            self.assigner.resize(1)
+            self.assigner.resize_buffer(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        saved_pending = state_dict.get(prefix + "pending")
+        if saved_pending is not None:
+            self.pending = torch.zeros_like(saved_pending)
+        if self.assigner is not None:
+            saved_buffer = state_dict.get(prefix + "assigner.buffer")
+            saved_count = state_dict.get(prefix + "assigner.count")
+            if saved_buffer is not None:
+                self.assigner.resize_buffer(saved_buffer.shape[0])
+            if saved_count is not None:
+                self.assigner.resize(saved_count.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def active(self) -> bool:
+        """Whether a routed forward is in progress."""
+        return self.weights is not None
+
+    def begin(self, x: torch.Tensor, domain: torch.Tensor | None, descriptors: torch.Tensor | None,
+              update: bool = True) -> None:
+        """Route the next forward of ``x``: by ``domain`` ids (context = id + 1), else by the fallback
+        (``descriptors``: the images' style descriptors, needed by ``infer``). ``update=False`` stores nothing."""
+        self.update = update
+        n = x.shape[0]
+        if domain is not None:
+            ids = domain.long() + 1
+            self.resize(max(self.num_contexts, int(ids.max()) + 1))  # the one synchronisation of the batch
+            self.weights = F.one_hot(ids, self.num_contexts).to(torch.float64)
+        elif self.fallback == "source" or self.assigner is None:
+            self.weights = torch.zeros(n, self.num_contexts, dtype=torch.float64, device=x.device)
+            self.weights[:, 0] = 1.0
+        else:
+            if descriptors is None:
+                raise ValueError("fallback 'infer' routes by descriptors; pass the images' descriptors")
+            self._apply_pending()
+            weights = self.assigner.assign(descriptors)  # on the CPU: one transfer of (N, D) descriptors
+            if update:
+                ops = self.assigner.observe(descriptors, weights)
+                self.pending = torch.tensor([(OPS.index(op), a, b) for op, a, b in ops], dtype=torch.long
+                                            ).reshape(-1, 3)
+            self.resize(max(self.num_contexts, weights.shape[1]))
+            weights = F.pad(weights, (0, self.num_contexts - weights.shape[1]))
+            self.weights = weights.to(x.device, non_blocking=True)
+        if update:
+            self.seen += self.weights.sum(0)
+
+    def _apply_pending(self) -> None:
+        """Mirror the assigner's structural changes of the last batch in the router and every layer."""
+        for code, a, b in self.pending.tolist():
+            op = OPS[code]
+            if op == "grow":
+                self.resize(max(self.num_contexts, a))
+                for layer in self._layers:
+                    layer.resize(max(layer.num_contexts, a))
+            elif op == "clear":
+                self.seen[a] = 0.0
+                for layer in self._layers:
+                    if a < layer.num_contexts:
+                        layer.clear_context(a)
+            else:  # merge b into a
+                self.seen[a] += self.seen[b]
+                self.seen[b] = 0.0
+                for layer in self._layers:
+                    if b < layer.num_contexts:
+                        layer.merge_context(a, b)
+        self.pending = torch.zeros(0, 3, dtype=torch.long)
 
     def end(self) -> None:
         """Forget the routing of the forward that just finished."""
-        self.active, self.observed, self.ids, self.tau = False, False, None, None
+        self.weights = None
 
-    @property
-    def pending(self) -> bool:
-        """Whether the next layer should compute signatures (the first layer a routed forward reaches)."""
-        return self.active and not self.observed
-
-    def observe(self, x: torch.Tensor) -> None:
-        """Called by the first layer a forward reaches: compute signatures, infer contexts if needed, update."""
-        self.observed = True
-        with torch.no_grad():
-            s = signature(x.detach())
-            if s.shape[1] != self.signature_dim:
-                raise ModelError(f"the first normalisation layer reached by the forward has {s.shape[1] // 2} channels "
-                                 f"but the router was built for {self.signature_dim // 2}; convert the model with "
-                                 "convert_context_norm so that the first BatchNorm in module order runs first")
-            if not bool(self.sig_prior_set):
-                self.sig_prior.copy_(within_variance(s, self.min_spawn, self.max_contexts) * self.spawn_var)
-                self.sig_prior_set.fill_(True)
-            if self.ids is not None:
-                weights = F.one_hot(self.ids, self.num_contexts).to(s)
-            elif self.fallback == "source":
-                self.ids = torch.zeros(len(s), dtype=torch.long, device=s.device)
-                return
-            else:
-                weights = self._infer(s)
-                if self.fallback == "soft":
-                    self.tau = weights
-                else:
-                    self.ids = weights.argmax(1)
-                    weights = F.one_hot(self.ids, self.num_contexts).to(s)
-            weights = weights.clone()
-            weights[:, 0] = 0.0  # the source context keeps no signature model
-            self._update(s, weights)
-
-    def _known(self) -> torch.Tensor:
-        known = self.sig_count > 0
-        known[self._fresh] = True
-        return known
-
-    def _variance(self) -> torch.Tensor:
-        # Shrink each context's signature variance towards the prior with a pseudo-count of min_spawn samples.
-        c0 = float(max(self.min_spawn, 1))
-        return (c0 * self.sig_prior + self.sig_m2) / (c0 + self.sig_count[:, None])
-
-    def _log_likelihood(self, s: torch.Tensor) -> torch.Tensor:
-        """(N, K) log lambda_k + log N(s; m_k, diag v_k); -inf for contexts without a signature model."""
-        var = self._variance()
-        known = self._known()
-        # Mixture weights from the counts, with the same pseudo-count as the variances (fresh contexts have 0).
-        weight = self.sig_count + float(max(self.min_spawn, 1))
-        log_lambda = torch.log(weight / weight[known].sum())
-        diff = (s[:, None, :] - self.sig_mean[None]) ** 2 / var[None]
-        ll = -0.5 * (diff + torch.log(2 * math.pi * var)[None]).sum(2) + log_lambda[None]
-        return ll.masked_fill(~known[None], -math.inf)
-
-    def _z2(self, s: torch.Tensor) -> torch.Tensor:
-        """(N,) mean squared z-score of each signature under its closest context (inf when there is none)."""
-        known = self._known()
-        if not bool(known.any()):
-            return torch.full((len(s),), math.inf, dtype=s.dtype, device=s.device)
-        z2 = ((s[:, None, :] - self.sig_mean[None]) ** 2 / self._variance()[None]).mean(2)
-        return z2.masked_fill(~known[None], math.inf).min(1).values
-
-    def _infer(self, s: torch.Tensor) -> torch.Tensor:
-        """(N, K) responsibilities of the known contexts, spawning new contexts for unseen signatures first."""
-        self._fresh = []
-        while self.num_contexts < self.max_contexts:
-            unseen = self._z2(s) > self.spawn_threshold
-            if int(unseen.sum()) < self.min_spawn:
-                break
-            cand = s[unseen]
-            d = ((cand[:, None, :] - cand[None]) ** 2 / self.sig_prior).mean(2)
-            # Start from the tightest group of min_spawn unseen signatures (smallest k-nearest-neighbour radius),
-            # then a few mean-shift steps to the centre of its cluster.
-            radius, neighbours = d.topk(self.min_spawn, dim=1, largest=False)
-            centre = cand[neighbours[int(radius[:, -1].argmin())]].mean(0)
-            for _ in range(3):
-                near = ((cand - centre) ** 2 / self.sig_prior).mean(1) < self.spawn_threshold
-                if int(near.sum()) < self.min_spawn:
-                    break
-                centre = cand[near].mean(0)
-            if int(near.sum()) < self.min_spawn:
-                break
-            k = self.num_contexts
-            self.resize(k + 1)
-            self.sig_mean[k] = centre  # its spread is the prior's until samples are merged below
-            self._fresh.append(k)
-        ll = self._log_likelihood(s)
-        self._fresh = []
-        if not bool(torch.isfinite(ll).any()):
-            # Nothing known yet and too few unseen samples to spawn: the source context takes them.
-            return F.one_hot(torch.zeros(len(s), dtype=torch.long, device=s.device), self.num_contexts).to(s)
-        return ll.softmax(1)
-
-    def _update(self, s: torch.Tensor, weights: torch.Tensor) -> None:
-        """Weighted exact merge of the batch's signatures into each context's Gaussian."""
-        w = weights.sum(0)
-        for k in torch.nonzero(w > 0).flatten().tolist():
-            wk = weights[:, k:k + 1]
-            n_b = w[k]
-            mean_b = (wk * s).sum(0) / n_b
-            m2_b = (wk * (s - mean_b) ** 2).sum(0)
-            n_a = self.sig_count[k]
-            n = n_a + n_b
-            delta = mean_b - self.sig_mean[k]
-            self.sig_mean[k] += delta * (n_b / n)
-            self.sig_m2[k] += m2_b + delta**2 * (n_a * n_b / n)
-            self.sig_count[k] = n
-
-
-def two_means(x: torch.Tensor, min_size: int) -> tuple[float, torch.Tensor]:
-    """Split ``x`` (n, d) in two by 2-means on standardised values: (separation, mask of the second half).
-
-    The separation is the mean over dimensions of the squared gap between the halves' means in units of their
-    pooled within-half variance; 0 when a half has fewer than ``min_size`` rows.
-    """
-    z = (x - x.mean(0)) / x.var(0, unbiased=False).clamp_min(1e-12).sqrt()
-    a = z[z.square().sum(1).argmax()]
-    b = z[(z - a).square().sum(1).argmax()]
-    second = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for _ in range(10):
-        second = (z - a).square().sum(1) > (z - b).square().sum(1)
-        if min(int(second.sum()), int((~second).sum())) < max(min_size, 1):
-            return 0.0, second
-        a, b = z[~second].mean(0), z[second].mean(0)
-    xa, xb = x[~second], x[second]
-    within = (xa.var(0, unbiased=False) * len(xa) + xb.var(0, unbiased=False) * len(xb)) / len(x)
-    return float(((xa.mean(0) - xb.mean(0)).square() / within.clamp_min(1e-12)).mean()), second
-
-
-def within_variance(s: torch.Tensor, min_size: int, max_clusters: int) -> torch.Tensor:
-    """Per-dimension variance of ``s`` within its clusters: the first batch split by 2-means while separable.
-
-    A first batch that mixes domains would otherwise set the scale of a context to the spread between domains, and
-    every later sample would look like one seen before.
-    """
-    done: list[torch.Tensor] = []
-    todo = [s]
-    while todo:
-        x = todo.pop()
-        if len(x) >= 2 * min_size and len(done) + len(todo) + 2 <= max_clusters:
-            separation, second = two_means(x, min_size)
-            if separation > SPLIT_SEPARATION:
-                todo += [x[~second], x[second]]
-                continue
-        done.append(x)
-    pooled = sum(x.var(0, unbiased=False) * len(x) for x in done) / len(s)
-    return pooled.clamp_min(1e-6)
-
-
-def signature(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample channel mean and log-variance (N, 2C) in float64: what the router recognises domains by."""
-    flat = x.reshape(x.shape[0], x.shape[1], -1).double()
-    var, mean = torch.var_mean(flat, dim=2, correction=0)
-    return torch.cat([mean, torch.log(var + 1e-5)], 1)
+    def link(self, layers: list[DomainContextNorm]) -> None:
+        """The layers whose contexts mirror this router's (plain references: they are saved by the model)."""
+        self._layers = layers
 
 
 class DomainContextNorm(GrowingContexts):
@@ -431,109 +326,133 @@ class DomainContextNorm(GrowingContexts):
         return [p for plist in (self.ctx_weight, self.ctx_bias, self.ctx_mu, self.ctx_logstd)
                 for p in list(plist)[1:]]
 
+    @torch.no_grad()
+    def clear_context(self, k: int) -> None:
+        """Context ``k`` (>= 1) starts afresh: source statistics, no count, source-initialised parameters."""
+        self.ctx_mean[k] = self.source_mean.double()
+        self.ctx_var[k] = self.source_var.double()
+        self.ctx_values[k] = 0.0
+        self.ctx_images[k] = 0.0
+        for name, init in (("ctx_weight", self.source_weight), ("ctx_bias", self.source_bias),
+                           ("ctx_mu", self.source_mean), ("ctx_logstd", 0.5 * torch.log(self.source_var + self.eps))):
+            plist = getattr(self, name)
+            if k < len(plist):
+                plist[k].copy_(init)
+
+    @torch.no_grad()
+    def merge_context(self, dst: int, src: int) -> None:
+        """Context ``src``'s statistics join ``dst``'s (exact pooling; ``dst`` keeps its parameters); ``src`` is
+        cleared. Merging into the source context (0) only clears ``src``: the source never changes."""
+        if dst > 0 and self.update == "cumulative":
+            n_a, n_b = self.ctx_values[dst], self.ctx_values[src]
+            n = n_a + n_b
+            if float(n) > 0:
+                delta = self.ctx_mean[src] - self.ctx_mean[dst]
+                m2 = self.ctx_var[dst] * n_a + self.ctx_var[src] * n_b + delta.square() * (n_a * n_b / n)
+                self.ctx_mean[dst] += delta * (n_b / n)
+                self.ctx_var[dst] = m2 / n
+                self.ctx_values[dst] = n
+                self.ctx_images[dst] += self.ctx_images[src]
+        elif dst > 0:  # ema: the running estimates, weighted by the images each has seen
+            a, b = self.ctx_images[dst], self.ctx_images[src]
+            if float(a + b) > 0:
+                self.ctx_mean[dst] = (a * self.ctx_mean[dst] + b * self.ctx_mean[src]) / (a + b)
+                self.ctx_var[dst] = (a * self.ctx_var[dst] + b * self.ctx_var[src]) / (a + b)
+                self.ctx_images[dst] = a + b
+                self.ctx_values[dst] += self.ctx_values[src]
+        self.clear_context(src)
+
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise every sample of ``x`` with the statistics of its context (see the module docstring)."""
+        """Normalise every sample of ``x`` with its contexts' statistics (see the module docstring)."""
         router = self._router
-        if router is None or not router.active:
-            return self._normalise(x, 0, *self._source())  # outside a routed forward: the source model
-        if router.pending:
-            router.observe(x)
-        if self.num_contexts < router.num_contexts:
-            self.resize(router.num_contexts)
-        if router.tau is not None:
-            return self._soft(x, router.tau)
-        ids = router.ids
-        if ids is None:
-            ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        present = torch.unique(ids).tolist()
-        if len(present) == 1:
-            return self._normalise(x, present[0], *self._stats(present[0], x))
-        parts, order = [], []
-        for k in present:
-            idx = torch.nonzero(ids == k).flatten()
-            xs = x.index_select(0, idx)
-            parts.append(self._normalise(xs, k, *self._stats(k, xs)))
-            order.append(idx)
-        out = torch.cat(parts, 0)
-        inverse = torch.empty_like(ids)
-        inverse[torch.cat(order)] = torch.arange(len(ids), device=ids.device)
-        return out.index_select(0, inverse)
-
-    def _soft(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        for k in torch.nonzero(tau.sum(0) > 0).flatten().tolist():
-            w = tau[:, k].to(x.dtype)
-            out = out + w.view(shape) * self._normalise(x, k, *self._stats(k, x, w))
-        return out
-
-    def _source(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.source_mean, self.source_var
-
-    def _running(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The statistics context ``k`` would normalise with if it saw no new data."""
-        if self.update == "ema":
-            return self.ctx_mean[k], self.ctx_var[k]
-        images = self.ctx_images[k]
-        if float(images) == 0.0:
-            return self._source()
-        return blend_prior(self.source_mean.double(), self.source_var.double(), self.ctx_mean[k], self.ctx_var[k],
-                           images, self.prior_n)
-
-    def _stats(
-        self, k: int, x: torch.Tensor, w: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance to normalise context ``k``'s samples ``x`` with (weights ``w``), updating its state."""
-        if k == 0:
-            return self._source()
-        if self.learned:
-            return self.ctx_mu[k], torch.exp(2 * self.ctx_logstd[k])
-        dims = [0, *range(2, x.ndim)]
-        per_image = x[0].numel() // x.shape[1]
-        images = float(x.shape[0]) if w is None else float(w.sum())
-        values = images * per_image
-        if images < self.min_subset or values < 2:
-            return self._running(k)  # too few samples for statistics of their own
-        xs = x.detach()
-        with torch.no_grad():
-            if w is None:
-                var, mean = torch.var_mean(xs, dim=dims, correction=0)
-            else:
-                wv = w.view((-1,) + (1,) * (x.ndim - 1))
-                mean = (wv * xs).sum(dims) / values
-                var = (wv * (xs - mean.view(1, -1, *([1] * (x.ndim - 2)))) ** 2).sum(dims) / values
-            mean, var = mean.double(), var.double()
-            if self.update == "ema":
-                self.ctx_mean[k].lerp_(mean, self.momentum)
-                self.ctx_var[k].lerp_(var * values / (values - 1), self.momentum)
-                self.ctx_images[k] += images
-                self.ctx_values[k] += values
-                return self.ctx_mean[k], self.ctx_var[k]
-            # Chan et al.'s exact merge of the context's pool with this subset (as AdaptiveBN's cumulative mode).
-            n_a = self.ctx_values[k]
-            n = n_a + values
-            delta = mean - self.ctx_mean[k]
-            m2 = self.ctx_var[k] * n_a + var * values + delta.square() * (n_a * values / n)
-            self.ctx_mean[k] += delta * (values / n)
-            self.ctx_var[k] = m2 / n
-            self.ctx_values[k] = n
-            self.ctx_images[k] += images
-        return self._running(k)
-
-    def _normalise(self, x: torch.Tensor, k: int, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        if self.per_context_affine:
-            weight, bias = (self.source_weight, self.source_bias) if k == 0 else (self.ctx_weight[k], self.ctx_bias[k])
+        if router is None or router.weights is None:  # outside a routed forward: the source model
+            weight, bias = (self.source_weight, self.source_bias) if self.per_context_affine else \
+                (self.weight, self.bias)
+            return F.batch_norm(x, self.source_mean, self.source_var, weight, bias, False, 0.0, self.eps)
+        weights = router.weights
+        if self.num_contexts < weights.shape[1]:
+            self.resize(weights.shape[1])
+        mean, var = self._context_stats(x, weights, router.update)  # (K, C) float64
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        w = weights.to(x.dtype)
+        if self.learned:  # context 0's mu and log sigma are the source's and never train
+            mu = torch.stack(list(self.ctx_mu)).to(x.dtype)
+            inv = torch.exp(-torch.stack(list(self.ctx_logstd))).to(x.dtype)
         else:
-            weight, bias = self.weight, self.bias
-        if self.learned and k > 0:
-            # Differentiable in mu and log sigma: F.batch_norm does not pass gradients to its running statistics.
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            y = (x - mean.view(shape)) * torch.exp(-self.ctx_logstd[k]).view(shape)
-            if weight is not None:
-                y = y * weight.view(shape) + bias.view(shape)
-            return y
-        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, self.eps)
+            mu, inv = mean.to(x.dtype), torch.rsqrt(var + self.eps).to(x.dtype)
+        gamma, beta = self._affine(x.dtype)
+        if gamma is None:
+            scale, shift = w @ inv, -(w @ (mu * inv))
+        else:
+            scale, shift = w @ (gamma * inv), w @ (beta - gamma * mu * inv)
+        return x * scale.view(shape) + shift.view(shape)
+
+    @property
+    def affine(self) -> bool:
+        """Whether the layer has an affine transform (per context or shared)."""
+        return self.per_context_affine or self.weight is not None
+
+    def _affine(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(K, C) gamma and beta of every context (``None`` without affine)."""
+        if self.per_context_affine:
+            return torch.stack(list(self.ctx_weight)).to(dtype), torch.stack(list(self.ctx_bias)).to(dtype)
+        if self.weight is None or self.bias is None:
+            return None, None
+        return self.weight.to(dtype)[None], self.bias.to(dtype)[None]
+
+    def _context_stats(self, x: torch.Tensor, w: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, C) mean and variance every context normalises with; stores the new running state if ``update``."""
+        k = self.num_contexts
+        source_mean, source_var = self.source_mean.double()[None], self.source_var.double()[None]
+        if self.learned:
+            return source_mean.expand(k, -1), source_var.expand(k, -1)  # unused: learned mode has its own
+        with torch.no_grad():
+            flat = x.detach().reshape(x.shape[0], x.shape[1], -1).double()
+            per_image = flat.shape[2]
+            v_i, m_i = torch.var_mean(flat, dim=2, correction=0)  # (N, C)
+            w = w.to(flat)
+            images = w.sum(0)  # (K,)
+            values = images * per_image
+            safe = images.clamp_min(1e-12)[:, None]
+            mean = (w.t() @ m_i) / safe
+            var = ((w.t() @ (v_i + m_i.square())) / safe - mean.square()).clamp_min(0.0)
+            # too few samples for statistics of their own, and the source context: no new statistics
+            fresh = (images >= self.min_subset) & (values >= 2)
+            fresh[0] = False
+            f = fresh[:, None]
+            if self.update == "ema":
+                var_unbiased = var * (values / (values - 1).clamp_min(1e-12))[:, None]
+                new_mean = torch.where(f, torch.lerp(self.ctx_mean, mean, self.momentum), self.ctx_mean)
+                new_var = torch.where(f, torch.lerp(self.ctx_var, var_unbiased, self.momentum), self.ctx_var)
+                new_images = self.ctx_images + torch.where(fresh, images, 0.0)
+                new_values = self.ctx_values + torch.where(fresh, values, 0.0)
+                run_mean, run_var = new_mean, new_var
+            else:
+                # Chan et al.'s exact merge of each context's pool with its share (as AdaptiveBN's cumulative mode)
+                n_b = torch.where(fresh, values, 0.0)
+                n_a = self.ctx_values
+                n = n_a + n_b
+                ratio = (n_b / n.clamp_min(1e-12))[:, None]
+                delta = mean - self.ctx_mean
+                new_mean = self.ctx_mean + delta * ratio
+                m2 = self.ctx_var * n_a[:, None] + var * n_b[:, None] + delta.square() * (n_a * ratio[:, 0])[:, None]
+                new_var = torch.where(f, m2 / n.clamp_min(1e-12)[:, None], self.ctx_var)
+                new_mean = torch.where(f, new_mean, self.ctx_mean)
+                new_values = n
+                new_images = self.ctx_images + torch.where(fresh, images, 0.0)
+                blended = blend_prior(source_mean, source_var, new_mean, new_var, new_images[:, None], self.prior_n)
+                seen = (new_images > 0)[:, None]
+                run_mean = torch.where(seen, blended[0], source_mean)
+                run_var = torch.where(seen, blended[1], source_var)
+            if update:
+                self.ctx_mean.copy_(new_mean)
+                self.ctx_var.copy_(new_var)
+                self.ctx_values.copy_(new_values)
+                self.ctx_images.copy_(new_images)
+            run_mean = torch.cat([source_mean, run_mean[1:]])
+            run_var = torch.cat([source_var, run_var[1:]])
+        return run_mean, run_var
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, contexts={self.num_contexts}, update={self.update}, prior_n={self.prior_n}, "
@@ -541,15 +460,24 @@ class DomainContextNorm(GrowingContexts):
 
 
 class ContextNormModel(nn.Module):
-    """A model whose BatchNorms are ``DomainContextNorm``s; ``forward(x, domain)`` routes samples by domain id."""
+    """A model whose BatchNorms are ``DomainContextNorm``s; ``forward(x, domain)`` routes samples by domain id.
 
-    def __init__(self, net: nn.Module, router: ContextRouter) -> None:
+    ``probe`` (a ``StyleProbe`` of the source model) gives the descriptors the router infers contexts from when it
+    is given no ids and its fallback is ``infer``.
+    """
+
+    def __init__(self, net: nn.Module, router: ContextRouter, probe: StyleProbe | None = None) -> None:
         super().__init__()
-        self.net, self.router = net, router
+        self.net, self.router, self.probe = net, router, probe
 
-    def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of ``x``; ``domain`` (N,) gives each sample's domain id (context id + 1), ``None`` infers it."""
-        self.router.begin(None if domain is None else torch.as_tensor(domain, device=x.device))
+    def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None, update: bool = True) -> torch.Tensor:
+        """Logits of ``x``; ``domain`` (N,) gives each sample's domain id (context id + 1), ``None`` routes by the
+        fallback; ``update=False`` predicts without storing statistics or learning contexts."""
+        ids = None if domain is None else torch.as_tensor(domain, device=x.device)
+        descriptors = None
+        if ids is None and self.router.fallback == "infer" and self.probe is not None:
+            descriptors = self.probe(x)
+        self.router.begin(x, ids, descriptors, update=update)
         try:
             return self.net(x)
         finally:
@@ -571,16 +499,26 @@ def convert_context_norm(
     learned: bool = False,
     declared: int = 0,
     fallback: Fallback = "source",
-    spawn_threshold: float = 4.0,
-    spawn_var: float = 1.0,
+    calibration: Calibration | None = None,
+    descriptor: str = DEFAULT_DEPTH,
     min_spawn: int = 8,
     max_contexts: int = 16,
 ) -> ContextNormModel:
     """Replace every BatchNorm of ``model`` (in place) by a ``DomainContextNorm`` and wrap it with a router.
 
     ``declared`` contexts (1..declared) exist from the start and survive ``reset_structure``; others are created on
-    first sight. ``per_context_affine=True`` gives DSBN.
+    first sight. ``per_context_affine=True`` gives DSBN. ``fallback="infer"`` needs the ``calibration`` of the
+    ``descriptor`` on clean source images (``calibrate_contexts``).
     """
+    probe, assigner = None, None
+    if fallback == "infer":
+        if calibration is None:
+            raise ValueError("fallback 'infer' needs a calibration on clean source data (calibrate_contexts)")
+        probe = StyleProbe(model, descriptor)  # a frozen copy of the source model, before the conversion
+        if calibration.mean.shape[0] != probe.dim:
+            raise ValueError(f"the calibration is for {calibration.mean.shape[0]}-dimensional descriptors, the "
+                             f"{descriptor!r} descriptor of this model has {probe.dim}; calibrate on this model")
+        assigner = ContextAssigner(calibration, min_spawn=min_spawn, max_contexts=max_contexts)
     holder = nn.Sequential(model)  # so that a bare BatchNorm is replaced too
     count = replace_batchnorms(holder, lambda bn: DomainContextNorm.from_bn(
         bn, update=update, prior_n=prior_n, momentum=momentum, min_subset=min_subset,
@@ -589,11 +527,19 @@ def convert_context_norm(
         raise ModelError("the model has no BatchNorm layers to make domain-aware; use a BN network")
     net = holder[0]
     layers = [m for m in net.modules() if isinstance(m, DomainContextNorm)]
-    router = ContextRouter(2 * layers[0].num_features, declared=declared, fallback=fallback,
-                           spawn_threshold=spawn_threshold, spawn_var=spawn_var, min_spawn=min_spawn,
-                           max_contexts=max_contexts)
-    wrapped = ContextNormModel(net, router).to(layers[0].source_mean.device)
+    router = ContextRouter(declared=declared, fallback=fallback, assigner=assigner)
+    wrapped = ContextNormModel(net, router, probe).to(layers[0].source_mean.device)
+    router.link(layers)
     for layer in layers:
         # A plain reference, not a submodule (nn.Module.__setattr__ would register it): saved once, by the wrapper.
         object.__setattr__(layer, "_router", router)
     return wrapped
+
+
+def calibrate_contexts(model: nn.Module, images: torch.Tensor, descriptor: str = DEFAULT_DEPTH,
+                       quantile: float = 0.99) -> Calibration:
+    """The source calibration of context inference: descriptors of clean source ``images`` (N, C, H, W) in
+    [0, 1] under ``model`` (the unconverted BN model), their spread and distance quantiles."""
+    probe = StyleProbe(model, descriptor)
+    device = next(model.parameters(), torch.empty(0)).device
+    return calibrate(describe(probe, images.to(device)), quantile)

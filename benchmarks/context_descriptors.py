@@ -1,0 +1,144 @@
+"""Descriptor study: how well per-image style descriptors separate the generated corruptions.
+
+For each candidate descriptor (the BatchNorm layers it reads, channel means with or without log-stds, standardised
+by the spread of clean source images or not, optionally a random projection) and each of the 15 benchmark
+corruptions (the first ``--n`` images of the shared exact CIFAR-10 test head, generated in memory at
+``--severity``, seed 0), it reports
+
+- nearest-centroid accuracy: centroids from the first half of each corruption's images, the second half labelled
+  by the closest centroid (Euclidean, in the descriptor's space);
+- k-means purity: k-means with 15 clusters (k-means++ start, 3 restarts) on all images, the share of images whose
+  cluster's majority corruption is their own.
+
+    python benchmarks/context_descriptors.py --n 400 --arch resnet20
+
+The standardisation uses ``--source-n`` clean training images (the shared JPEG training subset): per dimension,
+subtract their mean and divide by their standard deviation; "whitened" further projects on their top principal
+directions divided by their standard deviations (``tta.norm.assign.calibrate``), what ``contexts=infer`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tta
+from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
+from tta.data.generated import GeneratedSource
+from tta.data.stream import Domain
+from tta.norm.assign import calibrate
+from tta.norm.descriptors import DEPTHS, StyleProbe, describe, select_layers
+
+
+def nearest_centroid(z: torch.Tensor, labels: torch.Tensor, train: torch.Tensor) -> float:
+    """Accuracy (%) of the nearest class centroid (from rows ``train``) on the other rows."""
+    classes = labels.unique()
+    centroids = torch.stack([z[train & (labels == c)].mean(0) for c in classes])
+    pred = classes[torch.cdist(z[~train], centroids).argmin(1)]
+    return float((pred == labels[~train]).float().mean()) * 100
+
+
+def kmeans_purity(z: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0, restarts: int = 3) -> float:
+    """Purity (%) of the best (lowest inertia) of ``restarts`` k-means runs with ``k`` clusters."""
+    gen = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        centres = z[torch.randint(len(z), (1,), generator=gen)]
+        for _ in range(k - 1):  # k-means++
+            d = torch.cdist(z, centres).min(1).values ** 2
+            centres = torch.cat([centres, z[torch.multinomial(d / d.sum(), 1, generator=gen)]])
+        for _ in range(50):
+            assign = torch.cdist(z, centres).argmin(1)
+            centres = torch.stack([z[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+        inertia = float((torch.cdist(z, centres).min(1).values ** 2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = assign, inertia
+    assert best is not None
+    hits = sum(int(torch.bincount(labels[best == j]).max()) for j in range(k) if (best == j).any())
+    return hits / len(z) * 100
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    parser.add_argument("--arch", default="resnet20", choices=["resnet20", "resnet32"])
+    parser.add_argument("--n", type=int, default=400, help="images per corruption")
+    parser.add_argument("--source-n", type=int, default=1000, help="clean training images for standardising")
+    parser.add_argument("--severity", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    model = tta.load_model(checkpoint=args.shared / "models" / f"cifar10_{args.arch}.th", arch=args.arch)
+    probe = StyleProbe(model, "all")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    widths = [2 * bn.num_features for bn in bns]
+    offsets = np.cumsum([0, *widths])
+
+    with np.load(args.shared / "data" / "cifar10" / "test_exact_head.npz") as data:
+        x, y = data["x"][:args.n], data["y"][:args.n]
+    gen = GeneratedSource(x, y, seed=args.seed)
+    started = time.perf_counter()
+    feats, labels = [], []
+    for i, c in enumerate(BENCHMARK_CORRUPTIONS):
+        images, _ = gen.load(Domain(c, args.severity), np.arange(len(x)))
+        feats.append(describe(probe, images.float() / 255))
+        labels.append(torch.full((len(x),), i))
+    z_all, labels_t = torch.cat(feats), torch.cat(labels)
+    with np.load(args.shared / "data" / "cifar10" / "train_jpeg_10k.npz") as data:
+        src = torch.from_numpy(data["x"][:args.source_n]).permute(0, 3, 1, 2).float() / 255
+    s_all = describe(probe, src)
+    print(f"descriptors of {len(z_all)} corrupted and {len(s_all)} clean images in "
+          f"{time.perf_counter() - started:.1f}s", flush=True)
+
+    train = torch.zeros(args.n, dtype=torch.bool)
+    train[: args.n // 2] = True
+    train = train.repeat(len(BENCHMARK_CORRUPTIONS))
+
+    def columns(depth: str, stds: bool) -> list[int]:
+        cols: list[int] = []
+        for i in select_layers(len(bns), depth):
+            half = widths[i] // 2
+            cols += list(range(offsets[i], offsets[i] + half))
+            if stds:
+                cols += list(range(offsets[i] + half, offsets[i + 1]))
+        return cols
+
+    rows = []
+    for depth in DEPTHS:
+        for stds in (False, True):
+            for standardise in (False, True):
+                cols = columns(depth, stds)
+                z, s = z_all[:, cols], s_all[:, cols]
+                if standardise:
+                    z = (z - s.mean(0)) / s.std(0).clamp_min(1e-6)
+                rows.append((depth, "mean+logstd" if stds else "mean", "yes" if standardise else "no", len(cols),
+                             nearest_centroid(z, labels_t, train), kmeans_purity(z, labels_t, 15)))
+    # a random Gaussian projection of the standardised full descriptor to 64 dimensions
+    cols = columns("all", True)
+    z = (z_all[:, cols] - s_all[:, cols].mean(0)) / s_all[:, cols].std(0).clamp_min(1e-6)
+    proj = torch.randn(len(cols), 64, generator=torch.Generator().manual_seed(0)) / 8
+    zp = z @ proj
+    rows.append(("all", "mean+logstd, random projection", "yes", 64, nearest_centroid(zp, labels_t, train),
+                 kmeans_purity(zp, labels_t, 15)))
+    # whitened by the source covariance (what contexts=infer uses): tta.norm.assign's calibration
+    for depth in DEPTHS:
+        cols = columns(depth, True)
+        cal = calibrate(s_all[:, cols])
+        zw = ((z_all[:, cols].double() - cal.mean.double()) / cal.std.double()) @ cal.projection.double()
+        rows.append((depth, "mean+logstd", f"whitened (rank {zw.shape[1]})", zw.shape[1],
+                     nearest_centroid(zw, labels_t, train), kmeans_purity(zw, labels_t, 15)))
+    print(f"\n{args.arch}, 15 corruptions, severity {args.severity}, {args.n} images each "
+          f"({len(bns)} BatchNorm layers):\n")
+    print("| layers | statistics | standardised | dims | nearest centroid (%) | k-means purity (%) |")
+    print("|---|---|---|--:|--:|--:|")
+    for depth, stats, std, dims, nc, pur in rows:
+        print(f"| {depth} | {stats} | {std} | {dims} | {nc:.1f} | {pur:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Per-image domain descriptors: an image's feature "style" at several depths of the frozen source model.
+
+For a BatchNorm layer with running statistics (mu, sigma^2) whose input for one image has per-channel spatial mean
+m_c and variance v_c, the image's style at that layer is, per channel,
+
+    ((m_c - mu_c) / sigma_c,  0.5 * log(v_c / sigma_c^2))
+
+i.e. how far the image's channel statistics sit from the source's, in source units (both 0 for an image that looks
+like the average training image). A descriptor concatenates these over a chosen set of BatchNorm layers, computed
+with the *source* model (every BN normalising with its running statistics), so it does not depend on any test-time
+state nor on the other images of the batch. The forward stops after the deepest layer used.
+
+``benchmarks/context_descriptors.py`` scores layer choices by how well they separate the generated corruptions;
+``DEPTHS`` are the choices offered, ``DEFAULT_DEPTH`` the one it selected.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tta.errors import ModelError
+
+# Which BatchNorm layers (in module order) a descriptor reads: "first" (the first only), "early" (the first third),
+# "half" (the first half), "all".
+DEPTHS: tuple[str, ...] = ("first", "early", "half", "all")
+DEFAULT_DEPTH = "all"
+
+
+class _Stop(Exception):
+    """Raised by the last hook to end a probe forward early (never escapes ``StyleProbe``)."""
+
+
+def select_layers(n_layers: int, depth: str) -> list[int]:
+    """Indices of the BatchNorm layers a descriptor of ``depth`` reads, out of ``n_layers``."""
+    if depth not in DEPTHS:
+        raise ValueError(f"unknown descriptor depth {depth!r}; choose one of {', '.join(DEPTHS)}")
+    count = {"first": 1, "early": -(-n_layers // 3), "half": -(-n_layers // 2), "all": n_layers}[depth]
+    return list(range(count))
+
+
+def channel_style(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """(N, 2C): per-image channel mean and log-std of ``x`` (N, C, ...) relative to source ``mean``/``var``."""
+    flat = x.detach().reshape(x.shape[0], x.shape[1], -1).float()
+    v, m = torch.var_mean(flat, dim=2, correction=0)
+    ref_var = var.float() + eps
+    return torch.cat([(m - mean.float()) * ref_var.rsqrt(), 0.5 * torch.log((v + eps) / ref_var)], 1)
+
+
+class StyleProbe(nn.Module):
+    """The frozen source model with hooks that read the style of every image at the chosen BatchNorm layers.
+
+    ``probe(x)`` returns the (N, D) descriptor in float32; the copy it runs never changes and never trains.
+    """
+
+    def __init__(self, model: nn.Module, depth: str = DEFAULT_DEPTH) -> None:
+        super().__init__()
+        net = copy.deepcopy(model).eval().requires_grad_(False)
+        bns = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+        if not bns:
+            raise ModelError("the model has no BatchNorm layers to read image styles from; use a BN network")
+        if any(bn.running_mean is None or bn.running_var is None for bn in bns):
+            raise ModelError("every BatchNorm needs running statistics to read image styles; load the pretrained "
+                             "model with its running statistics")
+        self.net, self.depth = net, depth
+        self.indices = select_layers(len(bns), depth)
+        self.dim = sum(2 * bns[i].num_features for i in self.indices)
+        self._parts: list[torch.Tensor] = []
+        for rank, i in enumerate(self.indices):
+            bns[i].register_forward_pre_hook(self._hook(bns[i], last=rank == len(self.indices) - 1))
+
+    def _hook(self, bn: _BatchNorm, last: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self._parts.append(channel_style(args[0], bn.running_mean, bn.running_var, bn.eps))
+            if last:
+                raise _Stop
+        return hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) descriptors of the images ``x`` (the source model's input)."""
+        self._parts = []
+        try:
+            with torch.no_grad():
+                self.net(x)
+        except _Stop:
+            pass
+        parts, self._parts = self._parts, []
+        if len(parts) != len(self.indices):
+            raise ModelError(f"the forward reached {len(parts)} of the {len(self.indices)} BatchNorm layers the "
+                             "descriptor reads; every BatchNorm must run on every forward")
+        return torch.cat(parts, 1)
+
+    def train(self, mode: bool = True) -> StyleProbe:
+        """The probe's model stays in eval mode (its BatchNorms are the source)."""
+        super().train(mode)
+        self.net.eval()
+        return self
+
+
+def describe(probe: StyleProbe, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Descriptors of ``images`` (N, C, H, W) in [0, 1], in chunks of ``batch_size`` (CPU float32)."""
+    device = next(probe.net.parameters(), torch.empty(0)).device
+    return torch.cat([probe(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
+
+
+__all__: Sequence[str] = ["DEFAULT_DEPTH", "DEPTHS", "StyleProbe", "channel_style", "describe", "select_layers"]
