@@ -193,6 +193,7 @@ def run(args: argparse.Namespace, methods: list[str], ref: types.SimpleNamespace
     from PIL import Image
 
     import tta
+    import tta.methods
     from tta.data.arrays import array_stream
     from tta.models import cifar_resnet, load_model
     from tta.models.zoo import CIFAR_RESNET_NORM, normalized
@@ -243,7 +244,8 @@ def run(args: argparse.Namespace, methods: list[str], ref: types.SimpleNamespace
             return len(x) / (time.perf_counter() - begin), 100 * correct / len(x)
 
     def tta_run(name: str, x: Any, y: Any, batch: int) -> tuple[float, float]:
-        adapted = tta.adapt(copy.deepcopy(model), name, source_data=source if name == "eata" else None)
+        needs_source = tta.methods.get_method(name).requires.source_data
+        adapted = tta.adapt(copy.deepcopy(model), name, source_data=source if needs_source else None)
         stream = array_stream(x, y, batch_size=batch)
         sync(device)
         begin = time.perf_counter()
