@@ -256,7 +256,7 @@ def run(args: argparse.Namespace, methods: list[str], ref: types.SimpleNamespace
     print(f"device={device} arch={args.arch} weights={args.checkpoint or 'random'} "
           f"data={f'{args.data} {args.corruption} s{args.severity}' if args.data else 'random'} "
           f"images={args.n_images} (memo {args.memo_images}) repeats={args.repeats} torch={torch.__version__} "
-          f"threads={torch.get_num_threads()} reference={md_dir}")
+          f"threads={torch.get_num_threads()} reference={md_dir}", flush=True)
     print(f"{'method':8s} {'reference img/s':>15s} {'tta img/s':>10s} {'tta/ref':>8s} {'acc ref':>8s} {'acc tta':>8s}")
     x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(np.asarray(y_all))
     reference_run("source", x_all[:400], y_all[:400], 200)  # warm-up (allocator, threads)
