@@ -13,7 +13,6 @@ teacher's, computed before the update.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +22,8 @@ from torch import nn
 from tta.core.augment import tta_augment
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import soft_cross_entropy, symmetric_cross_entropy
-from tta.core.params import OptimizerConfig, ema_update, force_batch_statistics, train_only
+from tta.core.params import OptimizerConfig, ema_update
+from tta.core.reliable import eval_with_batch_statistics
 from tta.core.teacher import stochastic_restore, weight_and_bias
 from tta.core.validate import check_range
 from tta.registry import register
@@ -61,15 +61,8 @@ class CoTTA(AdaptedModel):
         "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True, "restore_prob": 0.001,
         "aug_threshold": 0.1, "loss": "symmetric"}}
 
-    def check_model(self, model: nn.Module) -> None:
-        if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-            self.requires = dataclasses.replace(self.requires, min_batch=2)  # batch statistics of one value
-
     def configure(self, model: nn.Module) -> nn.Module:
-        model.eval()  # dropout and stochastic depth off; BatchNorm still uses batch statistics
-        force_batch_statistics(model)
-        train_only(model, weight_and_bias(model))
-        return model
+        return eval_with_batch_statistics(model, weight_and_bias(model))
 
     def setup(self) -> None:
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)

@@ -18,7 +18,6 @@ blocks and the final norm of a ViT-B) are not adapted, as in the reference; they
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -27,7 +26,8 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy, entropy_margin
-from tta.core.params import IMAGENET_SGD, OptimizerConfig, force_batch_statistics, norm_layers, train_only
+from tta.core.params import IMAGENET_SGD, OptimizerConfig, norm_layers
+from tta.core.reliable import eval_with_batch_statistics
 from tta.core.validate import check_range
 from tta.core.views import generator_from, new_rng_state, occlude, patch_shuffle, pixel_shuffle
 from tta.errors import InputError, ModelError
@@ -89,14 +89,9 @@ class Deyo(AdaptedModel):
             raise ModelError("deyo adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers outside "
                              f"frozen_modules {list(self.config.frozen_modules)}, and this model has none; use a model "
                              "with affine norm layers or set frozen_modules=[]")
-        if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-            self.requires = dataclasses.replace(self.requires, min_batch=2)
 
     def configure(self, model: nn.Module) -> nn.Module:
-        model.eval()  # dropout and stochastic depth off; BatchNorm still normalises with batch statistics
-        force_batch_statistics(model)
-        train_only(model, adapted_params(model, self.config.frozen_modules))
-        return model
+        return eval_with_batch_statistics(model, adapted_params(model, self.config.frozen_modules))
 
     def setup(self) -> None:
         self.add_state("rng_state", new_rng_state())

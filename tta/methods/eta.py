@@ -11,7 +11,6 @@ The returned logits are those computed before the update.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,9 +58,6 @@ class ETA(AdaptedModel):
         if not norm_affine_params(model):
             raise ModelError(f"{self.name} adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers, "
                              "and this model has none; use a model with affine norm layers or the source method")
-        if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-            # Batch statistics of one value per channel do not exist.
-            self.requires = dataclasses.replace(self.requires, min_batch=2)
 
     def configure(self, model: nn.Module) -> nn.Module:
         return eval_with_batch_statistics(model, norm_affine_params(model))

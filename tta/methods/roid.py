@@ -23,7 +23,6 @@ the source ensembling follows the batch's last step rather than every step.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,7 +32,8 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy, soft_likelihood_ratio, symmetric_cross_entropy
-from tta.core.params import IMAGENET_SGD, OptimizerConfig, force_batch_statistics, norm_affine_params, train_only
+from tta.core.params import IMAGENET_SGD, OptimizerConfig, norm_affine_params
+from tta.core.reliable import eval_with_batch_statistics
 from tta.core.validate import check_range
 from tta.core.views import color_affine_view, generator_from, new_rng_state
 from tta.errors import ModelError
@@ -79,14 +79,9 @@ class Roid(AdaptedModel):
         if not norm_affine_params(model):
             raise ModelError("roid adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers, and "
                              "this model has none; use a model with affine norm layers or the source method")
-        if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-            self.requires = dataclasses.replace(self.requires, min_batch=2)
 
     def configure(self, model: nn.Module) -> nn.Module:
-        model.eval()  # dropout and stochastic depth off; BatchNorm still normalises with batch statistics
-        force_batch_statistics(model)
-        train_only(model, norm_affine_params(model))
-        return model
+        return eval_with_batch_statistics(model, norm_affine_params(model))
 
     def setup(self) -> None:
         self.source = copy.deepcopy(self.model).requires_grad_(False)

@@ -15,7 +15,6 @@ reference still takes an SGD step of its momentum on it).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -74,9 +73,6 @@ class SAR(AdaptedModel):
         if not sar_params(model):
             raise ModelError("sar adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers below the "
                              "top layers, and this model has none; use a model with such layers or another method")
-        if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-            # Batch statistics of one value per channel do not exist.
-            self.requires = dataclasses.replace(self.requires, min_batch=2)
 
     def configure(self, model: nn.Module) -> nn.Module:
         return eval_with_batch_statistics(model, sar_params(model))
