@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.core.validate import check_range
+from tta.errors import ModelError
 from tta.norm.convert import NORM_TYPES
 
 
@@ -81,6 +82,13 @@ def norm_affine_params(model: nn.Module) -> list[nn.Parameter]:
     from tta.norm.proxy_norm import adaptable_parameters
 
     return [p for m in model.modules() for p in adaptable_parameters(m)]
+
+
+def check_norm_affine(model: nn.Module, method: str) -> None:
+    """A ``ModelError`` naming ``method`` when ``model`` has no norm affine parameters (``norm_affine_params``)."""
+    if not norm_affine_params(model):
+        raise ModelError(f"{method} adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers, and "
+                         "this model has none; use a model with affine norm layers or the source method")
 
 
 def force_batch_statistics(model: nn.Module) -> None:

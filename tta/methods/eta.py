@@ -20,10 +20,9 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy, entropy_margin
-from tta.core.params import IMAGENET_SGD, OptimizerConfig, norm_affine_params
+from tta.core.params import IMAGENET_SGD, OptimizerConfig, check_norm_affine, norm_affine_params
 from tta.core.reliable import eval_with_batch_statistics, reliable
 from tta.core.validate import check_range
-from tta.errors import ModelError
 from tta.registry import register
 
 # The reference benchmark's ImageNet-C settings (ResNet-50, batch 64).
@@ -55,9 +54,7 @@ class ETA(AdaptedModel):
     presets: ClassVar[dict[str, dict[str, Any]]] = {"imagenet": IMAGENET}
 
     def check_model(self, model: nn.Module) -> None:
-        if not norm_affine_params(model):
-            raise ModelError(f"{self.name} adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers, "
-                             "and this model has none; use a model with affine norm layers or the source method")
+        check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
         return eval_with_batch_statistics(model, norm_affine_params(model))

@@ -32,11 +32,10 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy, soft_likelihood_ratio, symmetric_cross_entropy
-from tta.core.params import IMAGENET_SGD, OptimizerConfig, norm_affine_params
+from tta.core.params import IMAGENET_SGD, OptimizerConfig, check_norm_affine, norm_affine_params
 from tta.core.reliable import eval_with_batch_statistics
 from tta.core.validate import check_range
 from tta.core.views import color_affine_view, generator_from, new_rng_state
-from tta.errors import ModelError
 from tta.registry import register
 
 
@@ -76,9 +75,7 @@ class Roid(AdaptedModel):
     }
 
     def check_model(self, model: nn.Module) -> None:
-        if not norm_affine_params(model):
-            raise ModelError("roid adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers, and "
-                             "this model has none; use a model with affine norm layers or the source method")
+        check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
         return eval_with_batch_statistics(model, norm_affine_params(model))

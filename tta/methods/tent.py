@@ -16,8 +16,14 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy_objective
-from tta.core.params import IMAGENET_SGD, OptimizerConfig, force_batch_statistics, norm_affine_params, train_only
-from tta.errors import ModelError
+from tta.core.params import (
+    IMAGENET_SGD,
+    OptimizerConfig,
+    check_norm_affine,
+    force_batch_statistics,
+    norm_affine_params,
+    train_only,
+)
 from tta.registry import register
 
 
@@ -37,9 +43,7 @@ class Tent(AdaptedModel):
     presets: ClassVar[dict[str, dict[str, Any]]] = {"imagenet": IMAGENET_SGD}
 
     def check_model(self, model: nn.Module) -> None:
-        if not norm_affine_params(model):
-            raise ModelError("tent adapts the affine parameters of BatchNorm, LayerNorm or GroupNorm layers, and "
-                             "this model has none; use a model with affine norm layers or the source method")
+        check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
         model.train(self.config.model_mode == "train")
