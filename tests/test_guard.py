@@ -65,29 +65,48 @@ def test_monitor_preset_changes_nothing(bn_model: nn.Module) -> None:
 
 
 def test_unhealthy_batches_fall_back_and_roll_back(bn_model: nn.Module) -> None:
-    """A learning rate that wrecks the model: every unhealthy batch is answered by the source model and leaves the
-    state of the last healthy batch; enough of them in a row reset the model."""
+    """A learning rate that wrecks the model: every unhealthy batch, and the healthy batch after it (probation), is
+    answered by the source model; an unhealthy batch leaves the state of the last healthy batch; enough of them in a
+    row reset the model."""
     adapted = tta.adapt(bn_model, "tent", optimizer="sgd", lr=50.0, guard=Guard(reset_after=3),
                         source_data=_source())
     source = copy.deepcopy(bn_model).eval()
     g = torch.Generator().manual_seed(2)
     last_healthy_start = _state(adapted)
-    unhealthy = 0
+    unhealthy = on_probation = probation = 0
     for _ in range(12):
         x = torch.rand(16, 3, 16, 16, generator=g) * 0.5
         before, resets = _state(adapted), adapted.counters.resets
         out = adapted(x)
+        with torch.no_grad():
+            expected = source(x)
         if adapted.guard.unhealthy:
             unhealthy += 1
-            with torch.no_grad():
-                assert torch.equal(out, source(x))  # fallback
+            probation = 1
+            assert torch.equal(out, expected)  # fallback
             if adapted.counters.resets == resets:  # rolled back (or skipped before any healthy batch)
                 assert _equal(_state(adapted), last_healthy_start)
         else:
             last_healthy_start = before
+            if probation:
+                on_probation += 1
+                probation = 0
+                assert torch.equal(out, expected)
     c = adapted.counters
-    assert unhealthy > 0 and c.fallbacks == unhealthy and c.skipped == unhealthy
+    assert unhealthy > 0 and on_probation > 0 and c.skipped == unhealthy
+    assert c.fallbacks == unhealthy + on_probation
     assert c.rollbacks + c.resets > 0
+
+
+def test_probation_zero_trusts_the_first_healthy_batch_again(bn_model: nn.Module) -> None:
+    adapted = tta.adapt(bn_model, "tent", optimizer="sgd", lr=50.0, guard=Guard(reset_after=3, probation=0),
+                        source_data=_source())
+    g = torch.Generator().manual_seed(2)
+    unhealthy = 0
+    for _ in range(12):
+        adapted(torch.rand(16, 3, 16, 16, generator=g) * 0.5)
+        unhealthy += bool(adapted.guard.unhealthy)
+    assert 0 < unhealthy < 12 and adapted.counters.fallbacks == unhealthy
 
 
 def test_guard_settings_and_names_are_checked() -> None:
@@ -97,6 +116,8 @@ def test_guard_settings_and_names_are_checked() -> None:
         GuardConfig(collapse_ratio=float("nan"))
     with pytest.raises(tta.ConfigError, match="reset_after"):
         Guard(reset_after=0)
+    with pytest.raises(tta.ConfigError, match="probation"):
+        Guard(probation=-1)
     with pytest.raises(tta.ConfigError, match="unknown guard setting"):
         Guard(colapse_ratio=0.5)
 

@@ -33,7 +33,14 @@ which adaptation helps most. On an unhealthy batch the guard's actions (each can
 - ``skip``: the batch's update is not applied (nor is it after a rollback or reset);
 - ``fallback``: the source model's prediction is returned for the batch;
 - ``rollback``: the adapted state returns to the last snapshot that produced a healthy batch;
-- ``reset``: after ``reset_after`` unhealthy batches in a row (rolling back did not help), ``reset()``.
+- ``reset``: after ``reset_after`` unhealthy batches in a row (rolling back did not help), ``reset()``;
+- ``probation`` (with ``fallback``): after an unhealthy batch, the next ``probation`` batches are answered by the
+  source model even when they are healthy (the adapted model goes on updating, and a further unhealthy batch
+  starts the count again). The first batch after a rollback comes from the restored snapshot, whose update has
+  just been judged unhealthy: its predictions are trusted again only once a state the guard did not roll back has
+  produced a healthy batch. Without it, a model that alternates between a healthy restored state and an unhealthy
+  update would answer half the batches from a state that is, on mild shifts, no better than where it started,
+  which can be below the source model (Tent's reset state normalises with batch statistics).
 
 Calibration wants *held-out* clean labelled images (a validation split), not the images the model was trained on:
 on training images the source model is nearly always right, which makes the threshold too low and the estimates
@@ -73,6 +80,7 @@ class GuardConfig:
     rollback: bool = True
     reset: bool = True
     reset_after: int = 5
+    probation: int = 1
     decay: float = 0.9
     calibration_images: int = 2000
 
@@ -84,10 +92,10 @@ class GuardConfig:
             check_range("decay", self.decay, low=0.0, high=1.0, high_open=True)
         except ValueError as err:
             raise ConfigError(f"guard setting: {err}") from None
-        for name in ("reset_after", "calibration_images"):
+        for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"guard setting {name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or value > 1_000_000:
+                raise ConfigError(f"guard setting {name} must be an integer in [{low}, 1000000], got {value!r}")
 
 
 PRESETS: dict[str, GuardConfig] = {
@@ -131,6 +139,7 @@ class Guard:
         self.above: torch.Tensor | None = None  # per sample of the last returned prediction: confidence > threshold
         self._good: dict[str, Any] | None = None
         self._bad_run = 0
+        self._probation = 0  # healthy batches still to be answered by the source model
         self._resets_seen = 0
         self._fallback_logits: torch.Tensor | None = None
 
@@ -155,7 +164,7 @@ class Guard:
                       out: StepOutput) -> bool:
         """Read the batch's signals; act on an unhealthy batch. Returns whether the update may go ahead."""
         if adapted.counters.resets != self._resets_seen:  # reset since the last batch: history no longer applies
-            self._good, self._bad_run = None, 0
+            self._good, self._bad_run, self._probation = None, 0, 0
             self.averages.clear()
             self._resets_seen = adapted.counters.resets
         if out.logits.ndim != 2 or out.logits.shape[0] != x.shape[0]:
@@ -190,10 +199,13 @@ class Guard:
             self._bad_run = 0
             if cfg.rollback:
                 self._good = adapted._capture()  # the state that just produced a healthy batch
-            self._fallback_logits = None
-            self.above = self._above(out.logits, threshold)
+            on_probation = cfg.fallback and self._probation > 0
+            self._probation = max(self._probation - 1, 0)
+            self._fallback_logits = src if on_probation else None
+            self.above = self._above(src if on_probation else out.logits, threshold)
             return True
         self._bad_run += 1
+        self._probation = cfg.probation
         self._fallback_logits = src if cfg.fallback else None
         self.above = self._above(src if cfg.fallback else out.logits, threshold)
         if cfg.reset and self._bad_run >= cfg.reset_after:
@@ -222,7 +234,7 @@ class Guard:
         batches and the moving averages (``adapted.save`` includes it). The source copy and the calibration are
         not saved: ``attach`` rebuilds them from the source model and source data."""
         return {"config": dataclasses.asdict(self.config), "good": copy.deepcopy(self._good),
-                "bad_run": self._bad_run, "averages": dict(self.averages.values)}
+                "bad_run": self._bad_run, "probation": self._probation, "averages": dict(self.averages.values)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (after ``attach``); settings other than this guard's are an error."""
@@ -231,6 +243,7 @@ class Guard:
                               f"attach a guard with those settings first")
         self._good = copy.deepcopy(state["good"])
         self._bad_run = int(state["bad_run"])
+        self._probation = int(state.get("probation", 0))
         self.averages.values = dict(state["averages"])
 
     # ---------------------------------------------------------------------------------------------- helpers
