@@ -7,9 +7,9 @@ once from the clean test head (``tta.data.generated``, the generator of ``tta ad
 every row sees the same bytes. Rows (reset per corruption x severity): the BN model without adaptation, AdaBN with
 batches of 200, the BN model one image at a time (adabn's source prior, N = 16, and tent on the sliding window), the
 converted model one image at a time without adaptation and with tent (a step per image, or on a sliding window of the
-last 16 or 64 images: ``tta adapt --batch-size 1``'s default) and with ETA on the windows; plus clean accuracy of
-both models. Prints one markdown table (accuracy in percent, mean over the corruptions per severity) and writes the
-tidy results to ``--out``.
+last 16 or 64 images: ``tta adapt --batch-size 1``'s default), with ETA on the windows, and with stream-stats (both
+models; its GroupNorm statistics from ``--source-data``); plus clean accuracy of both models. Prints one markdown
+table (accuracy in percent, mean over the corruptions per severity) and writes the tidy results to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ ROWS: dict[str, tuple[str, str, dict[str, object], int, int]] = {
     "BN adabn (batch 200)": ("bn", "adabn", {}, 200, 0),
     "BN adabn prior N=16 (batch 1)": ("bn", "adabn", {"mode": "prior"}, 1, 0),
     "BN tent window 64 (batch 1)": ("bn", "tent", {}, 1, 64),
+    "BN stream-stats (batch 1)": ("bn", "stream-stats", {}, 1, 0),
     "PN source (batch 1)": ("pn", "source", {}, 1, 0),
     "PN source (batch 200)": ("pn", "source", {}, 200, 0),  # batch-independent: the same predictions as batch 1
     "PN tent (batch 1)": ("pn", "tent", {}, 1, 0),
@@ -42,6 +43,7 @@ ROWS: dict[str, tuple[str, str, dict[str, object], int, int]] = {
     "PN tent window 16 (batch 1)": ("pn", "tent", {}, 1, 16),
     "PN eta window 64 (batch 1)": ("pn", "eta", {}, 1, 64),
     "PN eta window 16 (batch 1)": ("pn", "eta", {}, 1, 16),
+    "PN stream-stats (batch 1)": ("pn", "stream-stats", {}, 1, 0),
 }
 
 
@@ -57,6 +59,8 @@ def main() -> None:
     parser.add_argument("--severities", default="5,3")
     parser.add_argument("--n-examples", type=int, help="images per corruption x severity (default: all)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels to run")
+    parser.add_argument("--source-data", default=None,
+                        help="clean source images for stream-stats (default: npz of train_jpeg_10k.npz in --shared)")
     parser.add_argument("--out", type=Path, default=Path("results/proxy_norm_table.csv"))
     args = parser.parse_args()
 
@@ -96,7 +100,8 @@ def main() -> None:
             done.append({**row, "method": label})
             pd.concat([*frames, pd.DataFrame(done)], ignore_index=True).to_csv(args.out, index=False)
 
-        adapted = tta.adapt(models[which], method, window=window, **settings)
+        source_data = args.source_data or f"npz:{args.shared / 'data' / 'cifar10' / 'train_jpeg_10k.npz'}"
+        adapted = tta.adapt(models[which], method, window=window, source_data=source_data, **settings)
         df = tta.evaluate(adapted, rows, "domain", device=args.device, model_name=args.arch, seed=1, on_result=save)
         print(f"{label}: mean {df.accuracy.mean():.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
         frames.append(df.assign(method=label))

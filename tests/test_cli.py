@@ -109,6 +109,21 @@ def test_batch_size_one_adapts_on_a_sliding_window(setup: tuple[Path, list[str]]
     assert yaml.safe_load(out.with_suffix(".yaml").read_text())["window"] == 64
 
 
+def test_stream_stats_at_batch_size_one_needs_no_window(setup: tuple[Path, list[str]]) -> None:
+    """stream-stats adapts image by image itself: batch size 1 runs without the sliding window, and equals batch 8."""
+    tmp_path, args = setup
+    rows = {}
+    for batch in ("1", "8"):
+        out = tmp_path / f"stream{batch}.csv"
+        run = [a if a != "8" else batch for a in args]
+        result = CliRunner().invoke(cli, ["adapt", "--method", "stream-stats", *run, "--severities", "5", "--out",
+                                          str(out)])
+        assert result.exit_code == 0, result.output
+        assert yaml.safe_load(out.with_suffix(".yaml").read_text())["window"] == 0
+        rows[batch] = pd.read_csv(out).accuracy.tolist()
+    assert rows["1"] == rows["8"]
+
+
 def test_correlated_setting_and_source_data_reach_the_run(setup: tuple[Path, list[str]]) -> None:
     tmp_path, args = setup
     out = tmp_path / "corr.csv"

@@ -232,7 +232,7 @@ def run_benchmark(
         overrides = {**(overrides or {}), "contexts": contexts}
     settings = method_settings(method, config, overrides, preset)
     if window is None:
-        window = DEFAULT_WINDOW if batch_size == 1 and method != "source" else 0
+        window = DEFAULT_WINDOW if batch_size == 1 and method != "source" and cls.sliding_window else 0
     dev = resolve_device(device)
     corruptions = list(corruptions or default_corruptions(benchmark))
     severities = list(severities or SEVERITIES)

@@ -89,6 +89,7 @@ class AdaptedModel(nn.Module):
     requires: ClassVar[Requirements] = Requirements()
     update: Update = "none"
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    sliding_window: ClassVar[bool] = True  # whether single images are adapted on the sliding window by default
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     rotta,
     sar,
     source,
+    stream_stats,
     tent,
 )
 from tta.registry import METHODS
