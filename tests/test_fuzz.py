@@ -32,6 +32,7 @@ from torch import nn
 import tta
 from tta.core.base import MAX_DOMAIN_IDS, RANGE_TOLERANCE
 from tta.errors import InputError, ModelError
+from tta.methods import get_method
 
 METHODS = tta.list_methods()
 MODELS = ("bn_model", "gn_model", "ln_model")
@@ -190,7 +191,7 @@ def test_random_calls_predict_or_fail_cleanly(
     _fuzz(adapted, seed=sum(map(ord, method + model_name)), calls=24)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).sliding_window])
 def test_random_single_images_on_a_sliding_window(
     method: str, bn_model: nn.Module, adapt_any: Callable[..., nn.Module], one_thread: None
 ) -> None:

@@ -171,7 +171,7 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, **kwarg
               help="what the model classifies (robustbench zoo and number of classes)")
 @click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False),
               help="where datasets and downloaded models live")
-@click.option("--epochs", type=click.IntRange(min=0), help="passes over the source data (default: 5 for afn, 4 for "
+@click.option("--epochs", type=click.IntRange(min=0), help="passes over the source data (default: 5 for afn, 12 for "
               "proxy-norm)")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=2))
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -211,7 +211,8 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
         click.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}, train accuracy {100 * h['train_accuracy']:.2f}%")
     click.echo(f"warmed up {warm.warmup['n_images']} images x {warm.warmup['epochs']} epochs in "
                f"{warm.warmup['seconds'] / 60:.1f} min on {warm.warmup['device']}; wrote {out}")
-    hint = "--method afn" if warm.method == "afn" else "--method source --batch-size 1"
+    hint = ("--method afn" if warm.method == "afn"
+            else f"--method stream-stats --batch-size 1 --source-data {kwargs['source']}")
     click.echo(f"use it with: tta adapt --checkpoint {out} {hint}")
 
 

@@ -49,7 +49,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 # Training defaults per method: AFN's official recipe; for proxy-norm, see the README's Proxy Normalization section.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "afn": {"loss": "ce", "schedule": "constant", "epochs": 5},
-    "proxy-norm": {"loss": "ce+distill", "schedule": "cosine", "epochs": 4},
+    "proxy-norm": {"loss": "ce+distill", "schedule": "cosine", "epochs": 12},
 }
 LEGACY_AFN_FORMAT = "tta.afn-warmup"  # AFN warm-ups written before the self-describing format; still readable
 
