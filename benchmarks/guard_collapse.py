@@ -31,6 +31,7 @@ from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
 from tta.data.stream import Batch
 from tta.engine import evaluate
 from tta.models import load_model
+from tta.monitor import make_guard
 
 
 class CachedStream:
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet20")
     parser.add_argument("--source-data", help="clean source data the guard calibrates on (load_clean spec)")
     parser.add_argument("--guard", default="default")
+    parser.add_argument("--guard-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a guard setting, e.g. probation=0 (repeatable)")
     parser.add_argument("--collapse", action="append", default=[], metavar="KEY=VALUE",
                         help="Tent settings that collapse (repeat)")
     parser.add_argument("--corruptions", default=",".join(BENCHMARK_CORRUPTIONS))
@@ -93,7 +96,8 @@ def main() -> None:
         base, _, guarded = variant.partition("+")
         method = "source" if base == "source" else "tent"
         overrides = collapse if base == "collapse" else {}
-        adapted = tta.adapt(net, method, guard=args.guard if guarded else None,
+        guard = make_guard(args.guard, **parse_overrides(args.guard_set)) if guarded else None
+        adapted = tta.adapt(net, method, guard=guard,
                             source_data=args.source_data if guarded else None, **overrides)
         df = evaluate(adapted, stream, "never", device="cpu", model_name=Path(args.checkpoint).stem, seed=args.seed)  # type: ignore[arg-type]
         df.insert(0, "variant", variant)
