@@ -94,11 +94,11 @@ class StreamStats(Float64State):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Update the running statistics with each image of ``x`` in turn and normalise it with them."""
         layer = self.layer
+        if x.shape[0] == 0:  # nothing to learn from; the layer's own output keeps shapes consistent
+            return layer(x)
         z = F.group_norm(x, layer.num_groups, eps=layer.eps) if isinstance(layer, nn.GroupNorm) else x
         dims = _spatial(z)
         m, q = z.mean(dims), z.square().mean(dims)
-        if x.shape[0] == 0:
-            return z
         mean, sq, count = sequential_moments(m.detach(), q.detach(), self.mean, self.sq, self.count, self.memory)
         with torch.no_grad():
             self.mean.copy_(mean[-1])
