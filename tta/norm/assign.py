@@ -20,13 +20,13 @@ are found as *groups*. Distances are mean squared z-scores, D(a, b) = mean_j
   the same procedure finds by chance in a cloud of as many source images (``split``: the ``quantile`` of
   ``SPLIT_DRAWS`` source resamples per size in ``SPLIT_SIZES``, interpolated in log size) and both halves hold at
   least ``min_spawn`` images; the context that was split keeps the other half (and its statistics start afresh).
-  A split whose held-out side holds fewer than ``MIN_SIDE`` images isolates outliers, not a domain: it counts as
-  no split, in the test and in its null alike (otherwise such rare splits of heavy-tailed source clouds set the
-  null's upper quantile and the test misses domains that lie closer together than single images spread);
+  A split whose held-out side holds fewer than ``MIN_SIDE`` held-out images isolates outliers, not a domain: it
+  counts as no split, in the test and in its null alike (otherwise such rare splits of heavy-tailed source clouds
+  set the null's upper quantile and the test misses domains that lie closer together than single images spread);
 - *create* (source group test): the source context's centre is known exactly, so its members are also tested as a
   group: when their mean lies further from the source centre than the ``quantile`` of the means of as many source
   images (``offset``, from ``OFFSET_DRAWS`` source resamples per size), they are not source images, and those of
-  them nearer their mean than the source centre found a new context (at their mean). This finds mild shifts
+  them nearer their mean than the source centre found a new context (at the mean of those). This finds mild shifts
   (severity 3 corruptions) whose images sit close to the source one by one;
 - *merge*: two contexts whose centres are closer than the ``1 - quantile`` quantile of those chance separations
   (``merge``, at the largest size) are one: the larger absorbs the smaller, and a target context that close to the
@@ -109,7 +109,7 @@ class Calibration:
     dof: float  # effective degrees of freedom of that distance (scaled chi-square fit)
     split: torch.Tensor  # (2, S): cloud sizes and the 2-means separation above which such a cloud is not one
     merge: float  # centres closer than this are one domain
-    offset: torch.Tensor  # (3, S): group sizes, the upper and lower quantiles of a source group's mean distance to 0
+    offset: torch.Tensor  # (2, S): group sizes and how far from the source centre a source group's mean falls
     images: int = 0  # how many source images the calibration saw (the source context's count)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
@@ -149,9 +149,8 @@ def calibrate(source: torch.Tensor, quantile: float = 0.99, seed: int = 0) -> Ca
     offsets = []
     for n in sizes:  # the mean of n source images: how far from the source centre it falls by chance
         idx = torch.randint(len(z), (OFFSET_DRAWS, n), generator=gen)
-        d0 = z[idx].mean(1).square().mean(1)
-        offsets.append([float(torch.quantile(d0, quantile)), float(torch.quantile(d0, 1 - quantile))])
-    offset = torch.tensor([sizes, *zip(*offsets, strict=True)], dtype=torch.float64)
+        offsets.append(float(torch.quantile(z[idx].mean(1).square().mean(1), quantile)))
+    offset = torch.tensor([sizes, offsets], dtype=torch.float64)
     return Calibration(mean.float(), std.float(), projection.float(), typical, dof, table, merge, offset, len(z))
 
 
@@ -251,10 +250,10 @@ class ContextAssigner(nn.Module):
         """The calibrated 2-means separation for a cloud of ``n`` images (log-linear between calibrated sizes)."""
         return _interpolate(self.split_table[0], self.split_table[1], n)
 
-    def offset_threshold(self, n: int, upper: bool = True) -> float:
-        """How far (upper, or lower quantile) from the source centre the mean of ``n`` source images falls by chance
-        (log-log between calibrated sizes: the distance falls as 1/n)."""
-        sizes, values = self.offset_table[0], self.offset_table[1 if upper else 2]
+    def offset_threshold(self, n: int) -> float:
+        """How far from the source centre the mean of ``n`` source images falls by chance (its calibrated quantile;
+        log-log between calibrated sizes, as the distance falls as 1/n)."""
+        sizes, values = self.offset_table
         return math.exp(_interpolate(sizes, values.clamp_min(1e-300).log(), n))
 
     def _split(self) -> list[tuple[str, int, int]]:
