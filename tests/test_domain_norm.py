@@ -501,3 +501,28 @@ def test_inferred_context_statistics_come_from_their_members_only(bn_model: nn.M
     assert first.ctx_images.tolist() == [0.0, 12.0, 0.0]  # each image counts once, in its most responsible context
     torch.testing.assert_close(first.ctx_mean[2], first.source_mean.double())
     assert bool(torch.isfinite(out).all())
+
+
+def test_a_context_in_use_is_never_forgotten_to_make_room() -> None:
+    from tta.norm.assign import BUFFER, ContextAssigner, calibrate
+
+    cal = calibrate(torch.randn(800, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    shift = torch.zeros(3, 20, dtype=torch.float64)
+    shift[0, :10], shift[1, 10:], shift[2, ::2] = 2.0, -2.0, 3.0
+    assigner = ContextAssigner(cal, min_spawn=8, max_contexts=3)  # room for two target contexts
+    for seed in range(6):
+        d, _ = _clusters(shift[:2], 60, seed)
+        assigner.observe(d, assigner.assign(d))
+    assert int(assigner.live().sum()) == 3
+    # a third domain arrives while the first two still do: the bound holds, and no context in use is dropped
+    for seed in range(6):
+        d, _ = _clusters(shift, 60, 10 + seed)
+        ops = assigner.observe(d, assigner.assign(d))
+        assert not [op for op in ops if op[0] in ("clear", "grow")]
+    hard = assigner.assign(_clusters(shift, 40, 50)[0]).argmax(1)
+    assert {int(hard[:40].mode().values), int(hard[40:80].mode().values)} == {1, 2}
+    # once the first two are gone from the recent stream, the third takes the place of one of them
+    for seed in range(BUFFER // 120 + 2):
+        d, _ = _clusters(shift[2:], 120, 100 + seed)
+        assigner.observe(d, assigner.assign(d))
+    assert int(assigner.assign(_clusters(shift[2:], 40, 200)[0]).argmax(1).mode().values) != 0
