@@ -462,3 +462,67 @@ def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() 
     few = torch.randn(4, 20, generator=g, dtype=torch.float64)  # too few to split anything
     assert twins.observe(few, twins.assign(few)) == [("merge", 1, 2)]
     assert twins.live().tolist() == [True, True, False] and float(twins.count[1]) >= 80.0
+
+
+def test_a_shifted_group_hidden_in_the_source_context_gets_a_context_of_its_own() -> None:
+    from tta.norm.assign import ContextAssigner, calibrate
+
+    g = torch.Generator().manual_seed(0)
+    cal = calibrate(torch.randn(800, 20, generator=g, dtype=torch.float64))
+    # one cloud shifted by half its spread: single images look like source images and 2-means finds no two clouds,
+    # but as a group its mean sits far further from the source centre than chance puts the mean of source images
+    shift = torch.full((1, 20), 0.5, dtype=torch.float64)
+    shifted = ContextAssigner(cal, min_spawn=8, max_contexts=4)
+    for seed in range(6):
+        d, _ = _clusters(shift, 100, seed)
+        shifted.observe(d, shifted.assign(d))
+    assert int(shifted.live().sum()) >= 2
+    hard = shifted.assign(_clusters(shift, 200, 50)[0]).argmax(1)
+    assert float((hard != 0).double().mean()) > 0.5
+    # source images keep the source context (a chance split of them is merged back at once)
+    clean = ContextAssigner(cal, min_spawn=8, max_contexts=4)
+    for seed in range(6):
+        d = torch.randn(100, 20, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+        clean.observe(d, clean.assign(d))
+        assert int(clean.live().sum()) == 1
+
+
+
+def test_inferred_context_statistics_come_from_their_members_only(bn_model: nn.Module) -> None:
+    wrapped = convert_context_norm(copy.deepcopy(bn_model), declared=2)
+    router, first = wrapped.router, wrapped.layers()[0]
+    x = domain_batch(0, 12, 0)
+    router.begin(x, torch.zeros(12, dtype=torch.long), None)
+    # soft responsibilities, as inferred contexts give: every image 0.6 with context 1, 0.4 with context 2
+    router.weights = torch.tensor([[0.0, 0.6, 0.4]], dtype=torch.float64).expand(12, -1)
+    router.members = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64).expand(12, -1)
+    out = wrapped.net(x)
+    router.end()
+    assert first.ctx_images.tolist() == [0.0, 12.0, 0.0]  # each image counts once, in its most responsible context
+    torch.testing.assert_close(first.ctx_mean[2], first.source_mean.double())
+    assert bool(torch.isfinite(out).all())
+
+
+def test_a_context_in_use_is_never_forgotten_to_make_room() -> None:
+    from tta.norm.assign import BUFFER, ContextAssigner, calibrate
+
+    cal = calibrate(torch.randn(800, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    shift = torch.zeros(3, 20, dtype=torch.float64)
+    shift[0, :10], shift[1, 10:], shift[2, ::2] = 2.0, -2.0, 3.0
+    assigner = ContextAssigner(cal, min_spawn=8, max_contexts=3)  # room for two target contexts
+    for seed in range(6):
+        d, _ = _clusters(shift[:2], 60, seed)
+        assigner.observe(d, assigner.assign(d))
+    assert int(assigner.live().sum()) == 3
+    # a third domain arrives while the first two still do: the bound holds, and no context in use is dropped
+    for seed in range(6):
+        d, _ = _clusters(shift, 60, 10 + seed)
+        ops = assigner.observe(d, assigner.assign(d))
+        assert not [op for op in ops if op[0] in ("clear", "grow")]
+    hard = assigner.assign(_clusters(shift, 40, 50)[0]).argmax(1)
+    assert {int(hard[:40].mode().values), int(hard[40:80].mode().values)} == {1, 2}
+    # once the first two are gone from the recent stream, the third takes the place of one of them
+    for seed in range(BUFFER // 120 + 2):
+        d, _ = _clusters(shift[2:], 120, 100 + seed)
+        assigner.observe(d, assigner.assign(d))
+    assert int(assigner.assign(_clusters(shift[2:], 40, 200)[0]).argmax(1).mode().values) != 0

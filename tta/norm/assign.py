@@ -19,11 +19,21 @@ are found as *groups*. Distances are mean squared z-scores, D(a, b) = mean_j
   other half; the half further from the context's centre becomes a new context when that separation exceeds what
   the same procedure finds by chance in a cloud of as many source images (``split``: the ``quantile`` of
   ``SPLIT_DRAWS`` source resamples per size in ``SPLIT_SIZES``, interpolated in log size) and both halves hold at
-  least ``min_spawn`` images; the context that was split keeps the other half (and its statistics start afresh);
+  least ``min_spawn`` images; the context that was split keeps the other half (and its statistics start afresh).
+  A split whose held-out side holds fewer than ``MIN_SIDE`` held-out images isolates outliers, not a domain: it
+  counts as no split, in the test and in its null alike (otherwise such rare splits of heavy-tailed source clouds
+  set the null's upper quantile and the test misses domains that lie closer together than single images spread);
+- *create* (source group test): the source context's centre is known exactly, so its members are also tested as a
+  group: when their mean lies further from the source centre than the ``quantile`` of the means of as many source
+  images (``offset``, from ``OFFSET_DRAWS`` source resamples per size), they are not source images, and those of
+  them nearer their mean than the source centre found a new context (at the mean of those). This finds mild shifts
+  (severity 3 corruptions) whose images sit close to the source one by one;
 - *merge*: two contexts whose centres are closer than the ``1 - quantile`` quantile of those chance separations
   (``merge``, at the largest size) are one: the larger absorbs the smaller, and a target context that close to the
-  source context is absorbed by it;
-- *forget*: with ``max_contexts`` in use, a new context replaces the least recently used target context. The source
+  source context is absorbed by it (which also undoes a chance split of source images);
+- *forget*: with ``max_contexts`` in use, a new context replaces the least recently used target context among those
+  that no longer hold any of the buffered descriptors; while every context still does, nothing is created (a
+  context in use is never dropped to make room, which would restart its statistics batch after batch). The source
   context (0) is never forgotten, never moves and keeps the source statistics.
 
 An image's assignment depends only on the state before its batch and on the image itself: the batch's other images
@@ -43,6 +53,8 @@ RANK = 64  # principal directions of the source descriptors kept by the whitenin
 BUFFER = 1024  # recent descriptors the create/split test looks at; also the cap on a context's centre count
 SPLIT_DRAWS = 32  # source resamples the null distribution of 2-means separations is drawn from, per size
 SPLIT_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # cloud sizes the null is drawn at (interpolated in log size)
+MIN_SIDE = 4  # held-out images a side of a 2-means split needs to count as a split (half the default min_spawn)
+OFFSET_DRAWS = 1000  # source resamples the null of a group mean's distance from the source centre is drawn from
 
 
 def two_means(z: torch.Tensor, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,14 +79,23 @@ def held_out_split(z: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Split ``z`` (n, D) in two: 2-means fitted on the even rows, the separation (mean squared gap) measured
     between the means of the odd rows on either side, so that it is not inflated by fitting noise (a cloud of one
     domain gives a small gap, two domains their distance). Returns (separation, mask of the second side over all
-    rows); the separation is 0 when a side holds no odd row."""
+    rows); the separation is 0 when a side holds fewer than ``MIN_SIDE`` odd rows (outliers, not a domain)."""
     a, b, _ = two_means(z[0::2])
     second = (z - b).square().sum(1) < (z - a).square().sum(1)
     odd = second[1::2]
-    if bool(odd.all()) or not bool(odd.any()):
+    if min(int(odd.sum()), int((~odd).sum())) < MIN_SIDE:
         return 0.0, second
     held = z[1::2]
     return float((held[odd].mean(0) - held[~odd].mean(0)).square().mean()), second
+
+
+def _interpolate(sizes: torch.Tensor, values: torch.Tensor, n: float) -> float:
+    """``values`` tabulated at ``sizes``, linearly interpolated in log size at ``n`` (clamped to the table)."""
+    x = torch.tensor(math.log(max(n, 1e-12)), dtype=torch.float64).clamp(sizes[0].log(), sizes[-1].log())
+    i = int(torch.searchsorted(sizes.log(), x).clamp(1, len(sizes) - 1))
+    lo, hi = sizes[i - 1].log(), sizes[i].log()
+    t = (x - lo) / (hi - lo) if hi > lo else torch.zeros((), dtype=torch.float64)
+    return float(values[i - 1] + t * (values[i] - values[i - 1]))
 
 
 @dataclass(frozen=True)
@@ -88,18 +109,20 @@ class Calibration:
     dof: float  # effective degrees of freedom of that distance (scaled chi-square fit)
     split: torch.Tensor  # (2, S): cloud sizes and the 2-means separation above which such a cloud is not one
     merge: float  # centres closer than this are one domain
+    offset: torch.Tensor  # (2, S): group sizes and how far from the source centre a source group's mean falls
     images: int = 0  # how many source images the calibration saw (the source context's count)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (what ``torch.load(weights_only=True)`` reads back)."""
         return {"mean": self.mean, "std": self.std, "projection": self.projection, "split": self.split,
+                "offset": self.offset,
                 "values": torch.tensor([self.typical, self.dof, self.merge, self.images], dtype=torch.float64)}
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> Calibration:
         """The inverse of ``to_dict``."""
         typical, dof, merge, images = d["values"].tolist()
-        return cls(d["mean"], d["std"], d["projection"], typical, dof, d["split"], merge, int(images))
+        return cls(d["mean"], d["std"], d["projection"], typical, dof, d["split"], merge, d["offset"], int(images))
 
 
 def calibrate(source: torch.Tensor, quantile: float = 0.99, seed: int = 0) -> Calibration:
@@ -123,7 +146,12 @@ def calibrate(source: torch.Tensor, quantile: float = 0.99, seed: int = 0) -> Ca
         split.append(float(torch.quantile(null, quantile)))
     merge = float(torch.quantile(null, 1 - quantile))  # closer than chance separates one cloud (largest size)
     table = torch.tensor([sizes, split], dtype=torch.float64)
-    return Calibration(mean.float(), std.float(), projection.float(), typical, dof, table, merge, len(z))
+    offsets = []
+    for n in sizes:  # the mean of n source images: how far from the source centre it falls by chance
+        idx = torch.randint(len(z), (OFFSET_DRAWS, n), generator=gen)
+        offsets.append(float(torch.quantile(z[idx].mean(1).square().mean(1), quantile)))
+    offset = torch.tensor([sizes, offsets], dtype=torch.float64)
+    return Calibration(mean.float(), std.float(), projection.float(), typical, dof, table, merge, offset, len(z))
 
 
 class ContextAssigner(nn.Module):
@@ -139,6 +167,7 @@ class ContextAssigner(nn.Module):
         self.register_buffer("thresholds", torch.tensor([calibration.typical, calibration.dof, calibration.merge],
                                                          dtype=torch.float64))
         self.register_buffer("split_table", calibration.split.double().clone())
+        self.register_buffer("offset_table", calibration.offset.double().clone())
         # context 0: the source, centre 0 in standardised units, never updated
         self.register_buffer("centre", torch.zeros(1, dim, dtype=torch.float64))
         # the source context counts the calibration images (its weight in the responsibilities)
@@ -219,12 +248,13 @@ class ContextAssigner(nn.Module):
 
     def split_threshold(self, n: int) -> float:
         """The calibrated 2-means separation for a cloud of ``n`` images (log-linear between calibrated sizes)."""
-        sizes, seps = self.split_table
-        x = torch.tensor(math.log(n), dtype=torch.float64).clamp(sizes[0].log(), sizes[-1].log())
-        i = int(torch.searchsorted(sizes.log(), x).clamp(1, len(sizes) - 1))
-        lo, hi = sizes[i - 1].log(), sizes[i].log()
-        t = (x - lo) / (hi - lo) if hi > lo else torch.zeros((), dtype=torch.float64)
-        return float(seps[i - 1] + t * (seps[i] - seps[i - 1]))
+        return _interpolate(self.split_table[0], self.split_table[1], n)
+
+    def offset_threshold(self, n: int) -> float:
+        """How far from the source centre the mean of ``n`` source images falls by chance (its calibrated quantile;
+        log-log between calibrated sizes, as the distance falls as 1/n)."""
+        sizes, values = self.offset_table
+        return math.exp(_interpolate(sizes, values.clamp_min(1e-300).log(), n))
 
     def _split(self) -> list[tuple[str, int, int]]:
         ops: list[tuple[str, int, int]] = []
@@ -236,11 +266,29 @@ class ContextAssigner(nn.Module):
             separation, second = held_out_split(members)
             size = int(second.sum())
             if min(size, len(members) - size) < self.min_spawn or separation <= self.split_threshold(len(members)):
+                if k > 0 or not self._off_source(members):
+                    continue
+                # the source context's members are, as a group, not source images: those nearer their mean than
+                # the source centre found a context of their own (the far half, as a split would)
+                mean = members.mean(0)
+                second = (members - mean).square().sum(1) < members.square().sum(1)
+                if int(second.sum()) < self.min_spawn:
+                    continue
+                free = self._free_slot(exclude=0)
+                if free is None:
+                    continue
+                slot, op = free
+                ops += op
+                self.centre[slot], self.count[slot] = members[second].mean(0), float(second.sum())
+                self.last_used[slot] = float(self.batches)
                 continue
             a, b = members[~second].mean(0), members[second].mean(0)
             if float((a - self.centre[k]).square().sum()) > float((b - self.centre[k]).square().sum()):
                 a, b, second = b, a, ~second  # b: the half further from the context's centre
-            slot, op = self._free_slot(exclude=k)
+            free = self._free_slot(exclude=k)
+            if free is None:
+                continue
+            slot, op = free
             ops += op
             self.centre[slot], self.count[slot] = b, float(second.sum())
             self.last_used[slot] = float(self.batches)
@@ -250,7 +298,12 @@ class ContextAssigner(nn.Module):
                 ops.append(("clear", k, -1))  # its statistics mixed both halves: it starts afresh
         return ops
 
-    def _free_slot(self, exclude: int) -> tuple[int, list[tuple[str, int, int]]]:
+    def _off_source(self, members: torch.Tensor) -> bool:
+        """Whether the mean of ``members`` sits further from the source centre than chance puts the mean of as many
+        source images."""
+        return float(members.mean(0).square().mean()) > self.offset_threshold(len(members))
+
+    def _free_slot(self, exclude: int) -> tuple[int, list[tuple[str, int, int]]] | None:
         free = torch.nonzero(~self.live()).flatten()
         if len(free):
             return int(free[0]), [("clear", int(free[0]), -1)]
@@ -260,6 +313,10 @@ class ContextAssigner(nn.Module):
             return k, [("grow", k + 1, -1)]
         age = self.last_used.clone()
         age[0] = age[exclude] = math.inf
+        recent = torch.bincount(self.distances(self.buffer).argmin(1), minlength=self.num_contexts)
+        age[(recent > 0) | (self.last_used >= self.batches)] = math.inf  # still in the recent stream: kept
+        if math.isinf(float(age.min())):
+            return None
         k = int(age.argmin())  # forget the least recently used target context
         self._clear(k)
         return k, [("clear", k, -1)]
