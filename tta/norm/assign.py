@@ -263,37 +263,29 @@ class ContextAssigner(nn.Module):
             members = self.buffer[nearest == k]
             if len(members) < 2 * self.min_spawn:
                 continue
-            separation, second = held_out_split(members)
+            separation, second = held_out_split(members)  # second: the images that found the new context
             size = int(second.sum())
-            if min(size, len(members) - size) < self.min_spawn or separation <= self.split_threshold(len(members)):
-                if k > 0 or not self._off_source(members):
-                    continue
+            if min(size, len(members) - size) >= self.min_spawn and separation > self.split_threshold(len(members)):
+                a, b = members[~second].mean(0), members[second].mean(0)
+                if float((a - self.centre[k]).square().sum()) > float((b - self.centre[k]).square().sum()):
+                    second = ~second  # the half further from the context's centre
+            elif k == 0 and self._off_source(members):
                 # the source context's members are, as a group, not source images: those nearer their mean than
                 # the source centre found a context of their own (the far half, as a split would)
-                mean = members.mean(0)
-                second = (members - mean).square().sum(1) < members.square().sum(1)
+                second = (members - members.mean(0)).square().sum(1) < members.square().sum(1)
                 if int(second.sum()) < self.min_spawn:
                     continue
-                free = self._free_slot(exclude=0)
-                if free is None:
-                    continue
-                slot, op = free
-                ops += op
-                self.centre[slot], self.count[slot] = members[second].mean(0), float(second.sum())
-                self.last_used[slot] = float(self.batches)
+            else:
                 continue
-            a, b = members[~second].mean(0), members[second].mean(0)
-            if float((a - self.centre[k]).square().sum()) > float((b - self.centre[k]).square().sum()):
-                a, b, second = b, a, ~second  # b: the half further from the context's centre
             free = self._free_slot(exclude=k)
             if free is None:
                 continue
             slot, op = free
             ops += op
-            self.centre[slot], self.count[slot] = b, float(second.sum())
+            self.centre[slot], self.count[slot] = members[second].mean(0), float(second.sum())
             self.last_used[slot] = float(self.batches)
             if k > 0:
-                self.centre[k] = a
+                self.centre[k] = members[~second].mean(0)
                 self.count[k] = float((~second).sum())
                 ops.append(("clear", k, -1))  # its statistics mixed both halves: it starts afresh
         return ops
