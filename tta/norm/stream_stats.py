@@ -96,7 +96,7 @@ class StreamStats(Float64State):
         layer = self.layer
         if x.shape[0] == 0:  # nothing to learn from; the layer's own output keeps shapes consistent
             return layer(x)
-        z = F.group_norm(x, layer.num_groups, eps=layer.eps) if isinstance(layer, nn.GroupNorm) else x
+        z = F.group_norm(x, layer.num_groups, eps=layer.eps) if self.per_image else x
         dims = _spatial(z)
         m, q = z.mean(dims), z.square().mean(dims)
         mean, sq, count = sequential_moments(m.detach(), q.detach(), self.mean, self.sq, self.count, self.memory)
@@ -104,13 +104,11 @@ class StreamStats(Float64State):
             self.mean.copy_(mean[-1])
             self.sq.copy_(sq[-1])
             self.count.copy_(count)
-        inv = torch.rsqrt((sq - mean.square()).clamp_min(0.0) + self.eps)  # (B, C)
+        scale = torch.rsqrt((sq - mean.square()).clamp_min(0.0) + self.eps)  # (B, C)
+        shift = -mean * scale
         if self.per_image:  # back to the clean source's distribution of the per-image norm's output
-            target_std, target_mean = torch.sqrt(self.source_var + self.eps), self.source_mean
-        else:
-            target_std, target_mean = torch.ones_like(self.source_mean), torch.zeros_like(self.source_mean)
-        scale = inv * target_std
-        shift = target_mean - mean * scale
+            scale = scale * torch.sqrt(self.source_var + self.eps)
+            shift = self.source_mean - mean * scale
         if layer.weight is not None:
             scale, shift = scale * layer.weight.double(), shift * layer.weight.double() + layer.bias.double()
         shape = (*scale.shape, *(1,) * len(dims))
@@ -126,16 +124,16 @@ def source_moments(model: nn.Module, x: torch.Tensor, batch_size: int = 200) -> 
     """Per GroupNorm layer of ``model`` (by module name): the per-channel mean and variance, over the images ``x``
     and their pixels, of the layer's standardised output before its affine. ``model`` runs in eval mode."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
-    totals: dict[str, list[torch.Tensor | float]] = {name: [0.0, 0.0, 0.0] for name in layers}
+    sums: dict[str, torch.Tensor] = {}  # per layer: (sum, sum of squares) per channel
+    counts: dict[str, float] = {}  # per layer: values per channel
 
     def hook(name: str, layer: nn.GroupNorm):  # type: ignore[no-untyped-def]
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
             z = F.group_norm(inputs[0], layer.num_groups, eps=layer.eps).double()
             dims = (0, *_spatial(z))
-            total = totals[name]
-            total[0] = total[0] + z.sum(dims)
-            total[1] = total[1] + z.square().sum(dims)
-            total[2] = float(total[2]) + z.numel() / z.shape[1]
+            both = torch.stack([z.sum(dims), z.square().sum(dims)])
+            sums[name] = sums[name] + both if name in sums else both
+            counts[name] = counts.get(name, 0.0) + z.numel() / z.shape[1]
         return record
 
     handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in layers.items()]
@@ -149,10 +147,9 @@ def source_moments(model: nn.Module, x: torch.Tensor, batch_size: int = 200) -> 
             h.remove()
         model.train(was_training)
     out = {}
-    for name, (s, s2, n) in totals.items():
-        if float(n) > 0:
-            mean = torch.as_tensor(s) / float(n)
-            out[name] = (mean, (torch.as_tensor(s2) / float(n) - mean.square()).clamp_min(0.0))
+    for name, (total, total_sq) in sums.items():
+        mean = total / counts[name]
+        out[name] = (mean, (total_sq / counts[name] - mean.square()).clamp_min(0.0))
     return out
 
 
