@@ -100,4 +100,3 @@ class MovingAverage:
     def clear(self) -> None:
         """Forget every average (after a reset: the next batch starts afresh)."""
         self.values.clear()
-
