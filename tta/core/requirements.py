@@ -22,7 +22,7 @@ class Requirements:
     """A method's needs. Every field is checked when the method wraps a model, each with an error naming the fix.
 
     - ``norm_layers``: the model must have at least one layer of these types (e.g. BatchNorm for AdaBN);
-    - ``running_stats``: its BatchNorm layers must carry source running statistics;
+    - ``running_stats``: every BatchNorm layer it has must carry source running statistics;
     - ``min_batch``: smaller batches need the sliding window (``window=``), or are an error;
     - ``domain_ids``: the method routes samples by the per-sample domain ids it is given;
     - ``source_data``: clean source data is required (``source_data=``, ``--source-data``);
@@ -50,12 +50,10 @@ def check_requirements(req: Requirements, model: nn.Module, method: str, source:
             names = _names(req.norm_layers)
             raise ModelError(f"{method} adapts {names} layers but the model has no {names} layers; use a model "
                              "with such layers, or a method that fits this model (see `tta methods`)")
-        if req.running_stats:
-            bns = [m for m in layers if isinstance(m, _BatchNorm)]
-            if not bns or any(bn.running_mean is None for bn in bns):
-                raise ModelError(f"{method} needs the source running statistics of every BatchNorm layer, but "
-                                 "some were built with track_running_stats=False; load the pretrained model with "
-                                 "its running statistics")
+        if req.running_stats and any(isinstance(m, _BatchNorm) and m.running_mean is None for m in layers):
+            raise ModelError(f"{method} needs the source running statistics of every BatchNorm layer, but some "
+                             "were built with track_running_stats=False; load the pretrained model with its running "
+                             "statistics")
     if req.classifier and not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ModelError(f"{method} needs a model that ends in a linear classifier (nn.Linear) over features; "
                          "this model has no nn.Linear layer")

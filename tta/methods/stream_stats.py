@@ -19,7 +19,7 @@ from torch import nn
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
-from tta.errors import ConfigError, ModelError
+from tta.errors import ConfigError
 from tta.models.fingerprint import model_fingerprint
 from tta.norm.stream_stats import convert_to_stream_stats, source_moments
 from tta.registry import register
@@ -48,16 +48,13 @@ class StreamStatsMethod(AdaptedModel):
     """Per-channel statistics of every BatchNorm2d/GroupNorm layer accumulated over the stream, image by image."""
 
     Config = StreamStatsConfig
-    requires = Requirements(norm_layers=(nn.BatchNorm2d, nn.GroupNorm))
+    requires = Requirements(norm_layers=(nn.BatchNorm2d, nn.GroupNorm), running_stats=True)
     sliding_window: ClassVar[bool] = False
 
     def check_model(self, model: nn.Module) -> None:
         if self.window > 1:
             raise ConfigError("stream-stats adapts one image at a time by itself: a sliding window would count "
                               "its images twice; use window=0 (--window 0)")
-        if any(isinstance(m, nn.BatchNorm2d) and m.running_mean is None for m in model.modules()):
-            raise ModelError("stream-stats starts every BatchNorm2d from its source running statistics, but some "
-                             "were built with track_running_stats=False; load the pretrained model with them")
         if self.source_data is None and any(isinstance(m, nn.GroupNorm) for m in model.modules()):
             raise ConfigError("stream-stats needs the clean statistics of the model's GroupNorm/LayerNorm layers; "
                               "pass source_data='cifar10' (or 'npz:PATH', 'folder:PATH') to tta.adapt, or "
