@@ -9,12 +9,19 @@ For inferred contexts it also reports the assignment purity: the share of images
 domain is their own domain, and the number of contexts used.
 
     python benchmarks/inferred_contexts.py --arch resnet20 --severity 5 --n 1000
+
+``--ceilings`` adds two routings that no deployed model could use, to tell what limits inferred contexts: dsbn
+routed by the nearest *true* corruption centre of the same whitened descriptor (the centres computed from every
+image's descriptor and its true corruption: how well the descriptor tells corruptions apart when the domains are
+known) and by k-means with k = the number of corruptions fitted on the whole stream's descriptors in advance (an
+offline clustering that sees every image first). Both route from the first batch and never restart a context.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +61,14 @@ class Purity:
 
     def score(self) -> tuple[float, int]:
         """(purity in %, contexts used)."""
-        c, d = torch.cat(self.contexts), torch.cat(self.domains)
-        hits = sum(int(torch.bincount(d[c == k]).max()) for k in c.unique())
-        return hits / len(c) * 100, len(c.unique())
+        c = torch.cat(self.contexts)
+        return purity(c, torch.cat(self.domains)), len(c.unique())
+
+
+def purity(contexts: torch.Tensor, domains: torch.Tensor) -> float:
+    """The share (%) of images whose context's majority domain is their own."""
+    hits = sum(int(torch.bincount(domains[contexts == k]).max()) for k in contexts.unique())
+    return hits / len(contexts) * 100
 
 
 def main() -> None:
@@ -70,6 +82,8 @@ def main() -> None:
     parser.add_argument("--setting", default="mixed")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--source-n", type=int, default=1000)
+    parser.add_argument("--ceilings", action="store_true", help="add dsbn routed by the true corruption centres and "
+                        "by offline k-means (routings a deployed model cannot use, to tell what limits inference)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -83,19 +97,77 @@ def main() -> None:
         clean = (data["x"][: args.source_n], data["y"][: args.source_n])
     print(f"| {args.arch}, {args.setting}, severity {args.severity}, {len(args.corruptions)} corruptions x {args.n} "
           f"| accuracy (%) | purity (%) | contexts | seconds |\n|---|--:|--:|--:|--:|", flush=True)
+    def make_stream() -> SettingStream:
+        return SettingStream(source, args.corruptions, [args.severity], setting=args.setting,
+                             batch_size=args.batch_size, seed=0)
+
     for label in args.methods:
         method, overrides = METHODS[label]
-        stream = SettingStream(source, args.corruptions, [args.severity], setting=args.setting,
-                               batch_size=args.batch_size, seed=0)
+        stream = make_stream()
         adapted = tta.adapt(model, method, source_data=clean if "contexts" in overrides else None, **overrides)
-        purity = Purity(adapted) if "contexts" in overrides else None
+        recorder = Purity(adapted) if "contexts" in overrides else None
         started = time.perf_counter()
         df = tta.evaluate(adapted, stream, "domain", device="cpu", model_name=args.arch, seed=0)
         seconds = time.perf_counter() - started
         acc = float((df.accuracy * df.n).sum() / df.n.sum())
-        pur, used = purity.score() if purity else (float("nan"), 0)
-        print(f"| {label} | {acc:.2f} | {'' if purity is None else f'{pur:.1f}'} | {used or ''} | {seconds:.0f} |",
+        pur, used = recorder.score() if recorder else (float("nan"), 0)
+        print(f"| {label} | {acc:.2f} | {'' if recorder is None else f'{pur:.1f}'} | {used or ''} | {seconds:.0f} |",
               flush=True)
+    if args.ceilings:
+        routing_ceilings(model, make_stream, clean[0], len(args.corruptions))
+
+
+def kmeans(z: torch.Tensor, k: int, restarts: int = 10, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """Labels of the best of ``restarts`` k-means runs (k-means++ starts, Lloyd iterations) on ``z`` (n, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    best, best_cost = torch.zeros(len(z), dtype=torch.long), float("inf")
+    for _ in range(restarts):
+        centres = z[torch.randint(len(z), (1,), generator=gen)]
+        while len(centres) < k:  # k-means++: the next start drawn in proportion to the squared distance
+            d2 = torch.cdist(z, centres).square().min(1).values
+            centres = torch.cat([centres, z[torch.multinomial(d2, 1, generator=gen)]])
+        for _ in range(iters):
+            labels = torch.cdist(z, centres).argmin(1)
+            moved = torch.stack([z[labels == j].mean(0) if bool((labels == j).any()) else centres[j]
+                                 for j in range(k)])
+            if torch.equal(moved, centres):
+                break
+            centres = moved
+        cost = float(torch.cdist(z, centres).square().min(1).values.sum())
+        if cost < best_cost:
+            best, best_cost = torch.cdist(z, centres).argmin(1), cost
+    return best
+
+
+def routing_ceilings(model: torch.nn.Module, make_stream: Callable[[], SettingStream], clean: np.ndarray,
+                     k: int) -> None:
+    """dsbn routed by the nearest true corruption centre and by offline k-means (see the module docstring)."""
+    from tta.norm.assign import ContextAssigner
+    from tta.norm.descriptors import StyleProbe
+    from tta.norm.domain import calibrate_contexts
+
+    images = torch.from_numpy(clean).permute(0, 3, 1, 2).float() / 255
+    assigner = ContextAssigner(calibrate_contexts(model, images))
+    probe = StyleProbe(model)
+    batches = []
+    with torch.no_grad():
+        for b in make_stream():
+            x = b.x.float() / 255 if b.x.dtype == torch.uint8 else b.x
+            batches.append((x, b.y, b.domain, assigner.standardise(probe(x))))
+    z, domains = torch.cat([b[3] for b in batches]), torch.cat([b[2] for b in batches])
+    centres = torch.stack([z[domains == d].mean(0) for d in range(k)])
+    offsets = np.cumsum([0] + [len(b[0]) for b in batches])
+    for label, ids in (("dsbn (nearest true centre)", torch.cdist(z, centres).argmin(1)),
+                       ("dsbn (offline k-means)", kmeans(z, k))):
+        adapted = tta.adapt(model, "dsbn")
+        hits = 0
+        started = time.perf_counter()
+        with torch.no_grad():
+            for i, (x, y, _, _) in enumerate(batches):
+                hits += int((adapted(x, domain=ids[offsets[i]:offsets[i + 1]]).argmax(1) == y).sum())
+        seconds = time.perf_counter() - started
+        print(f"| {label} | {100 * hits / len(domains):.2f} | {purity(ids, domains):.1f} | {len(ids.unique())} "
+              f"| {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
