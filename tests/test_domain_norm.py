@@ -526,3 +526,42 @@ def test_a_context_in_use_is_never_forgotten_to_make_room() -> None:
         d, _ = _clusters(shift[2:], 120, 100 + seed)
         assigner.observe(d, assigner.assign(d))
     assert int(assigner.assign(_clusters(shift[2:], 40, 200)[0]).argmax(1).mode().values) != 0
+
+
+def test_a_split_context_passes_its_statistics_and_half_its_evidence_to_both_halves(bn_model: nn.Module) -> None:
+    from tta.norm.assign import ContextAssigner, calibrate
+    from tta.norm.domain import OPS
+
+    # the assigner: a target context that turns out to hold two domains is split, not restarted
+    cal = calibrate(torch.randn(800, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    pair = torch.zeros(2, 20, dtype=torch.float64)
+    pair[:, :10] = 3.0
+    pair[1, 10:] = 2.0  # a second domain beside the first, further from the source than chance
+    assigner = ContextAssigner(cal, min_spawn=8, max_contexts=4)
+    ops: list[tuple[str, int, int]] = []
+    for seed in range(4):  # the first domain alone: it leaves the source context
+        d, _ = _clusters(pair[:1], 100, seed)
+        ops += assigner.observe(d, assigner.assign(d))
+    assert int(assigner.live().sum()) == 2 and not [op for op in ops if op[0] == "split"]
+    for seed in range(4):  # both domains: the first's context is split
+        d, _ = _clusters(pair, 100, 10 + seed)
+        ops += assigner.observe(d, assigner.assign(d))
+    splits = [op for op in ops if op[0] == "split"]
+    assert splits and all(parent > 0 and new != parent for _, new, parent in splits)
+    assert ("clear", splits[0][2], -1) not in ops
+    # the layers: both halves normalise with the parent's statistics, each holding half its evidence
+    wrapped = convert_context_norm(copy.deepcopy(bn_model), declared=2)
+    x = domain_batch(1, 16, 0)
+    wrapped(x, domain=torch.zeros(16, dtype=torch.long))  # context 1 learns from 16 noisy images
+    before = [(layer.ctx_mean[1].clone(), layer.ctx_var[1].clone(), float(layer.ctx_images[1]))
+              for layer in wrapped.layers()]
+    wrapped.router.pending = torch.tensor([[OPS.index("split"), 2, 1]])
+    wrapped.router._apply_pending()
+    for layer, (mean, var, images) in zip(wrapped.layers(), before, strict=True):
+        for k in (1, 2):
+            torch.testing.assert_close(layer.ctx_mean[k], mean)
+            torch.testing.assert_close(layer.ctx_var[k], var)
+            assert float(layer.ctx_images[k]) == images / 2
+    probe = domain_batch(1, 4, 1)
+    torch.testing.assert_close(wrapped(probe, domain=torch.zeros(4, dtype=torch.long), update=False),
+                               wrapped(probe, domain=torch.ones(4, dtype=torch.long), update=False))

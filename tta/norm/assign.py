@@ -19,7 +19,8 @@ are found as *groups*. Distances are mean squared z-scores, D(a, b) = mean_j
   other half; the half further from the context's centre becomes a new context when that separation exceeds what
   the same procedure finds by chance in a cloud of as many source images (``split``: the ``quantile`` of
   ``SPLIT_DRAWS`` source resamples per size in ``SPLIT_SIZES``, interpolated in log size) and both halves hold at
-  least ``min_spawn`` images; the context that was split keeps the other half (and its statistics start afresh).
+  least ``min_spawn`` images; the context that was split keeps the other half, and both halves start from its
+  statistics with half its evidence each (a split never throws statistics away).
   A split whose held-out side holds fewer than ``MIN_SIDE`` held-out images isolates outliers, not a domain: it
   counts as no split, in the test and in its null alike (otherwise such rare splits of heavy-tailed source clouds
   set the null's upper quantile and the test misses domains that lie closer together than single images spread);
@@ -230,6 +231,7 @@ class ContextAssigner(nn.Module):
         """Learn from a batch routed by ``assign``: move the target contexts' centres, keep the descriptors, then
         create (split), merge and forget contexts. Returns the structural operations done, in order, for the layers
         to mirror: ``("grow", k, -1)`` (k slots in use), ``("clear", k, -1)`` (slot k starts afresh),
+        ``("split", new, k)`` (context k was split: ``new`` starts from its statistics, both with half its evidence),
         ``("merge", dst, src)`` (src's statistics join dst's, src is cleared)."""
         z = self.standardise(d)
         self.batches += 1
@@ -287,7 +289,7 @@ class ContextAssigner(nn.Module):
             if k > 0:
                 self.centre[k] = members[~second].mean(0)
                 self.count[k] = float((~second).sum())
-                ops.append(("clear", k, -1))  # its statistics mixed both halves: it starts afresh
+                ops.append(("split", slot, k))  # both halves start from its statistics, with half its evidence
         return ops
 
     def _off_source(self, members: torch.Tensor) -> bool:

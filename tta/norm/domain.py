@@ -56,7 +56,7 @@ Update = Literal["cumulative", "ema"]
 Fallback = Literal["source", "infer"]
 UPDATES: tuple[str, ...] = ("cumulative", "ema")
 FALLBACKS: tuple[str, ...] = ("source", "infer")
-OPS: tuple[str, ...] = ("grow", "clear", "merge")  # structural changes of inferred contexts
+OPS: tuple[str, ...] = ("grow", "clear", "merge", "split")  # structural changes of inferred contexts
 
 
 def _resize_rows(t: torch.Tensor, k: int, fill: torch.Tensor) -> torch.Tensor:
@@ -199,6 +199,12 @@ class ContextRouter(GrowingContexts):
                 for layer in self._layers:
                     if a < layer.num_contexts:
                         layer.clear_context(a)
+            elif op == "split":  # b was split, a holds its other half
+                self.seen[b] /= 2
+                self.seen[a] = self.seen[b]
+                for layer in self._layers:
+                    if max(a, b) < layer.num_contexts:
+                        layer.split_context(a, b)
             else:  # merge b into a
                 self.seen[a] += self.seen[b]
                 self.seen[b] = 0.0
@@ -347,6 +353,19 @@ class DomainContextNorm(GrowingContexts):
             plist = getattr(self, name)
             if k < len(plist):
                 plist[k].copy_(init)
+
+    @torch.no_grad()
+    def split_context(self, dst: int, src: int) -> None:
+        """Context ``src`` was split in two and ``dst`` holds its other half: both start from ``src``'s statistics
+        (and parameters) with half its evidence, so that neither normalises with its first few images alone."""
+        self.ctx_values[src] /= 2
+        self.ctx_images[src] /= 2
+        for name in ("ctx_mean", "ctx_var", "ctx_values", "ctx_images"):
+            getattr(self, name)[dst] = getattr(self, name)[src]
+        for name in ("ctx_weight", "ctx_bias", "ctx_mu", "ctx_logstd"):
+            plist = getattr(self, name)
+            if dst < len(plist) and src < len(plist):
+                plist[dst].copy_(plist[src])
 
     @torch.no_grad()
     def merge_context(self, dst: int, src: int) -> None:
