@@ -39,7 +39,7 @@ responsibilities). An image's routing depends only on the state before its batch
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +227,8 @@ class DomainContextNorm(GrowingContexts):
     """BatchNorm with per-context statistics (and optionally per-context affine): DomainContextNorm and DSBN."""
 
     size_buffer = "ctx_mean"
+    # the per-context parameter lists (affine for DSBN, mu / log sigma in learned mode; empty when unused)
+    PARAM_LISTS: ClassVar[tuple[str, ...]] = ("ctx_weight", "ctx_bias", "ctx_mu", "ctx_logstd")
 
     def __init__(
         self,
@@ -313,7 +315,7 @@ class DomainContextNorm(GrowingContexts):
                 plist.append(self._new_param(init, i))
 
     def _trim_params(self, k: int) -> None:
-        for name in ("ctx_weight", "ctx_bias", "ctx_mu", "ctx_logstd"):
+        for name in self.PARAM_LISTS:
             plist = getattr(self, name)
             if len(plist) > k:
                 setattr(self, name, nn.ParameterList(list(plist)[:k]))
@@ -362,7 +364,7 @@ class DomainContextNorm(GrowingContexts):
         self.ctx_images[src] /= 2
         for name in ("ctx_mean", "ctx_var", "ctx_values", "ctx_images"):
             getattr(self, name)[dst] = getattr(self, name)[src]
-        for name in ("ctx_weight", "ctx_bias", "ctx_mu", "ctx_logstd"):
+        for name in self.PARAM_LISTS:
             plist = getattr(self, name)
             if dst < len(plist) and src < len(plist):
                 plist[dst].copy_(plist[src])
