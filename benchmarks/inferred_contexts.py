@@ -133,9 +133,9 @@ def kmeans(z: torch.Tensor, k: int, restarts: int = 10, iters: int = 50, seed: i
             if torch.equal(moved, centres):
                 break
             centres = moved
-        cost = float(torch.cdist(z, centres).square().min(1).values.sum())
-        if cost < best_cost:
-            best, best_cost = torch.cdist(z, centres).argmin(1), cost
+        nearest = torch.cdist(z, centres).square().min(1)
+        if float(nearest.values.sum()) < best_cost:
+            best, best_cost = nearest.indices, float(nearest.values.sum())
     return best
 
 
