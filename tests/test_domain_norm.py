@@ -419,6 +419,9 @@ def test_descriptors_are_per_image_and_stop_at_the_deepest_layer_read(bn_model: 
     first(x)
     head.remove()
     assert not calls  # the probe never ran the layers after the one it reads
+    bn_model.train()
+    torch.testing.assert_close(first.logits(x), copy.deepcopy(bn_model).eval()(x))  # the source model, in eval mode
+    assert bn_model.training and first(x).shape == (6, 16)  # the model is untouched, the probe reads styles again
 
 
 def _clusters(centres: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,6 +465,36 @@ def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() 
     few = torch.randn(4, 20, generator=g, dtype=torch.float64)  # too few to split anything
     assert twins.observe(few, twins.assign(few)) == [("merge", 1, 2)]
     assert twins.live().tolist() == [True, True, False] and float(twins.count[1]) >= 80.0
+
+
+def test_calibration_removes_the_directions_that_tell_the_classes_apart_and_keeps_the_domains() -> None:
+    from tta.norm.assign import ContextAssigner, calibrate
+
+    g = torch.Generator().manual_seed(0)
+    classes = torch.arange(10).repeat(40)
+    means = torch.zeros(10, 20, dtype=torch.float64)
+    means[:, :3] = 2.0 * torch.randn(10, 3, generator=g, dtype=torch.float64)  # what the images show
+    source = means[classes] + torch.randn(400, 20, generator=g, dtype=torch.float64)
+    shift = torch.zeros(20, dtype=torch.float64)
+    shift[10:] = 1.0  # a domain shift, unrelated to the classes
+
+    def gaps(cal: object) -> tuple[float, float]:
+        a = ContextAssigner(cal)  # type: ignore[arg-type]
+        x = source[:100]
+        other = x + means[(classes[:100] + 1) % 10] - means[classes[:100]]  # the same images, another class
+        z, z_class, z_domain = a.standardise(x), a.standardise(other), a.standardise(x + shift)
+        return float((z - z_class).square().mean()), float((z - z_domain).square().mean())
+
+    plain = calibrate(source)
+    class_gap, domain_gap = gaps(calibrate(source, content=classes))
+    class_gap_kept, domain_gap_kept = gaps(plain)
+    assert class_gap < 0.1 * class_gap_kept  # the classes are (all but) gone
+    assert domain_gap > 0.9 * domain_gap_kept  # the domain is not
+    # labels unrelated to the descriptors remove nothing: the same whitening as without them
+    unrelated = calibrate(source, content=torch.randperm(400, generator=g) % 10)
+    assert torch.allclose(unrelated.projection.abs(), plain.projection.abs(), atol=1e-4)
+    with pytest.raises(ValueError, match="one class per source descriptor"):
+        calibrate(source, content=classes[:10])
 
 
 def test_a_shifted_group_hidden_in_the_source_context_gets_a_context_of_its_own() -> None:

@@ -34,7 +34,7 @@ class DomainNormConfig:
     stats_momentum: float = 0.1
     min_subset: int = 2
     declared_contexts: int = 0
-    descriptor: Literal["first", "early", "half", "all"] = "all"
+    descriptor: Literal["first", "early", "half", "all"] = "half"
     split_quantile: float = 0.99
     calibration_images: int = 1000
     min_spawn: int = 8
@@ -94,7 +94,7 @@ class DomainNormMethod(AdaptedModel):
         """Context inference's calibration on ``calibration_images`` clean source images, cached."""
         cfg, source = self.config, self.source_data
         assert source is not None  # check_model refused inference without source data
-        settings = f"n={cfg.calibration_images}|depth={cfg.descriptor}|q={cfg.split_quantile}|v4"
+        settings = f"n={cfg.calibration_images}|depth={cfg.descriptor}|q={cfg.split_quantile}|v5"
 
         def compute() -> dict[str, torch.Tensor]:
             images, _ = source.sample(cfg.calibration_images, seed=0)

@@ -10,8 +10,11 @@ like the average training image). A descriptor concatenates these over a chosen 
 with the *source* model (every BN normalising with its running statistics), so it does not depend on any test-time
 state nor on the other images of the batch. The forward stops after the deepest layer used.
 
-``benchmarks/context_descriptors.py`` scores layer choices by how well they separate the generated corruptions;
-``DEPTHS`` are the choices offered, ``DEFAULT_DEPTH`` the one it selected.
+``benchmarks/context_descriptors.py`` scores layer choices by how well they separate the generated corruptions and
+how much they say about the images' classes; ``DEPTHS`` are the choices offered. ``DEFAULT_DEPTH`` reads the first
+half of the layers: the deeper half adds little about the domain and much about what the image shows, and
+contexts that group images by class normalise the class away (measured in the README's inferred-contexts
+section).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tta.errors import ModelError
 # Which BatchNorm layers (in module order) a descriptor reads: "first" (the first only), "early" (the first third),
 # "half" (the first half), "all".
 DEPTHS: tuple[str, ...] = ("first", "early", "half", "all")
-DEFAULT_DEPTH = "all"
+DEFAULT_DEPTH = "half"
 
 
 class _Stop(Exception):
@@ -54,7 +57,8 @@ def channel_style(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: f
 class StyleProbe(nn.Module):
     """The frozen source model with hooks that read the style of every image at the chosen BatchNorm layers.
 
-    ``probe(x)`` returns the (N, D) descriptor in float32; the copy it runs never changes and never trains.
+    ``probe(x)`` returns the (N, D) descriptor in float32, ``probe.logits(x)`` the source model's output; the copy it
+    runs never changes and never trains.
     """
 
     def __init__(self, model: nn.Module, depth: str = DEFAULT_DEPTH) -> None:
@@ -70,11 +74,14 @@ class StyleProbe(nn.Module):
         self.indices = select_layers(len(bns), depth)
         self.dim = sum(2 * bns[i].num_features for i in self.indices)
         self._parts: list[torch.Tensor] = []
+        self._reading = True  # the hooks read styles (and stop the forward); off for ``logits``
         for rank, i in enumerate(self.indices):
             bns[i].register_forward_pre_hook(self._hook(bns[i], last=rank == len(self.indices) - 1))
 
     def _hook(self, bn: _BatchNorm, last: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if not self._reading:
+                return
             self._parts.append(channel_style(args[0], bn.running_mean, bn.running_var, bn.eps))
             if last:
                 raise _Stop
@@ -93,6 +100,15 @@ class StyleProbe(nn.Module):
             raise ModelError(f"the forward reached {len(parts)} of the {len(self.indices)} BatchNorm layers the "
                              "descriptor reads; every BatchNorm must run on every forward")
         return torch.cat(parts, 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen source model's whole forward on ``x`` (its output), reading no styles."""
+        self._reading = False
+        try:
+            with torch.no_grad():
+                return self.net(x)
+        finally:
+            self._reading = True
 
     def train(self, mode: bool = True) -> StyleProbe:
         """The probe's model stays in eval mode (its BatchNorms are the source)."""

@@ -32,9 +32,10 @@ nothing.
 
 ``ContextNormModel.forward(x, domain)`` routes by domain id (context = id + 1) when ids are given. Without ids the
 router's ``fallback`` decides: ``source`` sends every sample to context 0 (no adaptation), ``infer`` routes by the
-image's style descriptor (``tta.norm.descriptors``: its feature statistics at every BatchNorm of the frozen source
-model) with the source-calibrated online assignment of ``tta.norm.assign`` (create, merge, forget, soft
-responsibilities). An image's routing depends only on the state before its batch and on the image itself.
+image's style descriptor (``tta.norm.descriptors``: its feature statistics at the first half of the BatchNorms of
+the frozen source model, without what tells the source classes apart) with the source-calibrated online
+assignment of ``tta.norm.assign`` (create, merge, forget, soft responsibilities). An image's routing depends only
+on the state before its batch and on the image itself.
 """
 
 from __future__ import annotations
@@ -569,7 +570,12 @@ def convert_context_norm(
 def calibrate_contexts(model: nn.Module, images: torch.Tensor, descriptor: str = DEFAULT_DEPTH,
                        quantile: float = 0.99) -> Calibration:
     """The source calibration of context inference: descriptors of clean source ``images`` (N, C, H, W) in
-    [0, 1] under ``model`` (the unconverted BN model), their spread and distance quantiles."""
+    [0, 1] under ``model`` (the unconverted BN model), their spread and distance quantiles, without the directions
+    that tell apart the classes the model predicts for them (an image's context must follow its domain, not its
+    content)."""
     probe = StyleProbe(model, descriptor)
     device = next(model.parameters(), torch.empty(0)).device
-    return calibrate(describe(probe, images.to(device)), quantile)
+    logits = [probe.logits(chunk.to(device)) for chunk in images.split(500)]
+    content = torch.cat([out.argmax(1).cpu() for out in logits]) if all(
+        isinstance(out, torch.Tensor) and out.ndim == 2 for out in logits) else None
+    return calibrate(describe(probe, images.to(device)), quantile, content=content)
