@@ -8,13 +8,17 @@ corruptions (the first ``--n`` images of the shared exact CIFAR-10 test head, ge
 - nearest-centroid accuracy: centroids from the first half of each corruption's images, the second half labelled
   by the closest centroid (Euclidean, in the descriptor's space);
 - k-means purity: k-means with 15 clusters (k-means++ start, 3 restarts) on all images, the share of images whose
-  cluster's majority corruption is their own.
+  cluster's majority corruption is their own;
+- class: the same nearest-centroid accuracy for the images' *classes* (chance 10 %): the content a descriptor
+  carries besides the domain. Contexts that group images by class normalise the class away and cost accuracy.
 
     python benchmarks/context_descriptors.py --n 400 --arch resnet20
 
 The standardisation uses ``--source-n`` clean training images (the shared JPEG training subset): per dimension,
 subtract their mean and divide by their standard deviation; "whitened" further projects on their top principal
-directions divided by their standard deviations (``tta.norm.assign.calibrate``), what ``contexts=infer`` does.
+directions divided by their standard deviations (``tta.norm.assign.calibrate``); "whitened, content removed"
+first removes the directions that tell apart the classes the model predicts for the clean images (what
+``contexts=infer`` does).
 """
 
 from __future__ import annotations
@@ -83,15 +87,18 @@ def main() -> None:
         x, y = data["x"][:args.n], data["y"][:args.n]
     gen = GeneratedSource(x, y, seed=args.seed)
     started = time.perf_counter()
-    feats, labels = [], []
+    feats, labels, classes = [], [], []
     for i, c in enumerate(BENCHMARK_CORRUPTIONS):
         images, _ = gen.load(Domain(c, args.severity), np.arange(len(x)))
         feats.append(describe(probe, images.float() / 255))
         labels.append(torch.full((len(x),), i))
-    z_all, labels_t = torch.cat(feats), torch.cat(labels)
+        classes.append(torch.from_numpy(y).long())
+    z_all, labels_t, classes_t = torch.cat(feats), torch.cat(labels), torch.cat(classes)
     with np.load(args.shared / "data" / "cifar10" / "train_jpeg_10k.npz") as data:
         src = torch.from_numpy(data["x"][:args.source_n]).permute(0, 3, 1, 2).float() / 255
     s_all = describe(probe, src)
+    with torch.no_grad():
+        predicted = model.eval()(src).argmax(1)
     print(f"descriptors of {len(z_all)} corrupted and {len(s_all)} clean images in "
           f"{time.perf_counter() - started:.1f}s", flush=True)
 
@@ -108,6 +115,10 @@ def main() -> None:
                 cols += list(range(offsets[i] + half, offsets[i + 1]))
         return cols
 
+    def scores(z: torch.Tensor) -> tuple[float, float, float]:
+        return (nearest_centroid(z, labels_t, train), kmeans_purity(z, labels_t, 15),
+                nearest_centroid(z, classes_t, train))
+
     rows = []
     for depth in DEPTHS:
         for stds in (False, True):
@@ -117,27 +128,27 @@ def main() -> None:
                 if standardise:
                     z = (z - s.mean(0)) / s.std(0).clamp_min(1e-6)
                 rows.append((depth, "mean+logstd" if stds else "mean", "yes" if standardise else "no", len(cols),
-                             nearest_centroid(z, labels_t, train), kmeans_purity(z, labels_t, 15)))
+                             *scores(z)))
     # a random Gaussian projection of the standardised full descriptor to 64 dimensions
     cols = columns("all", True)
     z = (z_all[:, cols] - s_all[:, cols].mean(0)) / s_all[:, cols].std(0).clamp_min(1e-6)
     proj = torch.randn(len(cols), 64, generator=torch.Generator().manual_seed(0)) / 8
     zp = z @ proj
-    rows.append(("all", "mean+logstd, random projection", "yes", 64, nearest_centroid(zp, labels_t, train),
-                 kmeans_purity(zp, labels_t, 15)))
-    # whitened by the source covariance (what contexts=infer uses): tta.norm.assign's calibration
+    rows.append(("all", "mean+logstd, random projection", "yes", 64, *scores(zp)))
+    # whitened by the source covariance, without and with the content directions (contexts=infer: with)
     for depth in DEPTHS:
-        cols = columns(depth, True)
-        cal = calibrate(s_all[:, cols])
-        zw = ((z_all[:, cols].double() - cal.mean.double()) / cal.std.double()) @ cal.projection.double()
-        rows.append((depth, "mean+logstd", f"whitened (rank {zw.shape[1]})", zw.shape[1],
-                     nearest_centroid(zw, labels_t, train), kmeans_purity(zw, labels_t, 15)))
+        for content in (None, predicted):
+            cols = columns(depth, True)
+            cal = calibrate(s_all[:, cols], content=content)
+            zw = ((z_all[:, cols].double() - cal.mean.double()) / cal.std.double()) @ cal.projection.double()
+            how = "whitened" if content is None else "whitened, content removed"
+            rows.append((depth, "mean+logstd", f"{how} (rank {zw.shape[1]})", zw.shape[1], *scores(zw)))
     print(f"\n{args.arch}, 15 corruptions, severity {args.severity}, {args.n} images each "
           f"({len(bns)} BatchNorm layers):\n")
-    print("| layers | statistics | standardised | dims | nearest centroid (%) | k-means purity (%) |")
-    print("|---|---|---|--:|--:|--:|")
-    for depth, stats, std, dims, nc, pur in rows:
-        print(f"| {depth} | {stats} | {std} | {dims} | {nc:.1f} | {pur:.1f} |")
+    print("| layers | statistics | standardised | dims | nearest centroid (%) | k-means purity (%) | class (%) |")
+    print("|---|---|---|--:|--:|--:|--:|")
+    for depth, stats, std, dims, nc, pur, cls in rows:
+        print(f"| {depth} | {stats} | {std} | {dims} | {nc:.1f} | {pur:.1f} | {cls:.1f} |")
 
 
 if __name__ == "__main__":
