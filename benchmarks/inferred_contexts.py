@@ -1,12 +1,12 @@
 """Inferred against oracle domain contexts on a mixed stream of the 15 generated corruptions.
 
 The domains are built in memory from the shared exact CIFAR-10 test head (the first ``--n`` images corrupted with
-``tta.corruptions`` at ``--severity``, seed 0, the bytes ``tta corrupt`` would write; never written to disk), all 15
-shuffled together (``mixed``, seed 0), batch 200, one reset per severity. Methods: source, adabn, tent, roid, and
-dsbn / context-norm with the true domain ids (``oracle``) and with contexts inferred from the images alone
-(``infer``, default settings, calibrated on ``--source-n`` clean JPEG training images from the shared folder).
-For inferred contexts it also reports the assignment purity: the share of images whose (hard) context's majority
-domain is their own domain, and the number of contexts used.
+``tta.corruptions`` at ``--severity``, seed 0, the bytes ``tta corrupt`` would write; never written to disk), all
+15 shuffled together (``mixed``; the order's seed is ``--seed``, 0 by default), batch 200, one reset per severity.
+Methods: source, adabn, tent, roid, and dsbn / context-norm with the true domain ids (``oracle``) and with contexts
+inferred from the images alone (``infer``, default settings, calibrated on ``--source-n`` clean JPEG training
+images from the shared folder). For inferred contexts it also reports the assignment purity: the share of images
+whose (hard) context's majority domain is their own domain, and the number of contexts used.
 
     python benchmarks/inferred_contexts.py --arch resnet20 --severity 5 --n 1000
 
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--setting", default="mixed")
     parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="the order of the stream (the corruptions are the same)")
     parser.add_argument("--source-n", type=int, default=1000)
     parser.add_argument("--ceilings", action="store_true", help="add dsbn routed by the true corruption centres and "
                         "by offline k-means (routings a deployed model cannot use, to tell what limits inference)")
@@ -95,11 +96,13 @@ def main() -> None:
         source.load(Domain(c, args.severity), np.arange(1))
     with np.load(args.shared / "data" / "cifar10" / "train_jpeg_10k.npz") as data:
         clean = (data["x"][: args.source_n], data["y"][: args.source_n])
-    print(f"| {args.arch}, {args.setting}, severity {args.severity}, {len(args.corruptions)} corruptions x {args.n} "
+    order = f", order {args.seed}" if args.seed else ""
+    print(f"| {args.arch}, {args.setting}{order}, severity {args.severity}, {len(args.corruptions)} corruptions x "
+          f"{args.n} "
           f"| accuracy (%) | purity (%) | contexts | seconds |\n|---|--:|--:|--:|--:|", flush=True)
     def make_stream() -> SettingStream:
         return SettingStream(source, args.corruptions, [args.severity], setting=args.setting,
-                             batch_size=args.batch_size, seed=0)
+                             batch_size=args.batch_size, seed=args.seed)
 
     for label in args.methods:
         method, overrides = METHODS[label]
