@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from inferred_contexts import kmeans, purity  # the sibling benchmark (this folder is on the path when run)
 
 import tta
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
@@ -48,22 +49,7 @@ def nearest_centroid(z: torch.Tensor, labels: torch.Tensor, train: torch.Tensor)
 
 def kmeans_purity(z: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0, restarts: int = 3) -> float:
     """Purity (%) of the best (lowest inertia) of ``restarts`` k-means runs with ``k`` clusters."""
-    gen = torch.Generator().manual_seed(seed)
-    best, best_inertia = None, float("inf")
-    for _ in range(restarts):
-        centres = z[torch.randint(len(z), (1,), generator=gen)]
-        for _ in range(k - 1):  # k-means++
-            d = torch.cdist(z, centres).min(1).values ** 2
-            centres = torch.cat([centres, z[torch.multinomial(d / d.sum(), 1, generator=gen)]])
-        for _ in range(50):
-            assign = torch.cdist(z, centres).argmin(1)
-            centres = torch.stack([z[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
-        inertia = float((torch.cdist(z, centres).min(1).values ** 2).sum())
-        if inertia < best_inertia:
-            best, best_inertia = assign, inertia
-    assert best is not None
-    hits = sum(int(torch.bincount(labels[best == j]).max()) for j in range(k) if (best == j).any())
-    return hits / len(z) * 100
+    return purity(kmeans(z, k, restarts=restarts, seed=seed), labels)
 
 
 def main() -> None:

@@ -154,9 +154,8 @@ def routing_ceilings(model: torch.nn.Module, make_stream: Callable[[], SettingSt
     probe = StyleProbe(model)
     batches = []
     with torch.no_grad():
-        for b in make_stream():
-            x = b.x.float() / 255 if b.x.dtype == torch.uint8 else b.x
-            batches.append((x, b.y, b.domain, assigner.standardise(probe(x))))
+        for b in (batch.to(torch.device("cpu")) for batch in make_stream()):
+            batches.append((b.x, b.y, b.domain, assigner.standardise(probe(b.x))))
     z, domains = torch.cat([b[3] for b in batches]), torch.cat([b[2] for b in batches])
     centres = torch.stack([z[domains == d].mean(0) for d in range(k)])
     offsets = np.cumsum([0] + [len(b[0]) for b in batches])
