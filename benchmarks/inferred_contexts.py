@@ -1,7 +1,7 @@
 """Inferred against oracle domain contexts on a mixed stream of the 15 generated corruptions.
 
 The domains are built in memory from the shared exact CIFAR-10 test head (the first ``--n`` images corrupted with
-``tta.corruptions`` at ``--severity``, seed 0, the bytes ``tta corrupt`` would write; never written to disk), all
+``tta.corruptions`` at each ``--severity``, seed 0, the bytes ``tta corrupt`` would write; never written to disk), all
 15 shuffled together (``mixed``; the order's seed is ``--seed``, 0 by default), batch 200, one reset per severity.
 Methods: source, adabn, tent, roid, and dsbn / context-norm with the true domain ids (``oracle``) and with contexts
 inferred from the images alone (``infer``, default settings, calibrated on ``--source-n`` clean JPEG training
@@ -9,6 +9,9 @@ images from the shared folder). For inferred contexts it also reports the assign
 whose (hard) context's majority domain is their own domain, and the number of contexts used.
 
     python benchmarks/inferred_contexts.py --arch resnet20 --severity 5 --n 1000
+    python benchmarks/inferred_contexts.py --setting gradual --severity 1 2 3 4 5 --n 200
+
+(``gradual``: per corruption the severities up and down, one reset per corruption.)
 
 ``--ceilings`` adds two routings that no deployed model could use, to tell what limits inferred contexts: dsbn
 routed by the nearest *true* corruption centre of the same whitened descriptor (the centres computed from every
@@ -76,7 +79,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     parser.add_argument("--arch", default="resnet20", choices=["resnet20", "resnet32"])
     parser.add_argument("--n", type=int, default=1000, help="images per corruption")
-    parser.add_argument("--severity", type=int, default=5)
+    parser.add_argument("--severity", type=int, nargs="+", default=[5], help="one or more (gradual: 1 2 3 4 5)")
     parser.add_argument("--corruptions", nargs="+", default=list(BENCHMARK_CORRUPTIONS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--setting", default="mixed")
@@ -91,17 +94,19 @@ def main() -> None:
     model = tta.load_model(checkpoint=args.shared / "models" / f"cifar10_{args.arch}.th", arch=args.arch)
     with np.load(args.shared / "data" / "cifar10" / "test_exact_head.npz") as data:
         x, y = data["x"][: args.n], data["y"][: args.n]
-    source = WholeDomainCache(GeneratedSource(x, y, seed=0), capacity=len(args.corruptions))
+    source = WholeDomainCache(GeneratedSource(x, y, seed=0), capacity=len(args.corruptions) * len(args.severity))
     for c in args.corruptions:  # generate every domain up front, so the methods' timings exclude it
-        source.load(Domain(c, args.severity), np.arange(1))
+        for s in args.severity:
+            source.load(Domain(c, s), np.arange(1))
     with np.load(args.shared / "data" / "cifar10" / "train_jpeg_10k.npz") as data:
         clean = (data["x"][: args.source_n], data["y"][: args.source_n])
     order = f", order {args.seed}" if args.seed else ""
-    print(f"| {args.arch}, {args.setting}{order}, severity {args.severity}, {len(args.corruptions)} corruptions x "
+    severities = "/".join(map(str, args.severity))
+    print(f"| {args.arch}, {args.setting}{order}, severity {severities}, {len(args.corruptions)} corruptions x "
           f"{args.n} "
           f"| accuracy (%) | purity (%) | contexts | seconds |\n|---|--:|--:|--:|--:|", flush=True)
     def make_stream() -> SettingStream:
-        return SettingStream(source, args.corruptions, [args.severity], setting=args.setting,
+        return SettingStream(source, args.corruptions, args.severity, setting=args.setting,
                              batch_size=args.batch_size, seed=args.seed)
 
     for label in args.methods:
