@@ -12,6 +12,7 @@ from torch import nn
 
 from tta.config import build_config, to_dict
 from tta.core.base import AdaptedModel
+from tta.data.settings import SETTINGS, SettingStream
 from tta.errors import ConfigError, InputError, ModelError
 from tta.methods import get_method
 from tta.norm.domain import ContextNormModel, DomainContextNorm, convert_context_norm
@@ -262,6 +263,43 @@ def test_inferred_contexts_work_on_single_images_through_the_window(bn_model: nn
                 after = adapted.model.state_dict()
                 assert all(torch.equal(before[k], after[k]) for k in before)
     assert adapted.model.router.num_contexts >= 2
+
+
+class _SyntheticDomains:
+    """The three synthetic domains as a stream source (24 images each; the severity changes nothing)."""
+
+    label = "synthetic"
+    names = ("contrast", "noise", "bright")
+
+    def __init__(self) -> None:
+        self.images = {c: domain_batch(d, 24, seed=d) for d, c in enumerate(self.names)}
+
+    def size(self, domain: object) -> int:
+        return 24
+
+    def load(self, domain: object, index: object) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(index)
+        return self.images[domain.corruption][idx], idx % 10  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_inferred_contexts_run_in_every_setting_and_restart_at_each_reset(bn_model: nn.Module, setting: str) -> None:
+    import tta
+
+    source = _SyntheticDomains()
+    stream = SettingStream(source, list(source.names), [3, 5], setting=setting, batch_size=8)
+    adapted = infer("dsbn", bn_model)
+    router = adapted.model.router
+    routed: list[torch.Tensor] = []
+    layers(adapted)[0].register_forward_hook(lambda m, i, o: routed.append(router.weights.clone()))
+    df = tta.evaluate(adapted, stream, device="cpu", seed=0)
+    assert df.n.sum() == 2 * 3 * 24  # every image predicted once
+    batches = list(stream)
+    assert len(routed) == len(batches)
+    starts = [i for i, b in enumerate(batches) if i == 0 or b.segment != batches[i - 1].segment]
+    for i in starts:  # the engine resets per segment: the first batch of each only knows the source context
+        assert torch.equal(routed[i][:, 0], torch.ones(len(routed[i]), dtype=routed[i].dtype))
+    assert any(float(w[:, 1:].sum()) > 0 for w in routed)  # and later batches go to inferred contexts
 
 
 def test_inferred_state_round_trips_and_resets(bn_model: nn.Module) -> None:
