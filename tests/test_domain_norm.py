@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -503,6 +504,51 @@ def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() 
     few = torch.randn(4, 20, generator=g, dtype=torch.float64)  # too few to split anything
     assert twins.observe(few, twins.assign(few)) == [("merge", 1, 2)]
     assert twins.live().tolist() == [True, True, False] and float(twins.count[1]) >= 80.0
+
+
+def test_split_share_measures_bimodality_whatever_the_spread() -> None:
+    from tta.norm.assign import split_share
+
+    g = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(4000, generator=g, dtype=torch.float64)
+    assert split_share(gaussian) == pytest.approx(2 / math.pi, abs=0.02)  # one cloud: its best split explains 2/pi
+    assert split_share(25.0 * gaussian + 3.0) == pytest.approx(split_share(gaussian))  # spread and place: no matter
+    two = torch.cat([gaussian[:2000] - 3.0, gaussian[2000:] + 3.0])
+    assert split_share(two) > 0.85
+    assert split_share(torch.ones(10, dtype=torch.float64)) == 0.0 and split_share(gaussian[:3]) == 0.0
+
+
+def test_a_stretched_target_cloud_is_not_split_but_two_groups_are() -> None:
+    from tta.norm.assign import ContextAssigner, calibrate, held_out_split
+
+    g = torch.Generator().manual_seed(0)
+    cal = calibrate(torch.randn(800, 20, generator=g, dtype=torch.float64))
+    centre = torch.zeros(20, dtype=torch.float64)
+    centre[:10] = 2.0
+
+    def stretched(n: int) -> torch.Tensor:  # one domain whose images spread 3 times more along one direction
+        d = centre + torch.randn(n, 20, generator=g, dtype=torch.float64)
+        d[:, 15] *= 3.0
+        return d
+
+    one = ContextAssigner(cal, min_spawn=8, max_contexts=8)
+    for _ in range(8):
+        d = stretched(80)
+        one.observe(d, one.assign(d))
+    assert int(one.live().sum()) == 2  # the source and the one domain
+    members = one.standardise(stretched(256))
+    separation, _, bimodality = held_out_split(members)
+    assert separation > one.split_threshold(256)  # its halves lie further apart than a source cloud's would...
+    assert bimodality < one.bimodal_threshold(256)  # ...but it is one cloud: what keeps it whole
+    other = centre.clone()
+    other[10:] = -2.0  # a second domain, mixed with the first in every batch
+    two = ContextAssigner(cal, min_spawn=8, max_contexts=8)
+    for _ in range(8):
+        d = torch.cat([stretched(40), other + torch.randn(40, 20, generator=g, dtype=torch.float64)])
+        two.observe(d, two.assign(d))
+    first = two.assign(stretched(100)).argmax(1).mode().values
+    second = two.assign(other + torch.randn(100, 20, generator=g, dtype=torch.float64)).argmax(1).mode().values
+    assert int(two.live().sum()) >= 3 and 0 != int(first) != int(second) != 0  # told apart, neither is the source
 
 
 def test_calibration_removes_the_directions_that_tell_the_classes_apart_and_keeps_the_domains() -> None:

@@ -94,7 +94,7 @@ class DomainNormMethod(AdaptedModel):
         """Context inference's calibration on ``calibration_images`` clean source images, cached."""
         cfg, source = self.config, self.source_data
         assert source is not None  # check_model refused inference without source data
-        settings = f"n={cfg.calibration_images}|depth={cfg.descriptor}|q={cfg.split_quantile}|v5"
+        settings = f"n={cfg.calibration_images}|depth={cfg.descriptor}|q={cfg.split_quantile}|v6"
 
         def compute() -> dict[str, torch.Tensor]:
             images, _ = source.sample(cfg.calibration_images, seed=0)

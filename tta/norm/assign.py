@@ -26,7 +26,13 @@ are found as *groups*. Distances are mean squared z-scores, D(a, b) = mean_j
   the same procedure finds by chance in a cloud of as many source images (``split``: the ``quantile`` of
   ``SPLIT_DRAWS`` source resamples per size in ``SPLIT_SIZES``, interpolated in log size) and both halves hold at
   least ``min_spawn`` images; the context that was split keeps the other half, and both halves start from its
-  statistics with half its evidence each (a split never throws statistics away).
+  statistics with half its evidence each (a split never throws statistics away). A target context's cloud need not
+  be shaped like the source's: a corruption that stretches it along some direction gives 2-means halves far apart
+  although it is one cloud, and the halves then often differ in content (smooth against textured images) rather than
+  in domain. So the split of a target context must also be bimodal: along the direction between the two fitted
+  means, the best split of the held-out half explains a larger share of its variance (``split_share``) than the
+  ``quantile`` of Gaussian clouds of the same size (``bimodal``, from ``BIMODAL_DRAWS`` draws per size), a test that
+  does not depend on the cloud's spread.
   A split whose held-out side holds fewer than ``MIN_SIDE`` held-out images isolates outliers, not a domain: it
   counts as no split, in the test and in its null alike (otherwise such rare splits of heavy-tailed source clouds
   set the null's upper quantile and the test misses domains that lie closer together than single images spread);
@@ -63,6 +69,7 @@ SPLIT_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # cloud sizes the null is drawn
 MIN_SIDE = 4  # held-out images a side of a 2-means split needs to count as a split (half the default min_spawn)
 CONTENT_DRAWS = 32  # random relabellings the null of the class-mean spread is drawn from
 OFFSET_DRAWS = 1000  # source resamples the null of a group mean's distance from the source centre is drawn from
+BIMODAL_DRAWS = 1000  # Gaussian samples the null of a split's share of variance is drawn from, per size
 
 
 def two_means(z: torch.Tensor, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,18 +90,36 @@ def two_means(z: torch.Tensor, iters: int = 10) -> tuple[torch.Tensor, torch.Ten
     return a, b, second
 
 
-def held_out_split(z: torch.Tensor) -> tuple[float, torch.Tensor]:
+def split_share(t: torch.Tensor) -> float:
+    """The share of the variance of the values ``t`` (n,) that their best split in two explains: about 2/pi for a
+    large Gaussian sample, whatever its spread, and close to 1 for two well separated groups."""
+    t = torch.sort(t.double()).values
+    n = len(t)
+    total = float((t - t.mean()).square().sum())
+    if n < 4 or total <= 0:
+        return 0.0
+    left = torch.cumsum(t, 0)[:-1]  # sums of the i smallest values, i = 1 .. n-1
+    i = torch.arange(1, n, dtype=t.dtype)
+    between = (left - i * t.sum() / n).square() * n / (i * (n - i))
+    return float(between.max()) / total
+
+
+def held_out_split(z: torch.Tensor) -> tuple[float, torch.Tensor, float]:
     """Split ``z`` (n, D) in two: 2-means fitted on the even rows, the separation (mean squared gap) measured
     between the means of the odd rows on either side, so that it is not inflated by fitting noise (a cloud of one
     domain gives a small gap, two domains their distance). Returns (separation, mask of the second side over all
-    rows); the separation is 0 when a side holds fewer than ``MIN_SIDE`` odd rows (outliers, not a domain)."""
+    rows, bimodality): the separation is 0 when a side holds fewer than ``MIN_SIDE`` odd rows (outliers, not a
+    domain); the bimodality is ``split_share`` of the odd rows along the direction between the two fitted means (a
+    cloud stretched along that direction is split far apart, but only two groups make it bimodal)."""
     a, b, _ = two_means(z[0::2])
     second = (z - b).square().sum(1) < (z - a).square().sum(1)
     odd = second[1::2]
-    if min(int(odd.sum()), int((~odd).sum())) < MIN_SIDE:
-        return 0.0, second
     held = z[1::2]
-    return float((held[odd].mean(0) - held[~odd].mean(0)).square().mean()), second
+    direction = b - a
+    bimodality = split_share(held @ direction) if float(direction.norm()) > 0 else 0.0
+    if min(int(odd.sum()), int((~odd).sum())) < MIN_SIDE:
+        return 0.0, second, bimodality
+    return float((held[odd].mean(0) - held[~odd].mean(0)).square().mean()), second, bimodality
 
 
 def _interpolate(sizes: torch.Tensor, values: torch.Tensor, n: float) -> float:
@@ -118,19 +143,21 @@ class Calibration:
     split: torch.Tensor  # (2, S): cloud sizes and the 2-means separation above which such a cloud is not one
     merge: float  # centres closer than this are one domain
     offset: torch.Tensor  # (2, S): group sizes and how far from the source centre a source group's mean falls
+    bimodal: torch.Tensor  # (2, S): cloud sizes and the split share above which a Gaussian cloud is not one
     images: int = 0  # how many source images the calibration saw (the source context's count)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (what ``torch.load(weights_only=True)`` reads back)."""
         return {"mean": self.mean, "std": self.std, "projection": self.projection, "split": self.split,
-                "offset": self.offset,
+                "offset": self.offset, "bimodal": self.bimodal,
                 "values": torch.tensor([self.typical, self.dof, self.merge, self.images], dtype=torch.float64)}
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> Calibration:
         """The inverse of ``to_dict``."""
         typical, dof, merge, images = d["values"].tolist()
-        return cls(d["mean"], d["std"], d["projection"], typical, dof, d["split"], merge, d["offset"], int(images))
+        return cls(d["mean"], d["std"], d["projection"], typical, dof, d["split"], merge, d["offset"], d["bimodal"],
+                   int(images))
 
 
 def content_directions(z: torch.Tensor, content: torch.Tensor, quantile: float, gen: torch.Generator) -> torch.Tensor:
@@ -194,7 +221,13 @@ def calibrate(source: torch.Tensor, quantile: float = 0.99, seed: int = 0, conte
         idx = torch.randint(len(z), (OFFSET_DRAWS, n), generator=gen)
         offsets.append(float(torch.quantile(z[idx].mean(1).square().mean(1), quantile)))
     offset = torch.tensor([sizes, offsets], dtype=torch.float64)
-    return Calibration(mean.float(), std.float(), projection.float(), typical, dof, table, merge, offset, len(z))
+    shares = []
+    for n in sizes:  # a Gaussian cloud of n images split as above: what share of variance its held-out half's split
+        draws = [split_share(torch.randn(n // 2, generator=gen, dtype=torch.float64)) for _ in range(BIMODAL_DRAWS)]
+        shares.append(float(torch.quantile(torch.tensor(draws, dtype=torch.float64), quantile)))  # explains by chance
+    bimodal = torch.tensor([sizes, shares], dtype=torch.float64)
+    return Calibration(mean.float(), std.float(), projection.float(), typical, dof, table, merge, offset, bimodal,
+                       len(z))
 
 
 class ContextAssigner(nn.Module):
@@ -211,6 +244,7 @@ class ContextAssigner(nn.Module):
                                                          dtype=torch.float64))
         self.register_buffer("split_table", calibration.split.double().clone())
         self.register_buffer("offset_table", calibration.offset.double().clone())
+        self.register_buffer("bimodal_table", calibration.bimodal.double().clone())
         # context 0: the source, centre 0 in standardised units, never updated
         self.register_buffer("centre", torch.zeros(1, dim, dtype=torch.float64))
         # the source context counts the calibration images (its weight in the responsibilities)
@@ -294,6 +328,11 @@ class ContextAssigner(nn.Module):
         """The calibrated 2-means separation for a cloud of ``n`` images (log-linear between calibrated sizes)."""
         return _interpolate(self.split_table[0], self.split_table[1], n)
 
+    def bimodal_threshold(self, n: int) -> float:
+        """The share of variance the split of a Gaussian cloud of ``n`` images explains by chance (its calibrated
+        quantile, interpolated in log size)."""
+        return _interpolate(self.bimodal_table[0], self.bimodal_table[1], n)
+
     def offset_threshold(self, n: int) -> float:
         """How far from the source centre the mean of ``n`` source images falls by chance (its calibrated quantile;
         log-log between calibrated sizes, as the distance falls as 1/n)."""
@@ -307,9 +346,12 @@ class ContextAssigner(nn.Module):
             members = self.buffer[nearest == k]
             if len(members) < 2 * self.min_spawn:
                 continue
-            separation, second = held_out_split(members)  # second: the images that found the new context
+            separation, second, bimodality = held_out_split(members)  # second: the images that found a new context
             size = int(second.sum())
-            if min(size, len(members) - size) >= self.min_spawn and separation > self.split_threshold(len(members)):
+            # a target context's cloud need not be shaped like the source's: stretched, it splits far apart without
+            # being two groups, so its split must also be more bimodal than a Gaussian cloud's
+            if min(size, len(members) - size) >= self.min_spawn and separation > self.split_threshold(len(members)) \
+                    and (k == 0 or bimodality > self.bimodal_threshold(len(members))):
                 a, b = members[~second].mean(0), members[second].mean(0)
                 if float((a - self.centre[k]).square().sum()) > float((b - self.centre[k]).square().sum()):
                     second = ~second  # the half further from the context's centre
