@@ -103,8 +103,7 @@ def main() -> None:
     order = f", order {args.seed}" if args.seed else ""
     severities = "/".join(map(str, args.severity))
     print(f"| {args.arch}, {args.setting}{order}, severity {severities}, {len(args.corruptions)} corruptions x "
-          f"{args.n} "
-          f"| accuracy (%) | purity (%) | contexts | seconds |\n|---|--:|--:|--:|--:|", flush=True)
+          f"{args.n} | accuracy (%) | purity (%) | contexts | seconds |\n|---|--:|--:|--:|--:|", flush=True)
     def make_stream() -> SettingStream:
         return SettingStream(source, args.corruptions, args.severity, setting=args.setting,
                              batch_size=args.batch_size, seed=args.seed)

@@ -519,7 +519,7 @@ def test_split_share_measures_bimodality_whatever_the_spread() -> None:
 
 
 def test_a_stretched_target_cloud_is_not_split_but_two_groups_are() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate, held_out_split
+    from tta.norm.assign import ContextAssigner, calibrate, held_out_bimodality, held_out_split
 
     g = torch.Generator().manual_seed(0)
     cal = calibrate(torch.randn(800, 20, generator=g, dtype=torch.float64))
@@ -537,9 +537,9 @@ def test_a_stretched_target_cloud_is_not_split_but_two_groups_are() -> None:
         one.observe(d, one.assign(d))
     assert int(one.live().sum()) == 2  # the source and the one domain
     members = one.standardise(stretched(256))
-    separation, _, bimodality = held_out_split(members)
+    separation, _, direction = held_out_split(members)
     assert separation > one.split_threshold(256)  # its halves lie further apart than a source cloud's would...
-    assert bimodality < one.bimodal_threshold(256)  # ...but it is one cloud: what keeps it whole
+    assert held_out_bimodality(members, direction) < one.bimodal_threshold(256)  # ...but it is one cloud
     other = centre.clone()
     other[10:] = -2.0  # a second domain, mixed with the first in every batch
     two = ContextAssigner(cal, min_spawn=8, max_contexts=8)

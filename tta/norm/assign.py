@@ -104,22 +104,25 @@ def split_share(t: torch.Tensor) -> float:
     return float(between.max()) / total
 
 
-def held_out_split(z: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+def held_out_split(z: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Split ``z`` (n, D) in two: 2-means fitted on the even rows, the separation (mean squared gap) measured
     between the means of the odd rows on either side, so that it is not inflated by fitting noise (a cloud of one
     domain gives a small gap, two domains their distance). Returns (separation, mask of the second side over all
-    rows, bimodality): the separation is 0 when a side holds fewer than ``MIN_SIDE`` odd rows (outliers, not a
-    domain); the bimodality is ``split_share`` of the odd rows along the direction between the two fitted means (a
-    cloud stretched along that direction is split far apart, but only two groups make it bimodal)."""
+    rows, the direction between the two fitted means); the separation is 0 when a side holds fewer than
+    ``MIN_SIDE`` odd rows (outliers, not a domain)."""
     a, b, _ = two_means(z[0::2])
     second = (z - b).square().sum(1) < (z - a).square().sum(1)
     odd = second[1::2]
-    held = z[1::2]
-    direction = b - a
-    bimodality = split_share(held @ direction) if float(direction.norm()) > 0 else 0.0
     if min(int(odd.sum()), int((~odd).sum())) < MIN_SIDE:
-        return 0.0, second, bimodality
-    return float((held[odd].mean(0) - held[~odd].mean(0)).square().mean()), second, bimodality
+        return 0.0, second, b - a
+    held = z[1::2]
+    return float((held[odd].mean(0) - held[~odd].mean(0)).square().mean()), second, b - a
+
+
+def held_out_bimodality(z: torch.Tensor, direction: torch.Tensor) -> float:
+    """``split_share`` of the odd rows of ``z`` (the half ``held_out_split`` did not fit on) along ``direction``: a
+    cloud stretched along it is split far apart, but only two groups make it bimodal."""
+    return split_share(z[1::2] @ direction)
 
 
 def _interpolate(sizes: torch.Tensor, values: torch.Tensor, n: float) -> float:
@@ -346,12 +349,13 @@ class ContextAssigner(nn.Module):
             members = self.buffer[nearest == k]
             if len(members) < 2 * self.min_spawn:
                 continue
-            separation, second, bimodality = held_out_split(members)  # second: the images that found a new context
+            separation, second, direction = held_out_split(members)  # second: the images that found a new context
             size = int(second.sum())
             # a target context's cloud need not be shaped like the source's: stretched, it splits far apart without
-            # being two groups, so its split must also be more bimodal than a Gaussian cloud's
+            # being two groups, so its split must also be more bimodal than a Gaussian cloud's (tested last: only
+            # splits that pass the rest pay for it)
             if min(size, len(members) - size) >= self.min_spawn and separation > self.split_threshold(len(members)) \
-                    and (k == 0 or bimodality > self.bimodal_threshold(len(members))):
+                    and (k == 0 or held_out_bimodality(members, direction) > self.bimodal_threshold(len(members))):
                 a, b = members[~second].mean(0), members[second].mean(0)
                 if float((a - self.centre[k]).square().sum()) > float((b - self.centre[k]).square().sum()):
                     second = ~second  # the half further from the context's centre
