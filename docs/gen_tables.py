@@ -77,9 +77,9 @@ def render(spec: str, root: Path = ROOT) -> str:
 
         df = _results_frame(root / path)
         df = df[df["method"] == options["method"]]
-        name = f"results/{options['method']}_{df['model'].iloc[0]}_<time>"
+        name = f"{options['method']}_{df['model'].iloc[0]}_<UTC time>"
         return (f"```text\n{format_results(df)}\n\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} "
-                f"corruption x severity pairs; wrote {name}.csv (+ {name}.yaml)\n```\n")
+                f"corruption x severity pairs; wrote results/{name}.csv (+ {name}.yaml)\n```\n")
     if fmt == "means":
         df = _results_frame(root / path)
         severities = sorted(df["severity"].unique(), reverse=True)

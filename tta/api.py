@@ -54,7 +54,7 @@ def provenance(data_dir: str | Path, checkpoint: str | Path | None) -> dict[str,
                 h.update(block)
         digest = h.hexdigest()
     return {"data_dir": str(Path(data_dir).resolve()), "checkpoint_sha256": digest,
-            "versions": {"tta": installed("tta"), "torch": str(torch.__version__),
+            "versions": {"tta": installed("tta-toolkit"), "torch": str(torch.__version__),
                          "robustbench": installed("robustbench")}}
 
 

@@ -35,7 +35,7 @@ def _split(cast: Callable[[str], Any], what: str) -> Callable[[click.Context, cl
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tta")
+@click.version_option(package_name="tta-toolkit")
 def cli() -> None:
     """Test-time adaptation of pretrained classifiers on shifted data (CIFAR-10-C and your own)."""
 
@@ -223,7 +223,7 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
               help="runs at once on this machine (spawned workers; with GPUs, worker i keeps GPU i mod their count)")
 @click.option("--backend", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="local processes, or one Ray task per run (pip install 'tta[ray]')")
+              help="local processes, or one Ray task per run (pip install 'tta-toolkit[ray]')")
 @click.option("--address", help="with --backend ray: the cluster to join (e.g. auto, or ray://host:10001); "
               "default: start a local Ray instance")
 @click.option("--gpus-per-run", type=click.FloatRange(min=0),

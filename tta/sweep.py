@@ -433,7 +433,7 @@ def _ray_outputs(runs: Sequence[Run], *, address: str | None, gpus_per_run: floa
     try:
         import ray
     except ImportError:
-        raise ConfigError("--backend ray needs Ray, which is not installed; pip install 'tta[ray]'") from None
+        raise ConfigError("--backend ray needs Ray, which is not installed; pip install 'tta-toolkit[ray]'") from None
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
