@@ -25,6 +25,10 @@ import csv
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
@@ -62,10 +66,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
 
 
-def _results_frame(path: Path):  # noqa: ANN202 (pandas is imported lazily: only the tta-CSV formats need it)
-    import pandas as pd
+def _results_frame(path: Path) -> pd.DataFrame:
+    """A ``tta adapt`` results CSV (pandas is imported here: only these formats need it)."""
+    import pandas
 
-    return pd.read_csv(path, comment="#")
+    return pandas.read_csv(path, comment="#")
 
 
 def render(spec: str, root: Path = ROOT) -> str:

@@ -49,7 +49,7 @@ def layers(adapted: AdaptedModel) -> list[DomainContextNorm]:
     return adapted.model.layers()
 
 
-# ------------------------------------------------------------------------------ METHODS.md section 8 item 4
+# ------------------------------------------------------------------------------ per-domain statistics on a mixed batch
 @pytest.mark.parametrize(("name", "overrides", "adabn"), [
     ("context-norm", {"prior_n": 0.0}, {"mode": "cumulative"}),
     ("context-norm", {"prior_n": 16.0}, {"mode": "cumulative_prior", "prior_n": 16.0}),

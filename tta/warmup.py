@@ -46,7 +46,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "afn": {"lambda_init": "paper", "identity_init": True, "p_drop": 0.3},
     "proxy-norm": {"norm": "layer", "groups": 8, "eps": 1e-5},
 }
-# Training defaults per method: AFN's official recipe; for proxy-norm, see the README's Proxy Normalization section.
+# Training defaults per method: AFN's official recipe; for proxy-norm, see docs/methods/proxy-norm.md.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "afn": {"loss": "ce", "schedule": "constant", "epochs": 5},
     "proxy-norm": {"loss": "ce+distill", "schedule": "cosine", "epochs": 12},

@@ -1,4 +1,4 @@
-"""Context normalization with domain contexts: per-domain BN statistics on mixed streams (METHODS.md 4.5).
+"""Context normalization with domain contexts: per-domain BN statistics on mixed streams (docs/methods/contexts.md).
 
 Every BatchNorm becomes a ``DomainContextNorm`` with the BN's shared affine and per-context statistics blended with
 a source prior of pseudo-count ``prior_n``. ``contexts="oracle"`` routes each sample by the domain id it comes with

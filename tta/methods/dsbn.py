@@ -1,4 +1,4 @@
-"""Domain-specific BatchNorm (Chang et al., CVPR 2019) for test-time adaptation (METHODS.md section 3).
+"""Domain-specific BatchNorm (Chang et al., CVPR 2019) for test-time adaptation (docs/methods/contexts.md).
 
 Every BN becomes per-domain branches with their own statistics and affine (branch 0 = the source BN, a branch per
 domain created on first sight or declared up front, initialised from the source BN); samples are routed by their

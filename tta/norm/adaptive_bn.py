@@ -1,4 +1,4 @@
-"""AdaptiveBN: one layer for source, batch, prior, EMA and cumulative BN statistics (METHODS.md section 1.4).
+"""AdaptiveBN: one layer for source, batch, prior, EMA and cumulative BN statistics (docs/methods/statistics.md).
 
 Statistics are per channel over every dimension but the channel one. ``batch`` normalises with the batch mean
 and biased variance (prediction-time BN, Tent's "norm" baseline); ``prior`` blends the source statistics with

@@ -1,4 +1,4 @@
-"""Domain-aware normalisation: per-context BatchNorm statistics for mixed-domain streams (METHODS.md 3 and 4.5).
+"""Domain-aware normalisation: per-context BatchNorm statistics for mixed-domain streams (docs/methods/contexts.md).
 
 ``DomainContextNorm`` replaces a pretrained BatchNorm. It keeps per-context statistics (mean, variance, counts);
 context 0 is the source (the BN's running statistics, never updated) and further contexts are created at test time
