@@ -31,7 +31,7 @@ lint: setup
 	$(VENV)/bin/ruff check tta tests benchmarks docs/gen_tables.py
 
 docs: setup
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 dist: setup
 	rm -rf dist
