@@ -12,7 +12,7 @@ STAMP := $(VENV)/.deps-$(shell sha256sum pyproject.toml | cut -c1-16)
 $(STAMP): pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q --upgrade pip "setuptools>=77,<81"  # 77: the SPDX licence (see pyproject.toml)
 	$(if $(filter cpu,$(TORCH)),$(VENV)/bin/pip install -q torch torchvision --index-url $(TORCH_CPU_INDEX))
 	$(VENV)/bin/pip install -q -e ".[dev,docs]"
 	touch $@
