@@ -145,7 +145,7 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, **kwarg
     """Write corrupted copies of a clean image set in the CIFAR-10-C layout; a killed run resumes where it stopped."""
     from tta.data.cifar_c import ALL_CORRUPTIONS
     from tta.data.writer import corrupt_dataset, missing_blocks
-    from tta.engine import resolve_device
+    from tta.devices import resolve_device
 
     root = corrupt_dataset(out_dir=out, severities=severities or [1, 2, 3, 4, 5], device=resolve_device(device),
                            **kwargs)
