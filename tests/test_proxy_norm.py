@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import tta
-import tta.warmup as warmup_module
+import tta.warmup.train as warmup_module
 from tta.cli import cli
 from tta.errors import ConfigError, ModelError
 from tta.methods.tent import norm_affine_params

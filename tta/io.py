@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from tta.errors import ConfigError
+
 STALE_GLOB = ".*.tmp*"  # what a killed writer leaves in the folder (``.<name>.tmp-<pid>`` before this module)
 
 
@@ -73,4 +75,22 @@ def save_torch(obj: object, path: str | Path) -> Path:
     return Path(path)
 
 
-__all__ = ["STALE_GLOB", "atomic_file", "save_array", "save_torch", "write_bytes", "write_text"]
+def check_writable(path: str | Path, option: str = "--out") -> Path:
+    """``ConfigError`` unless a file can be written at ``path`` (its folder is created); call before long work.
+    ``option`` names the setting the path came from, for the message."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {str(path)!r} is a folder; pass a file name such as {path / 'warm.pt'}")
+    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write {option} {str(path)!r} ({err.strerror or type(err).__name__}); pick a path "
+                          "in a folder you can write to") from None
+    return path
+
+
+__all__ = ["STALE_GLOB", "atomic_file", "check_writable", "save_array", "save_torch", "write_bytes", "write_text"]

@@ -1,14 +1,31 @@
-"""Source warm-up of converted normalisation layers (see ``tta.warmup.train``)."""
+"""Source warm-up of converted normalisation layers: a registry of conversions and one training loop.
 
-from tta.warmup.train import (  # noqa: F401
-    Warmup,
-    _random_crop_flip,
-    _write_resume,
-    apply_afn_checkpoint,
-    load_afn_checkpoint,
-    load_source,
-    model_fingerprint,
-    run_warmup,
-    warmup,
-    warmup_afn,
-)
+A pretrained network's BatchNorm layers are replaced (a *conversion*: ``afn``, ``proxy-norm``; see
+``tta.warmup.registry`` and one module per conversion) and the result is fine-tuned on clean source data by the one
+training loop of ``tta.warmup.train`` (``warmup``, ``run_warmup`` for ``tta warmup``), which writes a self-describing
+checkpoint (``tta.warmup.checkpoint``). The conversions are registered on import; the training loop's names are
+imported on first use, so that reading a checkpoint (the ``afn`` method) never loads the training loop.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from tta.warmup import afn as _afn  # noqa: F401  (registers the conversion)
+from tta.warmup import proxy_norm as _proxy_norm  # noqa: F401  (registers the conversion)
+from tta.warmup.checkpoint import LEGACY_AFN_FORMAT, Warmup, apply_afn_checkpoint, load_afn_checkpoint
+from tta.warmup.registry import CONVERSIONS, Conversion, get_conversion, register_conversion
+
+_TRAINING = ("LOSSES", "SCHEDULES", "Recipe", "WarmupJob", "load_source", "run_warmup", "warmup", "warmup_afn")
+
+__all__ = ["CONVERSIONS", "LEGACY_AFN_FORMAT", "Conversion", "Warmup", "apply_afn_checkpoint", "get_conversion",
+           "load_afn_checkpoint", "register_conversion", *_TRAINING]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINING:
+        value = getattr(importlib.import_module("tta.warmup.train"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tta.warmup' has no attribute {name!r}")
