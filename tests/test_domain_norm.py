@@ -16,7 +16,7 @@ from tta.core.base import AdaptedModel
 from tta.data.settings import SETTINGS, SettingStream
 from tta.errors import ConfigError, InputError, ModelError
 from tta.methods import get_method
-from tta.norm.domain import ContextNormModel, DomainContextNorm, convert_context_norm
+from tta.norm.context_norm import ContextNormModel, DomainContextNorm, convert_context_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -445,7 +445,7 @@ def test_trained_contexts_and_their_optimizer_state_round_trip(bn_model: nn.Modu
 
 # ------------------------------------------------------------------------------ descriptors and assignment
 def test_descriptors_are_per_image_and_stop_at_the_deepest_layer_read(bn_model: nn.Module) -> None:
-    from tta.norm.descriptors import StyleProbe
+    from tta.context.descriptors import StyleProbe
 
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     full, first = StyleProbe(bn_model, "all"), StyleProbe(bn_model, "first")
@@ -470,7 +470,7 @@ def _clusters(centres: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, t
 
 
 def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate
+    from tta.context.assign import ContextAssigner, calibrate
 
     g = torch.Generator().manual_seed(0)
     source = torch.randn(800, 20, generator=g, dtype=torch.float64)
@@ -507,7 +507,7 @@ def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() 
 
 
 def test_split_share_measures_bimodality_whatever_the_spread() -> None:
-    from tta.norm.assign import split_share
+    from tta.context.assign import split_share
 
     g = torch.Generator().manual_seed(0)
     gaussian = torch.randn(4000, generator=g, dtype=torch.float64)
@@ -519,7 +519,7 @@ def test_split_share_measures_bimodality_whatever_the_spread() -> None:
 
 
 def test_a_stretched_target_cloud_is_not_split_but_two_groups_are() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate, held_out_bimodality, held_out_split
+    from tta.context.assign import ContextAssigner, calibrate, held_out_bimodality, held_out_split
 
     g = torch.Generator().manual_seed(0)
     cal = calibrate(torch.randn(800, 20, generator=g, dtype=torch.float64))
@@ -552,7 +552,7 @@ def test_a_stretched_target_cloud_is_not_split_but_two_groups_are() -> None:
 
 
 def test_calibration_removes_the_directions_that_tell_the_classes_apart_and_keeps_the_domains() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate
+    from tta.context.assign import ContextAssigner, calibrate
 
     g = torch.Generator().manual_seed(0)
     classes = torch.arange(10).repeat(40)
@@ -582,7 +582,7 @@ def test_calibration_removes_the_directions_that_tell_the_classes_apart_and_keep
 
 
 def test_a_shifted_group_hidden_in_the_source_context_gets_a_context_of_its_own() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate
+    from tta.context.assign import ContextAssigner, calibrate
 
     g = torch.Generator().manual_seed(0)
     cal = calibrate(torch.randn(800, 20, generator=g, dtype=torch.float64))
@@ -621,7 +621,7 @@ def test_inferred_context_statistics_come_from_their_members_only(bn_model: nn.M
 
 
 def test_a_context_in_use_is_never_forgotten_to_make_room() -> None:
-    from tta.norm.assign import BUFFER, ContextAssigner, calibrate
+    from tta.context.assign import BUFFER, ContextAssigner, calibrate
 
     cal = calibrate(torch.randn(800, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     shift = torch.zeros(3, 20, dtype=torch.float64)
@@ -646,8 +646,8 @@ def test_a_context_in_use_is_never_forgotten_to_make_room() -> None:
 
 
 def test_a_split_context_passes_its_statistics_and_half_its_evidence_to_both_halves(bn_model: nn.Module) -> None:
-    from tta.norm.assign import ContextAssigner, calibrate
-    from tta.norm.domain import OPS
+    from tta.context.assign import ContextAssigner, calibrate
+    from tta.norm.context_norm import OPS
 
     # the assigner: a target context that turns out to hold two domains is split, not restarted
     cal = calibrate(torch.randn(800, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tta.context.assign import Calibration
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy_objective
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
 from tta.errors import ConfigError
 from tta.models.fingerprint import model_fingerprint
-from tta.norm.assign import Calibration
-from tta.norm.domain import ContextNormModel, calibrate_contexts, convert_context_norm
+from tta.norm.context_norm import ContextNormModel, calibrate_contexts, convert_context_norm
 from tta.source import derived
 
 

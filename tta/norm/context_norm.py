@@ -32,9 +32,9 @@ nothing.
 
 ``ContextNormModel.forward(x, domain)`` routes by domain id (context = id + 1) when ids are given. Without ids the
 router's ``fallback`` decides: ``source`` sends every sample to context 0 (no adaptation), ``infer`` routes by the
-image's style descriptor (``tta.norm.descriptors``: its feature statistics at the first half of the BatchNorms of
+image's style descriptor (``tta.context.descriptors``: its feature statistics at the first half of the BatchNorms of
 the frozen source model, without what tells the source classes apart) with the source-calibrated online
-assignment of ``tta.norm.assign`` (create, merge, forget, soft responsibilities). An image's routing depends only
+assignment of ``tta.context.assign`` (create, merge, forget, soft responsibilities). An image's routing depends only
 on the state before its batch and on the image itself.
 """
 
@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tta.context.assign import Calibration, ContextAssigner, calibrate
+from tta.context.descriptors import DEFAULT_DEPTH, StyleProbe, describe
 from tta.errors import ModelError
 from tta.norm.adaptive_bn import blend_prior
-from tta.norm.assign import Calibration, ContextAssigner, calibrate
 from tta.norm.convert import Float64State, replace_batchnorms
-from tta.norm.descriptors import DEFAULT_DEPTH, StyleProbe, describe
 
 Update = Literal["cumulative", "ema"]
 Fallback = Literal["source", "infer"]
