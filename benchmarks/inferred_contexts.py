@@ -151,7 +151,7 @@ def routing_ceilings(model: torch.nn.Module, make_stream: Callable[[], SettingSt
     """dsbn routed by the nearest true corruption centre and by offline k-means (see the module docstring)."""
     from tta.context.assign import ContextAssigner
     from tta.context.descriptors import StyleProbe
-    from tta.norm.context_norm import calibrate_contexts
+    from tta.context.model import calibrate_contexts
 
     images = torch.from_numpy(clean).permute(0, 3, 1, 2).float() / 255
     assigner = ContextAssigner(calibrate_contexts(model, images))

@@ -12,11 +12,12 @@ import yaml
 from torch import nn
 
 from tta.config import build_config, to_dict
+from tta.context.model import ContextNormModel, convert_context_norm
 from tta.core.base import AdaptedModel
 from tta.data.settings import SETTINGS, SettingStream
 from tta.errors import ConfigError, InputError, ModelError
 from tta.methods import get_method
-from tta.norm.context_norm import ContextNormModel, DomainContextNorm, convert_context_norm
+from tta.norm.context_norm import DomainContextNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +54,9 @@ def layers(adapted: AdaptedModel) -> list[DomainContextNorm]:
 @pytest.mark.parametrize(("name", "overrides", "adabn"), [
     ("context-norm", {"prior_n": 0.0}, {"mode": "cumulative"}),
     ("context-norm", {"prior_n": 16.0}, {"mode": "cumulative_prior", "prior_n": 16.0}),
-    ("context-norm", {"update": "ema"}, {"mode": "ema"}),
+    ("context-norm", {"stats_update": "ema"}, {"mode": "ema"}),
     ("dsbn", {}, {"mode": "cumulative"}),
-    ("dsbn", {"update": "ema", "stats_momentum": 0.3}, {"mode": "ema", "stats_momentum": 0.3}),
+    ("dsbn", {"stats_update": "ema", "stats_rate": 0.3}, {"mode": "ema", "stats_rate": 0.3}),
 ])
 def test_one_context_equals_adabn(bn_model: nn.Module, name: str, overrides: dict, adabn: dict) -> None:
     ours, reference = make(name, bn_model, **overrides), make("adabn", bn_model, **adabn)
@@ -611,8 +612,8 @@ def test_inferred_context_statistics_come_from_their_members_only(bn_model: nn.M
     x = domain_batch(0, 12, 0)
     router.begin(x, torch.zeros(12, dtype=torch.long), None)
     # soft responsibilities, as inferred contexts give: every image 0.6 with context 1, 0.4 with context 2
-    router.weights = torch.tensor([[0.0, 0.6, 0.4]], dtype=torch.float64).expand(12, -1)
-    router.members = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64).expand(12, -1)
+    router.routing.weights = torch.tensor([[0.0, 0.6, 0.4]], dtype=torch.float64).expand(12, -1)
+    router.routing.members = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64).expand(12, -1)
     out = wrapped.net(x)
     router.end()
     assert first.ctx_images.tolist() == [0.0, 12.0, 0.0]  # each image counts once, in its most responsible context
@@ -647,7 +648,7 @@ def test_a_context_in_use_is_never_forgotten_to_make_room() -> None:
 
 def test_a_split_context_passes_its_statistics_and_half_its_evidence_to_both_halves(bn_model: nn.Module) -> None:
     from tta.context.assign import ContextAssigner, calibrate
-    from tta.norm.context_norm import OPS
+    from tta.context.router import OPS
 
     # the assigner: a target context that turns out to hold two domains is split, not restarted
     cal = calibrate(torch.randn(800, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
@@ -673,12 +674,12 @@ def test_a_split_context_passes_its_statistics_and_half_its_evidence_to_both_hal
     before = [(layer.ctx_mean[1].clone(), layer.ctx_var[1].clone(), float(layer.ctx_images[1]))
               for layer in wrapped.layers()]
     wrapped.router.pending = torch.tensor([[OPS.index("split"), 2, 1]])
-    wrapped.router._apply_pending()
+    wrapped.apply_pending()
     for layer, (mean, var, images) in zip(wrapped.layers(), before, strict=True):
         for k in (1, 2):
             torch.testing.assert_close(layer.ctx_mean[k], mean)
             torch.testing.assert_close(layer.ctx_var[k], var)
             assert float(layer.ctx_images[k]) == images / 2
     probe = domain_batch(1, 4, 1)
-    torch.testing.assert_close(wrapped(probe, domain=torch.zeros(4, dtype=torch.long), update=False),
-                               wrapped(probe, domain=torch.ones(4, dtype=torch.long), update=False))
+    torch.testing.assert_close(wrapped(probe, domain=torch.zeros(4, dtype=torch.long), store=False),
+                               wrapped(probe, domain=torch.ones(4, dtype=torch.long), store=False))

@@ -4,42 +4,39 @@
 context 0 is the source (the BN's running statistics, never updated) and further contexts are created at test time
 (from domain ids, or inferred) starting from the source statistics with a count of 0, or declared up front.
 
-Routing is dense: for every forward a ``ContextRouter`` shared by all layers of a model holds an (N, K) matrix of
-routing weights (one-hot rows for hard routing, responsibilities for soft), decided once per batch. Each layer then
-computes every context's statistics on its weighted share of the batch with matrix products (no per-context loop,
-no host-device synchronisation) and normalises every sample with the weighted mixture of its contexts'
-normalisations, which is one per-sample, per-channel scale and shift:
+Routing is dense and decided outside the layer: every layer of a model reads the same ``Routing``, an object the
+model's router (``tta.context.router``) fills once per batch with an (N, K) matrix of routing weights (one-hot rows
+for hard routing, responsibilities for soft). A layer never reaches its owner: it is given the ``Routing`` when it
+is built. Each layer computes every context's statistics on its weighted share of the batch with matrix products
+(no per-context loop, no host-device synchronisation) and normalises every sample with the weighted mixture of its
+contexts' normalisations, which is one per-sample, per-channel scale and shift:
 
     y_i = sum_k w_ik (gamma_k (x_i - mu_k) / sigma_k + beta_k).
 
 With one-hot weights, each sample is normalised exactly with its own context (the result does not depend on the
 order or the other contexts of the batch). With inferred contexts the weights are soft responsibilities, but each
-context's statistics are estimated from its members only (the images it is most responsible for): with soft
-weights every image of a batch would leak a little into every context's statistics (at severity 3 about a quarter
-of a target context's weight came from images routed elsewhere). Statistics of a context k >= 1 on a share of b
-images (values-per-channel counts in float64, as AdaptiveBN):
+context's statistics are estimated from its members only (``Routing.members``: the images it is most responsible
+for): with soft weights every image of a batch would leak a little into every context's statistics (at severity 3
+about a quarter of a target context's weight came from images routed elsewhere). Statistics of a context k >= 1 on
+a share of b images (values-per-channel counts in float64, as AdaptiveBN), by ``stats_update``:
 
-- ``cumulative``: the context's pool (all target values it has seen, merged exactly) plus the share, blended with
-  the source by image counts, N_src/(N_src + n_k + b) (``prior_n`` = N_src; 0 = full adaptation, inf = source);
-- ``ema``: an exponential moving average initialised from the source, updated with the share before use.
+- ``cumulative``: the context's pool (all target values it has seen, merged exactly by ``tta.norm.moments``) plus
+  the share, blended with the source by image counts, N_src/(N_src + n_k + b) (``prior_n`` = N_src; 0 = full
+  adaptation, inf = source);
+- ``ema``: an exponential moving average initialised from the source, updated with the share before use
+  (new = (1 - momentum) old + momentum share).
 
 Shares smaller than ``min_subset`` images normalise with the context's running statistics and leave them as they
 are. With ``per_context_affine`` every context also has its own gamma_k, beta_k (copies of the BN's): that is DSBN;
 without, the affine is shared (DomainContextNorm, "per-domain AdaBN"). ``learned`` replaces the statistics of a
 context by trainable mu_k and log sigma_k initialised from the source (the TTA analogue of context normalisation).
-A forward with ``update=False`` (the sliding window's in-between predictions) uses the same statistics but stores
-nothing.
-
-``ContextNormModel.forward(x, domain)`` routes by domain id (context = id + 1) when ids are given. Without ids the
-router's ``fallback`` decides: ``source`` sends every sample to context 0 (no adaptation), ``infer`` routes by the
-image's style descriptor (``tta.context.descriptors``: its feature statistics at the first half of the BatchNorms of
-the frozen source model, without what tells the source classes apart) with the source-calibrated online
-assignment of ``tta.context.assign`` (create, merge, forget, soft responsibilities). An image's routing depends only
-on the state before its batch and on the image itself.
+A forward routed with ``store=False`` (the sliding window's in-between predictions) uses the same statistics but
+stores nothing. Outside a routed forward a layer is the source BatchNorm.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -47,25 +44,44 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tta.context.assign import Calibration, ContextAssigner, calibrate
-from tta.context.descriptors import DEFAULT_DEPTH, StyleProbe, describe
-from tta.errors import ModelError
 from tta.norm.adaptive_bn import blend_prior
-from tta.norm.convert import Float64State, replace_batchnorms
+from tta.norm.convert import Float64State
+from tta.norm.moments import merge_moments
 
-Update = Literal["cumulative", "ema"]
-Fallback = Literal["source", "infer"]
-UPDATES: tuple[str, ...] = ("cumulative", "ema")
-FALLBACKS: tuple[str, ...] = ("source", "infer")
-OPS: tuple[str, ...] = ("grow", "clear", "merge", "split")  # structural changes of inferred contexts
+StatsUpdate = Literal["cumulative", "ema"]
+STATS_UPDATES: tuple[str, ...] = ("cumulative", "ema")
 
 
-def _resize_rows(t: torch.Tensor, k: int, fill: torch.Tensor) -> torch.Tensor:
+def resize_rows(t: torch.Tensor, k: int, fill: torch.Tensor) -> torch.Tensor:
     """``t`` (K, ...) truncated or extended to ``k`` rows, new rows equal to ``fill``."""
     if k <= t.shape[0]:
         return t[:k].clone()
     extra = fill.to(t).expand(k - t.shape[0], *t.shape[1:])
     return torch.cat([t, extra], 0)
+
+
+@dataclass
+class Routing:
+    """The routing of the forward in progress, written by a router and read by every layer it is given to.
+
+    ``weights`` (N, K): how much each sample belongs to each context (``None``: no routed forward, the layers are
+    the source BatchNorm); ``members`` (N, K): the one-hot rows the contexts' statistics are estimated with
+    (``None``: ``weights``); ``store``: whether the forward stores statistics. Not state: never saved.
+    """
+
+    weights: torch.Tensor | None = None
+    members: torch.Tensor | None = None
+    store: bool = True
+
+    @property
+    def active(self) -> bool:
+        """Whether a routed forward is in progress."""
+        return self.weights is not None
+
+    def clear(self) -> None:
+        """Forget the routing of the forward that just finished."""
+        self.weights = None
+        self.members = None
 
 
 class GrowingContexts(Float64State):
@@ -93,137 +109,6 @@ class GrowingContexts(Float64State):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class ContextRouter(GrowingContexts):
-    """Which contexts the samples of the current forward belong to; shared by every layer of one model.
-
-    Holds the dense routing weights of the forward in progress, the number of contexts, and (with ``fallback``
-    ``infer``) the ``ContextAssigner`` whose structural changes (new, merged, forgotten contexts) it mirrors in every
-    layer before the next forward.
-    """
-
-    size_buffer = "seen"
-
-    def __init__(self, declared: int = 0, fallback: Fallback = "source", assigner: ContextAssigner | None = None
-                 ) -> None:
-        super().__init__()
-        if fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}")
-        if fallback == "infer" and assigner is None:
-            raise ValueError("fallback 'infer' needs a ContextAssigner (calibrated on clean source data)")
-        self.initial_contexts, self.fallback, self.assigner = 1 + declared, fallback, assigner
-        self.register_buffer("seen", torch.zeros(self.initial_contexts, dtype=torch.float64))
-        # Routing of the forward in progress: not state, never saved. ``members`` (inferred contexts only): the
-        # one-hot rows the contexts' statistics are estimated with (``weights`` otherwise).
-        self.weights: torch.Tensor | None = None
-        self.members: torch.Tensor | None = None
-        self.update = True
-        self._layers: list[DomainContextNorm] = []
-        # structural changes decided by the last batch, applied before the next (op code, a, b); saved state
-        self.register_buffer("pending", torch.zeros(0, 3, dtype=torch.long))
-
-    @property
-    def num_contexts(self) -> int:
-        """Contexts in use, the source (0) included."""
-        return self.seen.shape[0]
-
-    def resize(self, k: int) -> None:
-        """Grow (new contexts start unseen) or shrink to ``k`` contexts."""
-        if k != self.num_contexts:
-            self.seen = _resize_rows(self.seen, k, torch.zeros((), dtype=torch.float64))
-
-    def reset_structure(self) -> None:
-        super().reset_structure()
-        self.pending = torch.zeros(0, 3, dtype=torch.long)
-        if self.assigner is not None:
-            self.assigner.resize(1)
-            self.assigner.resize_buffer(0)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        saved_pending = state_dict.get(prefix + "pending")
-        if saved_pending is not None:
-            self.pending = torch.zeros_like(saved_pending)
-        if self.assigner is not None:
-            saved_buffer = state_dict.get(prefix + "assigner.buffer")
-            saved_count = state_dict.get(prefix + "assigner.count")
-            if saved_buffer is not None:
-                self.assigner.resize_buffer(saved_buffer.shape[0])
-            if saved_count is not None:
-                self.assigner.resize(saved_count.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @property
-    def active(self) -> bool:
-        """Whether a routed forward is in progress."""
-        return self.weights is not None
-
-    def begin(self, x: torch.Tensor, domain: torch.Tensor | None, descriptors: torch.Tensor | None,
-              update: bool = True) -> None:
-        """Route the next forward of ``x``: by ``domain`` ids (context = id + 1), else by the fallback
-        (``descriptors``: the images' style descriptors, needed by ``infer``). ``update=False`` stores nothing."""
-        self.update = update
-        n = x.shape[0]
-        if domain is not None:
-            ids = domain.long() + 1
-            self.resize(max(self.num_contexts, int(ids.max()) + 1))  # the one synchronisation of the batch
-            self.weights = F.one_hot(ids, self.num_contexts).to(torch.float64)
-        elif self.fallback == "source" or self.assigner is None:
-            self.weights = torch.zeros(n, self.num_contexts, dtype=torch.float64, device=x.device)
-            self.weights[:, 0] = 1.0
-        else:
-            if descriptors is None:
-                raise ValueError("fallback 'infer' routes by descriptors; pass the images' descriptors")
-            self._apply_pending()
-            weights = self.assigner.assign(descriptors)  # on the CPU: one transfer of (N, D) descriptors
-            if update:
-                ops = self.assigner.observe(descriptors, weights)
-                self.pending = torch.tensor([(OPS.index(op), a, b) for op, a, b in ops], dtype=torch.long
-                                            ).reshape(-1, 3)
-            self.resize(max(self.num_contexts, weights.shape[1]))
-            weights = F.pad(weights, (0, self.num_contexts - weights.shape[1]))
-            # statistics are estimated from each context's members (the images it is most responsible for)
-            members = F.one_hot(weights.argmax(1), weights.shape[1]).to(weights.dtype)
-            self.weights = weights.to(x.device, non_blocking=True)
-            self.members = members.to(x.device, non_blocking=True)
-        if update:
-            self.seen += self.weights.sum(0)
-
-    def _apply_pending(self) -> None:
-        """Mirror the assigner's structural changes of the last batch in the router and every layer."""
-        for code, a, b in self.pending.tolist():
-            op = OPS[code]
-            if op == "grow":
-                self.resize(max(self.num_contexts, a))
-                for layer in self._layers:
-                    layer.resize(max(layer.num_contexts, a))
-            elif op == "clear":
-                self.seen[a] = 0.0
-                for layer in self._layers:
-                    if a < layer.num_contexts:
-                        layer.clear_context(a)
-            elif op == "split":  # b was split, a holds its other half
-                self.seen[b] /= 2
-                self.seen[a] = self.seen[b]
-                for layer in self._layers:
-                    if max(a, b) < layer.num_contexts:
-                        layer.split_context(a, b)
-            else:  # merge b into a
-                self.seen[a] += self.seen[b]
-                self.seen[b] = 0.0
-                for layer in self._layers:
-                    if b < layer.num_contexts:
-                        layer.merge_context(a, b)
-        self.pending = torch.zeros(0, 3, dtype=torch.long)
-
-    def end(self) -> None:
-        """Forget the routing of the forward that just finished."""
-        self.weights = None
-        self.members = None
-
-    def link(self, layers: list[DomainContextNorm]) -> None:
-        """The layers whose contexts mirror this router's (plain references: they are saved by the model)."""
-        self._layers = layers
-
-
 class DomainContextNorm(GrowingContexts):
     """BatchNorm with per-context statistics (and optionally per-context affine): DomainContextNorm and DSBN."""
 
@@ -235,7 +120,7 @@ class DomainContextNorm(GrowingContexts):
         self,
         num_features: int,
         eps: float = 1e-5,
-        update: Update = "cumulative",
+        stats_update: StatsUpdate = "cumulative",
         prior_n: float = 16.0,
         momentum: float = 0.1,
         min_subset: int = 2,
@@ -243,11 +128,12 @@ class DomainContextNorm(GrowingContexts):
         learned: bool = False,
         affine: bool = True,
         declared: int = 0,
+        routing: Routing | None = None,
     ) -> None:
         super().__init__()
-        if update not in UPDATES:
-            raise ValueError(f"unknown update {update!r}; choose one of {', '.join(UPDATES)}")
-        self.num_features, self.eps, self.update, self.prior_n = num_features, eps, update, float(prior_n)
+        if stats_update not in STATS_UPDATES:
+            raise ValueError(f"unknown stats_update {stats_update!r}; choose one of {', '.join(STATS_UPDATES)}")
+        self.num_features, self.eps, self.stats_update, self.prior_n = num_features, eps, stats_update, float(prior_n)
         self.momentum, self.min_subset = momentum, min_subset
         self.per_context_affine, self.learned, self.initial_contexts = per_context_affine, learned, 1 + declared
         self.train_affine = False  # whether per-context affine parameters (k >= 1) require grad (branch-local Tent)
@@ -267,7 +153,8 @@ class DomainContextNorm(GrowingContexts):
         self.ctx_bias = nn.ParameterList()
         self.ctx_mu = nn.ParameterList()
         self.ctx_logstd = nn.ParameterList()
-        self._router: ContextRouter | None = None
+        # shared with the router that fills it and every other layer of the model (a plain object: never saved)
+        self.routing = routing if routing is not None else Routing()
         self._grow_params(k)
 
     @classmethod
@@ -325,11 +212,11 @@ class DomainContextNorm(GrowingContexts):
         """Grow to ``k`` contexts (new ones start from the source with count 0) or drop the ones beyond ``k``."""
         if k == self.num_contexts:
             return
-        self.ctx_mean = _resize_rows(self.ctx_mean, k, self.source_mean.double())
-        self.ctx_var = _resize_rows(self.ctx_var, k, self.source_var.double())
+        self.ctx_mean = resize_rows(self.ctx_mean, k, self.source_mean.double())
+        self.ctx_var = resize_rows(self.ctx_var, k, self.source_var.double())
         zero = torch.zeros((), dtype=torch.float64)
-        self.ctx_values = _resize_rows(self.ctx_values, k, zero)
-        self.ctx_images = _resize_rows(self.ctx_images, k, zero)
+        self.ctx_values = resize_rows(self.ctx_values, k, zero)
+        self.ctx_images = resize_rows(self.ctx_images, k, zero)
         self._trim_params(k)
         self._grow_params(k)
 
@@ -374,13 +261,12 @@ class DomainContextNorm(GrowingContexts):
     def merge_context(self, dst: int, src: int) -> None:
         """Context ``src``'s statistics join ``dst``'s (exact pooling; ``dst`` keeps its parameters); ``src`` is
         cleared. Merging into the source context (0) only clears ``src``: the source never changes."""
-        if dst > 0 and self.update == "cumulative":
+        if dst > 0 and self.stats_update == "cumulative":
             n_a, n_b = self.ctx_values[dst], self.ctx_values[src]
-            n = n_a + n_b
-            if float(n) > 0:
-                delta = self.ctx_mean[src] - self.ctx_mean[dst]
-                m2 = self.ctx_var[dst] * n_a + self.ctx_var[src] * n_b + delta.square() * (n_a * n_b / n)
-                self.ctx_mean[dst] += delta * (n_b / n)
+            if float(n_a + n_b) > 0:
+                n, mean, m2 = merge_moments(n_a, self.ctx_mean[dst], self.ctx_var[dst] * n_a,
+                                            n_b, self.ctx_mean[src], self.ctx_var[src] * n_b)
+                self.ctx_mean[dst] = mean
                 self.ctx_var[dst] = m2 / n
                 self.ctx_values[dst] = n
                 self.ctx_images[dst] += self.ctx_images[src]
@@ -396,15 +282,15 @@ class DomainContextNorm(GrowingContexts):
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise every sample of ``x`` with its contexts' statistics (see the module docstring)."""
-        router = self._router
-        if router is None or router.weights is None:  # outside a routed forward: the source model
+        routing = self.routing
+        if routing.weights is None:  # outside a routed forward: the source model
             weight, bias = (self.source_weight, self.source_bias) if self.per_context_affine else \
                 (self.weight, self.bias)
             return F.batch_norm(x, self.source_mean, self.source_var, weight, bias, False, 0.0, self.eps)
-        weights = router.weights
+        weights = routing.weights
         if self.num_contexts < weights.shape[1]:
             self.resize(weights.shape[1])
-        mean, var = self._context_stats(x, weights if router.members is None else router.members, router.update)
+        mean, var = self._context_stats(x, weights if routing.members is None else routing.members, routing.store)
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
         w = weights.to(x.dtype)
         if self.learned:  # context 0's mu and log sigma are the source's and never train
@@ -432,8 +318,8 @@ class DomainContextNorm(GrowingContexts):
             return None, None
         return self.weight.to(dtype)[None], self.bias.to(dtype)[None]
 
-    def _context_stats(self, x: torch.Tensor, w: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, C) mean and variance every context normalises with; stores the new running state if ``update``."""
+    def _context_stats(self, x: torch.Tensor, w: torch.Tensor, store: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, C) mean and variance every context normalises with; stores the new running state if ``store``."""
         k = self.num_contexts
         source_mean, source_var = self.source_mean.double()[None], self.source_var.double()[None]
         if self.learned:
@@ -452,7 +338,7 @@ class DomainContextNorm(GrowingContexts):
             fresh = (images >= self.min_subset) & (values >= 2)
             fresh[0] = False
             f = fresh[:, None]
-            if self.update == "ema":
+            if self.stats_update == "ema":
                 var_unbiased = var * (values / (values - 1).clamp_min(1e-12))[:, None]
                 new_mean = torch.where(f, torch.lerp(self.ctx_mean, mean, self.momentum), self.ctx_mean)
                 new_var = torch.where(f, torch.lerp(self.ctx_var, var_unbiased, self.momentum), self.ctx_var)
@@ -460,23 +346,19 @@ class DomainContextNorm(GrowingContexts):
                 new_values = self.ctx_values + torch.where(fresh, values, 0.0)
                 run_mean, run_var = new_mean, new_var
             else:
-                # Chan et al.'s exact merge of each context's pool with its share (as AdaptiveBN's cumulative mode)
-                n_b = torch.where(fresh, values, 0.0)
-                n_a = self.ctx_values
-                n = n_a + n_b
-                ratio = (n_b / n.clamp_min(1e-12))[:, None]
-                delta = mean - self.ctx_mean
-                new_mean = self.ctx_mean + delta * ratio
-                m2 = self.ctx_var * n_a[:, None] + var * n_b[:, None] + delta.square() * (n_a * ratio[:, 0])[:, None]
-                new_var = torch.where(f, m2 / n.clamp_min(1e-12)[:, None], self.ctx_var)
+                # the exact merge of each context's pool with its share (as AdaptiveBN's cumulative mode)
+                n_b = torch.where(fresh, values, 0.0)[:, None]
+                n_a = self.ctx_values[:, None]
+                n, new_mean, m2 = merge_moments(n_a, self.ctx_mean, self.ctx_var * n_a, n_b, mean, var * n_b)
+                new_var = torch.where(f, m2 / n.clamp_min(1e-12), self.ctx_var)
                 new_mean = torch.where(f, new_mean, self.ctx_mean)
-                new_values = n
+                new_values = n[:, 0]
                 new_images = self.ctx_images + torch.where(fresh, images, 0.0)
                 blended = blend_prior(source_mean, source_var, new_mean, new_var, new_images[:, None], self.prior_n)
                 seen = (new_images > 0)[:, None]
                 run_mean = torch.where(seen, blended[0], source_mean)
                 run_var = torch.where(seen, blended[1], source_var)
-            if update:
+            if store:
                 self.ctx_mean.copy_(new_mean)
                 self.ctx_var.copy_(new_var)
                 self.ctx_values.copy_(new_values)
@@ -486,96 +368,5 @@ class DomainContextNorm(GrowingContexts):
         return run_mean, run_var
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, contexts={self.num_contexts}, update={self.update}, prior_n={self.prior_n}, "
-                f"per_context_affine={self.per_context_affine}, learned={self.learned}")
-
-
-class ContextNormModel(nn.Module):
-    """A model whose BatchNorms are ``DomainContextNorm``s; ``forward(x, domain)`` routes samples by domain id.
-
-    ``probe`` (a ``StyleProbe`` of the source model) gives the descriptors the router infers contexts from when it
-    is given no ids and its fallback is ``infer``.
-    """
-
-    def __init__(self, net: nn.Module, router: ContextRouter, probe: StyleProbe | None = None) -> None:
-        super().__init__()
-        self.net, self.router, self.probe = net, router, probe
-
-    def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None, update: bool = True) -> torch.Tensor:
-        """Logits of ``x``; ``domain`` (N,) gives each sample's domain id (context id + 1), ``None`` routes by the
-        fallback; ``update=False`` predicts without storing statistics or learning contexts."""
-        ids = None if domain is None else torch.as_tensor(domain, device=x.device)
-        descriptors = None
-        if ids is None and self.router.fallback == "infer" and self.probe is not None:
-            descriptors = self.probe(x)
-        self.router.begin(x, ids, descriptors, update=update)
-        try:
-            return self.net(x)
-        finally:
-            self.router.end()
-
-    def layers(self) -> list[DomainContextNorm]:
-        """Every DomainContextNorm of the model, in module order."""
-        return [m for m in self.net.modules() if isinstance(m, DomainContextNorm)]
-
-
-def convert_context_norm(
-    model: nn.Module,
-    *,
-    update: Update = "cumulative",
-    prior_n: float = 16.0,
-    momentum: float = 0.1,
-    min_subset: int = 2,
-    per_context_affine: bool = False,
-    learned: bool = False,
-    declared: int = 0,
-    fallback: Fallback = "source",
-    calibration: Calibration | None = None,
-    descriptor: str = DEFAULT_DEPTH,
-    min_spawn: int = 8,
-    max_contexts: int = 16,
-) -> ContextNormModel:
-    """Replace every BatchNorm of ``model`` (in place) by a ``DomainContextNorm`` and wrap it with a router.
-
-    ``declared`` contexts (1..declared) exist from the start and survive ``reset_structure``; others are created on
-    first sight. ``per_context_affine=True`` gives DSBN. ``fallback="infer"`` needs the ``calibration`` of the
-    ``descriptor`` on clean source images (``calibrate_contexts``).
-    """
-    probe, assigner = None, None
-    if fallback == "infer":
-        if calibration is None:
-            raise ValueError("fallback 'infer' needs a calibration on clean source data (calibrate_contexts)")
-        probe = StyleProbe(model, descriptor)  # a frozen copy of the source model, before the conversion
-        if calibration.mean.shape[0] != probe.dim:
-            raise ValueError(f"the calibration is for {calibration.mean.shape[0]}-dimensional descriptors, the "
-                             f"{descriptor!r} descriptor of this model has {probe.dim}; calibrate on this model")
-        assigner = ContextAssigner(calibration, min_spawn=min_spawn, max_contexts=max_contexts)
-    holder = nn.Sequential(model)  # so that a bare BatchNorm is replaced too
-    count = replace_batchnorms(holder, lambda bn: DomainContextNorm.from_bn(
-        bn, update=update, prior_n=prior_n, momentum=momentum, min_subset=min_subset,
-        per_context_affine=per_context_affine, learned=learned, declared=declared))
-    if count == 0:
-        raise ModelError("the model has no BatchNorm layers to make domain-aware; use a BN network")
-    net = holder[0]
-    layers = [m for m in net.modules() if isinstance(m, DomainContextNorm)]
-    router = ContextRouter(declared=declared, fallback=fallback, assigner=assigner)
-    wrapped = ContextNormModel(net, router, probe).to(layers[0].source_mean.device)
-    router.link(layers)
-    for layer in layers:
-        # A plain reference, not a submodule (nn.Module.__setattr__ would register it): saved once, by the wrapper.
-        object.__setattr__(layer, "_router", router)
-    return wrapped
-
-
-def calibrate_contexts(model: nn.Module, images: torch.Tensor, descriptor: str = DEFAULT_DEPTH,
-                       quantile: float = 0.99) -> Calibration:
-    """The source calibration of context inference: descriptors of clean source ``images`` (N, C, H, W) in
-    [0, 1] under ``model`` (the unconverted BN model), their spread and distance quantiles, without the directions
-    that tell apart the classes the model predicts for them (an image's context must follow its domain, not its
-    content)."""
-    probe = StyleProbe(model, descriptor)
-    device = next(model.parameters(), torch.empty(0)).device
-    logits = [probe.logits(chunk.to(device)) for chunk in images.split(500)]
-    content = torch.cat([out.argmax(1).cpu() for out in logits]) if all(
-        isinstance(out, torch.Tensor) and out.ndim == 2 for out in logits) else None
-    return calibrate(describe(probe, images.to(device)), quantile, content=content)
+        return (f"{self.num_features}, contexts={self.num_contexts}, stats_update={self.stats_update}, "
+                f"prior_n={self.prior_n}, per_context_affine={self.per_context_affine}, learned={self.learned}")
