@@ -683,3 +683,31 @@ def test_a_split_context_passes_its_statistics_and_half_its_evidence_to_both_hal
     probe = domain_batch(1, 4, 1)
     torch.testing.assert_close(wrapped(probe, domain=torch.zeros(4, dtype=torch.long), store=False),
                                wrapped(probe, domain=torch.ones(4, dtype=torch.long), store=False))
+
+
+def test_layers_read_the_routing_they_were_given_and_never_their_owner(bn_model: nn.Module) -> None:
+    wrapped = convert_context_norm(copy.deepcopy(bn_model), declared=1)
+    routing = wrapped.router.routing
+    assert all(layer.routing is routing for layer in wrapped.layers())
+    assert not any("router" in vars(layer) or "_router" in vars(layer) for layer in wrapped.layers())
+    twin = copy.deepcopy(wrapped)  # a copy shares one routing of its own among its router and layers
+    assert twin.router.routing is not routing and all(layer.routing is twin.router.routing for layer in twin.layers())
+    # a layer alone, given a routing by hand, normalises each sample with its context
+    layer = DomainContextNorm.from_bn(nn.BatchNorm2d(3).eval(), declared=1, prior_n=0.0)
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    source = layer(x)
+    layer.routing.weights = torch.tensor([[0.0, 1.0]], dtype=torch.float64).expand(4, -1)
+    adapted = layer(x)
+    layer.routing.clear()
+    assert not torch.allclose(adapted, source)
+    torch.testing.assert_close(adapted.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)  # the batch's own stats
+
+
+def test_a_forward_that_does_not_store_changes_no_statistics(bn_model: nn.Module) -> None:
+    wrapped = convert_context_norm(copy.deepcopy(bn_model), declared=1)
+    before = copy.deepcopy(wrapped.state_dict())
+    wrapped(domain_batch(1, 8, 0), domain=torch.zeros(8, dtype=torch.long), store=False)
+    after = wrapped.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    wrapped(domain_batch(1, 8, 0), domain=torch.zeros(8, dtype=torch.long))
+    assert float(wrapped.layers()[0].ctx_images[1]) == 8.0
