@@ -10,7 +10,8 @@ from torch import nn
 
 from tta.errors import ConfigError
 from tta.warmup import CONVERSIONS, Conversion, register_conversion, warmup
-from tta.warmup.train import Recipe, WarmupJob
+from tta.warmup.job import WarmupJob
+from tta.warmup.train import Recipe
 
 
 class Scale(nn.Module):
