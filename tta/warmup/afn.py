@@ -37,5 +37,6 @@ AFN = register_conversion(Conversion(
     convert=_convert,
     trainable=lambda model: afn_parameters(model, "all"),
     train_mode=_train_mode,
+    adapt_with="--method afn",
     check=_check,
 ))

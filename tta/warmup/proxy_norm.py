@@ -24,5 +24,6 @@ PROXY_NORM = register_conversion(Conversion(
     convert=_convert,
     trainable=lambda model: list(model.parameters()),
     train_mode=lambda model: model.train(),
+    adapt_with="--method stream-stats --batch-size 1 --source-data {source}",  # batch-independent by design
     calibrate=calibrate_proxy_norm,  # type: ignore[arg-type]
 ))

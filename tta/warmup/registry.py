@@ -31,7 +31,8 @@ class Conversion:
     the converted model; ``trainable(model)`` the parameters that train (everything else is frozen);
     ``train_mode(model)`` puts a converted model in the mode it trains in; ``check(model)`` raises a
     ``ModelError`` for a model it cannot convert; ``calibrate(converted, base, images)``, when given, sets the
-    converted layers' initial parameters from source images before training.
+    converted layers' initial parameters from source images before training. ``adapt_with``: the ``tta adapt``
+    options that adapt with the warmed-up checkpoint (``{source}``: the warm-up's clean source data).
     """
 
     name: str
@@ -40,6 +41,7 @@ class Conversion:
     convert: Callable[[nn.Module, dict[str, Any]], nn.Module]
     trainable: Callable[[nn.Module], list[nn.Parameter]]
     train_mode: Callable[[nn.Module], None]
+    adapt_with: str = ""
     check: Callable[[nn.Module], None] = _accept
     calibrate: Callable[[nn.Module, nn.Module, torch.Tensor], object] | None = field(default=None)
 
