@@ -20,7 +20,7 @@ from torch import nn
 
 import tta
 from tta.data.arrays import array_stream
-from tta.engine import resolve_device
+from tta.devices import resolve_device
 from tta.models import cifar_resnet
 from tta.models.zoo import CIFAR_RESNET_NORM, normalized
 

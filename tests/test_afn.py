@@ -22,8 +22,10 @@ from tta.errors import ConfigError, DownloadError, ModelError
 from tta.methods import get_method
 from tta.methods.afn import AFNConfig, AFNMethod
 from tta.models import cifar_resnet
+from tta.models.fingerprint import model_fingerprint
 from tta.norm.afn import AFN, afn_layers, afn_parameters, convert_to_afn
-from tta.warmup import _random_crop_flip, load_afn_checkpoint, load_source, model_fingerprint, warmup_afn
+from tta.warmup import load_afn_checkpoint, load_source, warmup_afn
+from tta.warmup.train import _random_crop_flip
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -215,7 +215,8 @@ def run_benchmark(
         default_corruptions,
         default_model,
     )
-    from tta.engine import evaluate, resolve_device
+    from tta.devices import resolve_device
+    from tta.engine import evaluate
     from tta.models import load_model
     from tta.report import check_output, default_output, open_results, write_config
 

@@ -145,7 +145,7 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, **kwarg
     """Write corrupted copies of a clean image set in the CIFAR-10-C layout; a killed run resumes where it stopped."""
     from tta.data.cifar_c import ALL_CORRUPTIONS
     from tta.data.writer import corrupt_dataset, missing_blocks
-    from tta.engine import resolve_device
+    from tta.devices import resolve_device
 
     root = corrupt_dataset(out_dir=out, severities=severities or [1, 2, 3, 4, 5], device=resolve_device(device),
                            **kwargs)
@@ -203,7 +203,7 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
 
     Writes a self-describing checkpoint: `tta adapt --checkpoint OUT` loads it without --arch.
     """
-    from tta.warmup import run_warmup
+    from tta.warmup import get_conversion, run_warmup
 
     given = {"lambda_init": lambda_init, "identity_init": identity_init, "norm": norm, "groups": groups}
     warm, out = run_warmup(settings={k: v for k, v in given.items() if v is not None}, **kwargs)
@@ -211,8 +211,7 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
         click.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}, train accuracy {100 * h['train_accuracy']:.2f}%")
     click.echo(f"warmed up {warm.warmup['n_images']} images x {warm.warmup['epochs']} epochs in "
                f"{warm.warmup['seconds'] / 60:.1f} min on {warm.warmup['device']}; wrote {out}")
-    hint = ("--method afn" if warm.method == "afn"
-            else f"--method stream-stats --batch-size 1 --source-data {kwargs['source']}")
+    hint = get_conversion(warm.method).adapt_with.format(source=kwargs["source"])
     click.echo(f"use it with: tta adapt --checkpoint {out} {hint}")
 
 

@@ -299,7 +299,7 @@ class _Store:
         os.replace(tmp, final)
 
     def merge(self, runs: Sequence[Run]) -> pd.DataFrame:
-        from tta.report import atomic_write
+        from tta.io import write_text
 
         tables = {}
         for name, columns in (("results", COLUMNS), ("batches", BATCH_COLUMNS)):
@@ -309,7 +309,7 @@ class _Store:
                     self.tables[r.key, name] = pd.read_csv(path, dtype={"config_hash": str})
             parts = [self.tables[r.key, name] for r in runs if len(self.tables.get((r.key, name), ()))]
             tables[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-            atomic_write(self.out / f"{name}.csv", tables[name][columns].to_csv(index=False))
+            write_text(self.out / f"{name}.csv", tables[name][columns].to_csv(index=False))
         return tables["results"]
 
 

@@ -1,6 +1,6 @@
 """Online assignment of images to domain contexts from their style descriptors, calibrated on clean source data.
 
-Descriptors (``tta.norm.descriptors``) are whitened with the statistics of clean source images' descriptors: each
+Descriptors (``tta.context.descriptors``) are whitened with the statistics of clean source images' descriptors: each
 dimension standardised, then projected on the top ``RANK`` principal directions of the source cloud, each divided
 by its standard deviation, so the source images form an isotropic cloud of unit spread around 0 and distances are
 Mahalanobis distances under the source covariance (this separates the generated corruptions far better than
