@@ -33,6 +33,7 @@ import yaml
 
 from tta.config import build_config, config_hash, field_names, load_yaml, parse_overrides, resolve_config, to_dict
 from tta.errors import ConfigError, TTAError
+from tta.resultfile import check_sweep_dir, mark_sweep_dir
 from tta.schema import BATCH_COLUMNS, COLUMNS
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
@@ -270,15 +271,38 @@ def execute_run(kwargs: Mapping[str, Any], device: str | None = None, progress: 
                 "config": (Path(tmp) / "results.yaml").read_text()}
 
 
+def _domains(run: Run) -> int:
+    """How many result rows (corruption x severity pairs) a finished run has."""
+    from tta.data.cifar_c import SEVERITIES
+    from tta.data.sources import default_corruptions
+
+    kwargs = run.kwargs
+    return len(kwargs["corruptions"] or default_corruptions(kwargs["benchmark"])) * len(
+        set(kwargs["severities"] or SEVERITIES))
+
+
 class _Store:
-    """``OUT/runs/<key>/`` per finished run, and the merged ``OUT/results.csv`` and ``OUT/batches.csv``."""
+    """``OUT/runs/<key>/`` per finished run, and the merged ``OUT/results.csv`` and ``OUT/batches.csv``.
+
+    A run counts as done only when its ``results.csv`` holds one valid row per corruption x severity
+    (``tta.resultfile.complete``); a header-only or cut-short file is run again.
+    """
 
     def __init__(self, out: Path) -> None:
         self.out, self.runs = out, out / "runs"
         self.tables: dict[tuple[str, str], pd.DataFrame] = {}  # (run key, results|batches), read once
+        self.checked: dict[str, bool] = {}
 
-    def done(self, key: str) -> bool:
-        return (self.runs / key / "results.csv").is_file()
+    def done(self, run: Run) -> bool:
+        from tta.resultfile import complete, read_rows
+
+        if run.key not in self.checked:
+            path = self.runs / run.key / "results.csv"
+            try:
+                self.checked[run.key] = path.is_file() and complete(read_rows(path)[0], _domains(run))
+            except ConfigError:
+                self.checked[run.key] = False
+        return self.checked[run.key]
 
     def clean(self) -> None:
         """Remove what killed sweeps left half-written (temporary run directories and files)."""
@@ -297,6 +321,9 @@ class _Store:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        self.checked.pop(run.key, None)
+        for name in ("results", "batches"):
+            self.tables.pop((run.key, name), None)
 
     def merge(self, runs: Sequence[Run]) -> pd.DataFrame:
         from tta.report import atomic_write
@@ -304,7 +331,7 @@ class _Store:
         tables = {}
         for name, columns in (("results", COLUMNS), ("batches", BATCH_COLUMNS)):
             for r in runs:
-                if (r.key, name) not in self.tables and self.done(r.key):
+                if (r.key, name) not in self.tables and self.done(r):
                     path = self.runs / r.key / f"{name}.csv"
                     self.tables[r.key, name] = pd.read_csv(path, dtype={"config_hash": str})
             parts = [self.tables[r.key, name] for r in runs if len(self.tables.get((r.key, name), ()))]
@@ -360,8 +387,10 @@ def run_sweep(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; tta sweep writes a directory (results.csv, runs/, ...)")
+    check_sweep_dir(out)
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
+        mark_sweep_dir(out)
     except OSError as err:
         raise ConfigError(f"cannot create --out {out} ({err.strerror}); choose another directory") from None
     if not os.access(out, os.W_OK):
@@ -369,8 +398,8 @@ def run_sweep(
     store = _Store(out)
     with _Lock(out / ".lock"):
         store.clean()
-        todo = [r for r in runs if not store.done(r.key)]
-        result = SweepResult(out, store.merge(runs), skipped=[r.key for r in runs if store.done(r.key)])
+        todo = [r for r in runs if not store.done(r)]
+        result = SweepResult(out, store.merge(runs), skipped=[r.key for r in runs if store.done(r)])
         if todo:
             from tqdm.auto import tqdm
 
@@ -379,6 +408,9 @@ def run_sweep(
                 submit = _ray_outputs if backend == "ray" else _local_outputs
                 for run, output in submit(todo, jobs=jobs, address=address, gpus_per_run=gpus_per_run,
                                           progress=progress):
+                    if "error" not in output and not _complete_output(output, run):
+                        output = {"error": "the run ended without a valid result row for every corruption x "
+                                           "severity; run the sweep again"}
                     if "error" in output:
                         result.failed[run.key] = f"{run.label}: {output['error']}"
                     else:
@@ -388,6 +420,18 @@ def run_sweep(
                     bar.update(1)
                     bar.set_postfix_str(run.label)
     return result
+
+
+def _complete_output(output: Mapping[str, str], run: Run) -> bool:
+    """Whether a run's returned results text holds one valid row per corruption x severity."""
+    import io
+
+    from tta.resultfile import complete
+
+    try:
+        return complete(pd.read_csv(io.StringIO(output["results"]), dtype={"config_hash": str}), _domains(run))
+    except (KeyError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return False
 
 
 def _local_outputs(runs: Sequence[Run], *, jobs: int, progress: bool, **_: Any) -> Iterator[tuple[Run, dict]]:
@@ -419,7 +463,13 @@ _WORKER: dict[str, Any] = {}  # in a spawned worker: its device and thread count
 
 
 def _init_worker(slots: Any, gpus: int, threads: int | None) -> None:
-    """Worker ``i`` of the pool takes GPU ``i`` (modulo the GPU count) for all its runs, or ``threads`` CPU threads."""
+    """Worker ``i`` of the pool takes GPU ``i`` (modulo the GPU count) for all its runs, or ``threads`` CPU threads.
+
+    It also ends itself when the sweep's driver is gone (``exit_with_parent``), however the driver was stopped.
+    """
+    from tta.resultfile import exit_with_parent
+
+    exit_with_parent()
     slot = slots.get()
     _WORKER.update(device=f"cuda:{slot % gpus}" if gpus else None, threads=threads)
 
