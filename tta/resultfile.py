@@ -150,15 +150,14 @@ def mark_sweep_dir(out: Path) -> None:
         marker.write_text("written by tta sweep: results.csv and batches.csv here are rebuilt from runs/\n")
 
 
-def exit_with_parent(interval: float = 0.5) -> None:
-    """In a worker process: end it (``os._exit``) as soon as its parent process is gone, e.g. a sweep driver stopped
-    by SIGTERM or SIGKILL, instead of computing on for nobody. A daemon thread polls the parent pid, which changes
-    (to a reaper's) when the parent dies."""
+def exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """In a worker process: end it (``os._exit``) as soon as its parent process ``parent`` (the pid the parent
+    passed down, so a parent gone before this call counts too) is gone, e.g. a sweep driver stopped by SIGTERM or
+    SIGKILL, instead of computing on for nobody. A daemon thread polls the parent pid, which changes (to a
+    reaper's) when the parent dies."""
     import os
     import threading
     import time
-
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:

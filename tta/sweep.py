@@ -450,7 +450,8 @@ def _local_outputs(runs: Sequence[Run], *, jobs: int, progress: bool, **_: Any) 
     for i in range(jobs):
         slots.put(i)
     threads = None if gpus else max(1, (os.cpu_count() or 1) // jobs)
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(slots, gpus, threads))
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                               initargs=(slots, gpus, threads, os.getpid()))
     try:
         futures = {pool.submit(_worker_run, run.kwargs): run for run in runs}
         for future in as_completed(futures):
@@ -462,14 +463,14 @@ def _local_outputs(runs: Sequence[Run], *, jobs: int, progress: bool, **_: Any) 
 _WORKER: dict[str, Any] = {}  # in a spawned worker: its device and thread count
 
 
-def _init_worker(slots: Any, gpus: int, threads: int | None) -> None:
+def _init_worker(slots: Any, gpus: int, threads: int | None, driver: int) -> None:
     """Worker ``i`` of the pool takes GPU ``i`` (modulo the GPU count) for all its runs, or ``threads`` CPU threads.
 
     It also ends itself when the sweep's driver is gone (``exit_with_parent``), however the driver was stopped.
     """
     from tta.resultfile import exit_with_parent
 
-    exit_with_parent()
+    exit_with_parent(driver)
     slot = slots.get()
     _WORKER.update(device=f"cuda:{slot % gpus}" if gpus else None, threads=threads)
 
