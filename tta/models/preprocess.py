@@ -64,7 +64,7 @@ def to_rgb(image: Any) -> Any:
     import numpy as np
     from PIL import Image
 
-    where = getattr(image, "filename", "") or "an image"
+    where = getattr(image, "filename", "") or "the image"
     mode = image.mode
     if mode.startswith("I") or mode == "F":
         values = np.asarray(image).astype(np.float64)
