@@ -167,7 +167,7 @@ def test_cli_data_csv_and_npz(tmp_path: Path, checkpoint: Path) -> None:
         assert result.exit_code == 0, result.output
         assert pd.read_csv(out).corruption.tolist() == rows
     result = CliRunner().invoke(cli, [*common, "--data", "zip:x"])
-    assert result.exit_code == 1 and "not one of folder:PATH, csv:PATH or npz:PATH" in result.output
+    assert result.exit_code == 2 and "not one of folder:PATH, csv:PATH or npz:PATH" in result.output
 
 
 def test_bad_data_spec() -> None:

@@ -99,7 +99,7 @@ def read_rows(path: str | Path, columns: Sequence[str] = COLUMNS) -> tuple[pd.Da
         raise ConfigError(f"{path} is not a results CSV (not text); pass a file written by tta adapt or tta sweep") \
             from None
     dropped = 0
-    if text and not text.endswith("\n"):
+    if "\n" in text and not text.endswith("\n"):  # (a file of one line without newline is all header)
         text, dropped = text[:text.rfind("\n") + 1], 1
     try:
         df = pd.read_csv(io.StringIO(text), dtype={"config_hash": str}) if text.strip() else pd.DataFrame()
@@ -109,8 +109,8 @@ def read_rows(path: str | Path, columns: Sequence[str] = COLUMNS) -> tuple[pd.Da
         df = pd.DataFrame(columns=list(columns))
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)} of a results file; pass a file written "
-                          "by tta adapt or tta sweep")
+        raise ConfigError(f"{path} is not a results file (it lacks {len(missing)} of its columns, e.g. "
+                          f"{', '.join(missing[:3])}); pass a file written by tta adapt or tta sweep")
     required = [c for c in REQUIRED if c in columns]
     ok = df[required].notna().all(axis=1)
     if "accuracy" in df:

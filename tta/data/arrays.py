@@ -45,7 +45,7 @@ def as_images(images: np.ndarray | torch.Tensor, where: str = "images") -> torch
     low, high = (float(x.min()), float(x.max())) if len(x) else (0.0, 0.0)
     if low < 0 or high > 1:
         hint = "divide them by 255" if low >= 0 and high <= 255 else CONVERT
-        raise DataError(f"float {where} must lie in [0, 1] but range from {low:g} to {high:g}; {hint}")
+        raise DataError(f"{where} are floats, which must lie in [0, 1], but range from {low:g} to {high:g}; {hint}")
     return x.float()
 
 
@@ -57,11 +57,11 @@ def as_labels(labels: np.ndarray | torch.Tensor | Sequence[float], where: str = 
     if np.issubdtype(y.dtype, np.floating):
         bad = ~np.isfinite(y) | (y != np.round(y))
         if bad.any():
-            raise DataError(f"{where} must be whole class indices, but {int(bad.sum())} are not (e.g. "
+            raise DataError(f"{where} must be whole class indices, but {int(bad.sum())} of {len(y)} are not (e.g. "
                             f"{float(y[bad][0])!r}); pass integer labels")
     if len(y) and y.min() < 0:
-        raise DataError(f"{where} must be class indices >= 0, but {int((y < 0).sum())} are negative (e.g. {y.min()}); "
-                        "map your classes to 0, 1, ...")
+        raise DataError(f"{where} must be class indices >= 0, but {int((y < 0).sum())} of {len(y)} are negative (e.g. "
+                        f"{y.min()}); map your classes to 0, 1, ...")
     return torch.from_numpy(y.astype(np.int64))
 
 

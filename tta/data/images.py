@@ -179,9 +179,9 @@ def class_index(names: Sequence[str], where: str = "the data") -> dict[str, int]
                             "number the classes 0, 1, ...")
         others = [n for n in unique if not _is_number(n)]
         if others:
-            raise DataError(f"{where} mixes integer class labels ({numeric[0]}, ...) with other names "
-                            f"({', '.join(map(repr, others[:3]))}); rename or move the stray entries (names starting "
-                            "with a dot are ignored)")
+            stray = ", ".join(map(repr, others[:3]))
+            raise DataError(f"integer class labels ({numeric[0]}, ...) and other names ({stray}) are mixed in {where}; "
+                            "rename or move the stray entries (names starting with a dot are ignored)")
         return {n: int(n) for n in unique}
     return {n: i for i, n in enumerate(unique)}
 
