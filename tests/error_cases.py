@@ -83,6 +83,15 @@ def _foreign_labels(d: Path) -> None:
     np.save(d / "out" / "CIFAR-10-C" / "labels.npy", np.zeros(20, np.uint8))
 
 
+def _results(d: Path) -> None:
+    from tta.schema import COLUMNS
+
+    _notes(d)
+    row = {c: 1 for c in COLUMNS} | {"method": "source", "model": "m", "corruption": "fog", "config_hash": "h",
+                                     "accuracy": 50.0}
+    (d / "r.csv").write_text(",".join(COLUMNS) + "\n" + ",".join(str(row[c]) for c in COLUMNS) + "\n")
+
+
 def _text_file(name: str, text: str) -> Callable[[Path], None]:
     def make(d: Path) -> None:
         (d / name).write_text(text)
@@ -159,6 +168,14 @@ CASES: list[Case] = [
          "{dir}/notes.txt is not a results file (it lacks 21 of its columns, e.g. method, model, corruption); pass a "
          "file written by tta adapt or tta sweep",
          setup=_notes),
+    Case("tta report --out inside a file", "report {dir}/r.csv --out {dir}/notes.txt/report",
+         "cannot use {dir}/notes.txt/report (Not a directory); choose another path, or fix its permissions or free "
+         "space", setup=_results),
+    Case("tta corrupt --out inside a file",
+         "corrupt --source npz:{dir}/clean.npz --out {dir}/notes.txt/data --corruptions fog --no-progress",
+         "cannot use {dir}/notes.txt/data/CIFAR-10-C (Not a directory); choose another path, or fix its permissions "
+         "or free space", setup=_both(_notes, lambda d: np.savez(d / "clean.npz", x=np.zeros((2, 8, 8, 3), np.uint8),
+                                                                 y=np.arange(2)))),
     Case("tta corrupt into a folder holding labels it did not write",
          "corrupt --source npz:{dir}/clean.npz --out {dir}/out --corruptions fog --no-progress --device cpu",
          "{dir}/out/CIFAR-10-C already holds labels.npy that tta corrupt did not write; choose another --out "
