@@ -73,7 +73,7 @@ def header(path: str | Path) -> list[str] | None:
     """The first CSV line of ``path`` (``None`` when the file is empty or not text)."""
     try:
         with Path(path).open(newline="") as f:
-            first = f.readline()
+            first = f.readline(1 << 16)  # a results header is short; never read a big binary file whole
     except UnicodeDecodeError:
         return ["<binary>"]
     return next(csv.reader([first]), None) if first else None
