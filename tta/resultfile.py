@@ -129,6 +129,31 @@ def complete(df: pd.DataFrame, domains: int) -> bool:
 
 
 
+def complete_text(text: str, domains: int) -> bool:
+    """Whether the results CSV ``text`` holds exactly one valid row per corruption x severity (``complete``)."""
+    try:
+        return complete(pd.read_csv(io.StringIO(text), dtype={"config_hash": str}), domains)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return False
+
+
+def complete_file(path: Path, domains: int) -> bool:
+    """Whether results file ``path`` exists and holds a complete run (a header-only or cut-short one does not)."""
+    try:
+        return path.is_file() and complete(read_rows(path)[0], domains)
+    except ConfigError:
+        return False
+
+
+def expected_rows(kwargs: dict) -> int:
+    """How many result rows (corruption x severity pairs) a finished ``run_benchmark(**kwargs)`` run has."""
+    from tta.data.cifar_c import SEVERITIES
+    from tta.data.sources import default_corruptions
+
+    corruptions = kwargs.get("corruptions") or default_corruptions(kwargs.get("benchmark", "cifar10c"))
+    return len(corruptions) * len(set(kwargs.get("severities") or SEVERITIES))
+
+
 SWEEP_MARKER = ".tta-sweep"
 
 

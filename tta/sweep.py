@@ -33,7 +33,7 @@ import yaml
 
 from tta.config import build_config, config_hash, field_names, load_yaml, parse_overrides, resolve_config, to_dict
 from tta.errors import ConfigError, TTAError
-from tta.resultfile import check_sweep_dir, mark_sweep_dir
+from tta.resultfile import check_sweep_dir, complete_file, complete_text, expected_rows, mark_sweep_dir
 from tta.schema import BATCH_COLUMNS, COLUMNS
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
@@ -271,16 +271,6 @@ def execute_run(kwargs: Mapping[str, Any], device: str | None = None, progress: 
                 "config": (Path(tmp) / "results.yaml").read_text()}
 
 
-def _domains(run: Run) -> int:
-    """How many result rows (corruption x severity pairs) a finished run has."""
-    from tta.data.cifar_c import SEVERITIES
-    from tta.data.sources import default_corruptions
-
-    kwargs = run.kwargs
-    return len(kwargs["corruptions"] or default_corruptions(kwargs["benchmark"])) * len(
-        set(kwargs["severities"] or SEVERITIES))
-
-
 class _Store:
     """``OUT/runs/<key>/`` per finished run, and the merged ``OUT/results.csv`` and ``OUT/batches.csv``.
 
@@ -291,18 +281,9 @@ class _Store:
     def __init__(self, out: Path) -> None:
         self.out, self.runs = out, out / "runs"
         self.tables: dict[tuple[str, str], pd.DataFrame] = {}  # (run key, results|batches), read once
-        self.checked: dict[str, bool] = {}
 
     def done(self, run: Run) -> bool:
-        from tta.resultfile import complete, read_rows
-
-        if run.key not in self.checked:
-            path = self.runs / run.key / "results.csv"
-            try:
-                self.checked[run.key] = path.is_file() and complete(read_rows(path)[0], _domains(run))
-            except ConfigError:
-                self.checked[run.key] = False
-        return self.checked[run.key]
+        return complete_file(self.runs / run.key / "results.csv", expected_rows(run.kwargs))
 
     def clean(self) -> None:
         """Remove what killed sweeps left half-written (temporary run directories and files)."""
@@ -321,9 +302,6 @@ class _Store:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        self.checked.pop(run.key, None)
-        for name in ("results", "batches"):
-            self.tables.pop((run.key, name), None)
 
     def merge(self, runs: Sequence[Run]) -> pd.DataFrame:
         from tta.report import atomic_write
@@ -408,7 +386,7 @@ def run_sweep(
                 submit = _ray_outputs if backend == "ray" else _local_outputs
                 for run, output in submit(todo, jobs=jobs, address=address, gpus_per_run=gpus_per_run,
                                           progress=progress):
-                    if "error" not in output and not _complete_output(output, run):
+                    if "error" not in output and not complete_text(output["results"], expected_rows(run.kwargs)):
                         output = {"error": "the run ended without a valid result row for every corruption x "
                                            "severity; run the sweep again"}
                     if "error" in output:
@@ -420,18 +398,6 @@ def run_sweep(
                     bar.update(1)
                     bar.set_postfix_str(run.label)
     return result
-
-
-def _complete_output(output: Mapping[str, str], run: Run) -> bool:
-    """Whether a run's returned results text holds one valid row per corruption x severity."""
-    import io
-
-    from tta.resultfile import complete
-
-    try:
-        return complete(pd.read_csv(io.StringIO(output["results"]), dtype={"config_hash": str}), _domains(run))
-    except (KeyError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        return False
 
 
 def _local_outputs(runs: Sequence[Run], *, jobs: int, progress: bool, **_: Any) -> Iterator[tuple[Run, dict]]:
