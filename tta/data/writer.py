@@ -97,7 +97,11 @@ def _check_manifest(root: Path, settings: dict) -> dict[str, str]:
         changed = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
         raise ConfigError(f"{root} already holds corruptions generated with other settings ({changed}); "
                           f"choose another --out directory or delete {root} to start over")
-    written: dict[str, str] = old.get("files") if isinstance(old.get("files"), dict) else {}
+    if not isinstance(old.get("files"), dict):  # started by a tta that kept no checksums: its files are adopted
+        written = {name: _sha256(root / name) for name in present}
+        _write_manifest(root, {**old, "files": written})
+        return written
+    written: dict[str, str] = old["files"]
     foreign = [name for name in present if written.get(name) != _sha256(root / name)]
     if foreign:
         raise ConfigError(f"{root} holds {', '.join(foreign[:3])} that this tta corrupt run did not write or that "
