@@ -28,7 +28,7 @@ import torch
 import tta
 from tta.config import parse_overrides
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
-from tta.data.stream import Batch
+from tta.data.stream import Batch, Domain
 from tta.engine import evaluate
 from tta.models import load_model
 from tta.monitor import make_guard
@@ -49,15 +49,18 @@ class CachedStream:
 
 
 def load_stream(args: argparse.Namespace) -> CachedStream:
-    if args.cache is not None and Path(args.cache).is_file():
-        saved = torch.load(args.cache, weights_only=False)
-        return CachedStream(saved["stream"], saved["batches"])
+    if args.cache is not None and Path(args.cache).is_file():  # tensors and plain values only: weights_only
+        saved = torch.load(args.cache, weights_only=True)
+        meta = argparse.Namespace(domains=[Domain(c, s) for c, s in saved["domains"]], batch_size=saved["batch_size"],
+                                  label=saved["label"])
+        return CachedStream(meta, [Batch(*b) for b in saved["batches"]])
     stream = tta.generated_stream("cifar10c", args.data_dir, args.corruptions, [args.severity], args.n_examples,
                                   args.batch_size, seed=args.data_seed, source=args.source, setting="continual")
     cached = CachedStream(stream, [Batch(b.x.clone(), b.y.clone(), b.domain.clone(), b.segment) for b in stream])
     if args.cache is not None:
-        meta = argparse.Namespace(domains=stream.domains, batch_size=stream.batch_size, label=stream.label)
-        torch.save({"stream": meta, "batches": cached.batches}, args.cache)
+        torch.save({"domains": [(d.corruption, d.severity) for d in stream.domains], "batch_size": stream.batch_size,
+                    "label": stream.label, "batches": [(b.x, b.y, b.domain, b.segment) for b in cached.batches]},
+                   args.cache)
     return cached
 
 

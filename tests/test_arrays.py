@@ -44,5 +44,5 @@ def test_bad_arrays_and_files(tmp_path: Path) -> None:
         array_stream(np.zeros((4, 4, 3), np.uint8), np.zeros(4))
     path = tmp_path / "bad.npz"
     np.savez(path, images=np.zeros((2, 4, 4, 3), np.uint8))
-    with pytest.raises(DataError, match="arrays 'x'"):
+    with pytest.raises(DataError, match="holds arrays images but needs x and y"):
         npz_stream(path)

@@ -58,7 +58,7 @@ def test_load_clean_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         load_clean(f"npz:{tmp_path / 'short.npz'}")
     (tmp_path / "flat").mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "flat" / "a.png")
-    with pytest.raises(DataError, match="no class sub-folders"):
+    with pytest.raises(DataError, match="no images in class sub-folders"):
         load_clean(f"folder:{tmp_path / 'flat'}")
 
     import torchvision.datasets

@@ -62,13 +62,12 @@ def test_robustbench_shim_makes_autoattack_importable() -> None:
 
 
 def test_robustbench_model_offline_says_where_to_put_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import_robustbench()
-    import robustbench
+    import tta.data.download
 
     def offline(*args: object, **kwargs: object) -> None:
         raise ConnectionError("Failed to resolve 'drive.google.com'")
 
-    monkeypatch.setattr(robustbench, "load_model", offline)
+    monkeypatch.setattr(tta.data.download, "fetch", offline)
     with pytest.raises(DownloadError) as info:
         load_model("Standard", dataset="cifar10c", data_dir=tmp_path)
     message = str(info.value)

@@ -18,7 +18,7 @@ def _resnet20(shared: Path) -> torch.nn.Module:
 
 
 def _accuracy(model: torch.nn.Module, method: str, path: Path) -> float:
-    df = tta.evaluate(tta.adapt(model, method), npz_stream(path, batch_size=200), device="cpu", seed=1)
+    df = tta.evaluate(tta.adapt(model, method), npz_stream(path, batch_size=200, order="file"), device="cpu", seed=1)
     return float(df.accuracy[0])
 
 

@@ -7,19 +7,28 @@ from typing import Any
 
 import click
 
-from tta.errors import TTAError
+from tta.errors import TTAError, path_error
 
 CORRUPTION_HELP = "comma-separated corruption names (default: the 15 benchmark corruptions in the standard order)"
 
 
+class _UserError(click.ClickException):
+    exit_code = 2  # every user error exits 2, as click's own usage and bad-value errors do
+
+
 class _Group(click.Group):
-    """Turns ``TTAError``s (user errors) into one-line messages and a non-zero exit, without a traceback."""
+    """Turns ``TTAError``s and unusable paths (user errors) into one-line messages and exit status 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except TTAError as err:
-            raise click.ClickException(str(err)) from None
+            raise _UserError(str(err)) from None
+        except OSError as err:
+            message = path_error(err)
+            if message is None:
+                raise
+            raise _UserError(message) from None
 
 
 def _split(cast: Callable[[str], Any], what: str) -> Callable[[click.Context, click.Parameter, str | None], Any]:

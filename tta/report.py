@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,10 @@ import yaml
 
 from tta.errors import ConfigError
 from tta.io import write_text
+from tta.resultfile import check_target, claim, complete, locked, read_rows
 from tta.schema import BATCH_COLUMNS, COLUMNS
+
+log = logging.getLogger(__name__)
 
 
 def default_output(method: str, model: str, results_dir: str | Path = "results") -> Path:
@@ -42,6 +46,7 @@ def check_output(out: str | Path) -> Path:
     writable = parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
     if not writable or (out.exists() and not os.access(out, os.W_OK)):
         raise ConfigError(f"cannot write {out} (no write permission in {parent}); choose another --out")
+    check_target(out)  # an existing file that is not a results file is refused, untouched
     return out
 
 
@@ -51,13 +56,19 @@ class CsvWriter:
     The header is ``columns`` (``COLUMNS``, or ``BATCH_COLUMNS`` for a per-batch file); other keys of a row are not
     written. Appending to an existing file requires the same header, so runs can share a results file. A last line
     cut short by a killed process is dropped on opening; ``replace_hash`` drops the earlier rows of that config hash
-    (a run started again), rewriting the file atomically.
+    (a run started again), rewriting the file atomically. Every read-check-append and rewrite holds the file's lock
+    (``tta.resultfile.locked``), so concurrent writers neither interleave nor lose rows.
     """
 
     def __init__(self, path: str | Path, columns: Sequence[str] = COLUMNS, replace_hash: str | None = None) -> None:
         self.path = Path(path)
         self.columns = list(columns)
+        self.claim: Any = None  # the run's claim on the file (``tta.resultfile.claim``), released with the writer
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(self.path):
+            self._open(replace_hash)
+
+    def _open(self, replace_hash: str | None) -> None:
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as f:
                 header = next(csv.reader(f), [])
@@ -76,7 +87,7 @@ class CsvWriter:
 
     def write_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append ``rows`` in one write."""
-        with self.path.open("a", newline="") as f:
+        with locked(self.path), self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
 
 
@@ -126,21 +137,38 @@ def open_results(out: Path, config_hash: str, n_domains: int, *, resume: bool,
     Returns ``(rows, None, None)`` when ``resume`` and ``out`` already holds all ``n_domains`` of them (nothing left
     to do), else ``(None, writer, batch_writer)``. Otherwise ``resume`` drops the rows of an unfinished earlier
     attempt; without ``resume``, rows of this very run in ``out`` are a ``ConfigError`` (a rerun would duplicate
-    them).
+    them). A second process running the same configuration into ``out`` at the same time is a ``ConfigError``.
     """
+    check_target(out)
+    running = claim(out, config_hash)  # held by the writer until the run ends
+    try:
+        done, writer, batch_writer = _open_results(out, config_hash, n_domains, resume=resume, batches=batches)
+    except BaseException:
+        running.close()
+        raise
+    if writer is None:
+        running.close()
+    else:
+        writer.claim = running
+    return done, writer, batch_writer
+
+
+def _open_results(out: Path, config_hash: str, n_domains: int, *, resume: bool,
+                  batches: bool) -> tuple[pd.DataFrame | None, CsvWriter | None, CsvWriter | None]:
     done = None
-    if out.is_file() and out.stat().st_size > 0:
-        _drop_partial_line(out)
-        try:
-            done = pd.read_csv(out, dtype={"config_hash": str})
-        except (pd.errors.ParserError, UnicodeDecodeError):
-            raise ConfigError(f"{out} is not a results CSV; choose another --out") from None
-        done = done[done.config_hash == config_hash] if "config_hash" in done else done.iloc[:0]
+    with locked(out):
+        if out.is_file() and out.stat().st_size > 0:
+            _drop_partial_line(out)
+            try:
+                done = pd.read_csv(out, dtype={"config_hash": str})
+            except (pd.errors.ParserError, UnicodeDecodeError):
+                raise ConfigError(f"{out} is not a results CSV; choose another --out") from None
+            done = done[done.config_hash == config_hash] if "config_hash" in done else done.iloc[:0]
     if done is not None and len(done):
         if not resume:
             raise ConfigError(f"{out} already holds rows of this very run (config hash {config_hash}); pass --resume "
                               f"to finish it, or choose another --out")
-        if len(done) >= n_domains and done[["corruption", "severity"]].drop_duplicates().shape[0] == n_domains:
+        if complete(done.drop_duplicates(["corruption", "severity"], keep="last"), n_domains):
             return done.reset_index(drop=True), None, None
     replace = config_hash if resume else None
     writer = CsvWriter(out, replace_hash=replace)
@@ -181,14 +209,9 @@ def load_results(inputs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFra
         path = item / "results.csv" if item.is_dir() else item
         if not path.is_file():
             raise ConfigError(f"{item} holds no results.csv; pass a tta sweep directory or a results CSV")
-        try:
-            df = pd.read_csv(path, dtype={"config_hash": str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            raise ConfigError(f"{path} is not a results CSV; pass a tta sweep directory or a results CSV") from None
-        missing = [c for c in COLUMNS if c not in df.columns]
-        if missing:
-            raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)} of a results file; pass a file written "
-                              f"by tta adapt or tta sweep")
+        df, incomplete = read_rows(path)
+        if incomplete:
+            log.warning("left out %d incomplete row(s) of %s (cut short by an interrupted writer)", incomplete, path)
         results.append(df[COLUMNS])
         extra = item / "batches.csv" if item.is_dir() else batches_path(item)
         if extra.is_file():

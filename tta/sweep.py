@@ -33,6 +33,7 @@ import yaml
 
 from tta.config import build_config, config_hash, field_names, load_yaml, parse_overrides, resolve_config, to_dict
 from tta.errors import ConfigError, TTAError
+from tta.resultfile import check_sweep_dir, complete_file, complete_text, expected_rows, mark_sweep_dir
 from tta.schema import BATCH_COLUMNS, COLUMNS
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
@@ -271,14 +272,18 @@ def execute_run(kwargs: Mapping[str, Any], device: str | None = None, progress: 
 
 
 class _Store:
-    """``OUT/runs/<key>/`` per finished run, and the merged ``OUT/results.csv`` and ``OUT/batches.csv``."""
+    """``OUT/runs/<key>/`` per finished run, and the merged ``OUT/results.csv`` and ``OUT/batches.csv``.
+
+    A run counts as done only when its ``results.csv`` holds one valid row per corruption x severity
+    (``tta.resultfile.complete``); a header-only or cut-short file is run again.
+    """
 
     def __init__(self, out: Path) -> None:
         self.out, self.runs = out, out / "runs"
         self.tables: dict[tuple[str, str], pd.DataFrame] = {}  # (run key, results|batches), read once
 
-    def done(self, key: str) -> bool:
-        return (self.runs / key / "results.csv").is_file()
+    def done(self, run: Run) -> bool:
+        return complete_file(self.runs / run.key / "results.csv", expected_rows(run.kwargs))
 
     def clean(self) -> None:
         """Remove what killed sweeps left half-written (temporary run directories and files)."""
@@ -304,7 +309,7 @@ class _Store:
         tables = {}
         for name, columns in (("results", COLUMNS), ("batches", BATCH_COLUMNS)):
             for r in runs:
-                if (r.key, name) not in self.tables and self.done(r.key):
+                if (r.key, name) not in self.tables and self.done(r):
                     path = self.runs / r.key / f"{name}.csv"
                     self.tables[r.key, name] = pd.read_csv(path, dtype={"config_hash": str})
             parts = [self.tables[r.key, name] for r in runs if len(self.tables.get((r.key, name), ()))]
@@ -360,8 +365,10 @@ def run_sweep(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; tta sweep writes a directory (results.csv, runs/, ...)")
+    check_sweep_dir(out)
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
+        mark_sweep_dir(out)
     except OSError as err:
         raise ConfigError(f"cannot create --out {out} ({err.strerror}); choose another directory") from None
     if not os.access(out, os.W_OK):
@@ -369,8 +376,8 @@ def run_sweep(
     store = _Store(out)
     with _Lock(out / ".lock"):
         store.clean()
-        todo = [r for r in runs if not store.done(r.key)]
-        result = SweepResult(out, store.merge(runs), skipped=[r.key for r in runs if store.done(r.key)])
+        todo = [r for r in runs if not store.done(r)]
+        result = SweepResult(out, store.merge(runs), skipped=[r.key for r in runs if store.done(r)])
         if todo:
             from tqdm.auto import tqdm
 
@@ -379,6 +386,9 @@ def run_sweep(
                 submit = _ray_outputs if backend == "ray" else _local_outputs
                 for run, output in submit(todo, jobs=jobs, address=address, gpus_per_run=gpus_per_run,
                                           progress=progress):
+                    if "error" not in output and not complete_text(output["results"], expected_rows(run.kwargs)):
+                        output = {"error": "the run ended without a valid result row for every corruption x "
+                                           "severity; run the sweep again"}
                     if "error" in output:
                         result.failed[run.key] = f"{run.label}: {output['error']}"
                     else:
@@ -406,7 +416,8 @@ def _local_outputs(runs: Sequence[Run], *, jobs: int, progress: bool, **_: Any) 
     for i in range(jobs):
         slots.put(i)
     threads = None if gpus else max(1, (os.cpu_count() or 1) // jobs)
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(slots, gpus, threads))
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                               initargs=(slots, gpus, threads, os.getpid()))
     try:
         futures = {pool.submit(_worker_run, run.kwargs): run for run in runs}
         for future in as_completed(futures):
@@ -418,8 +429,14 @@ def _local_outputs(runs: Sequence[Run], *, jobs: int, progress: bool, **_: Any) 
 _WORKER: dict[str, Any] = {}  # in a spawned worker: its device and thread count
 
 
-def _init_worker(slots: Any, gpus: int, threads: int | None) -> None:
-    """Worker ``i`` of the pool takes GPU ``i`` (modulo the GPU count) for all its runs, or ``threads`` CPU threads."""
+def _init_worker(slots: Any, gpus: int, threads: int | None, driver: int) -> None:
+    """Worker ``i`` of the pool takes GPU ``i`` (modulo the GPU count) for all its runs, or ``threads`` CPU threads.
+
+    It also ends itself when the sweep's driver is gone (``exit_with_parent``), however the driver was stopped.
+    """
+    from tta.resultfile import exit_with_parent
+
+    exit_with_parent(driver)
     slot = slots.get()
     _WORKER.update(device=f"cuda:{slot % gpus}" if gpus else None, threads=threads)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tta.errors import ModelError
 from tta.models.fingerprint import model_fingerprint
 from tta.source import SourceData, derived
 
@@ -33,6 +34,12 @@ def pseudo_label_fisher(model: nn.Module, params: list[nn.Parameter], images: to
     return [s / len(batches) for s in sums]
 
 
+def finite(fisher: list[torch.Tensor]) -> bool:
+    """Whether every value of a Fisher (one tensor per parameter) is finite: a cached inf or NaN is never used."""
+    return isinstance(fisher, list) and all(isinstance(f, torch.Tensor) and bool(torch.isfinite(f).all())
+                                            for f in fisher)
+
+
 def source_fisher(model: nn.Module, params: list[nn.Parameter], source: SourceData, *, samples: int,
                   batch_size: int, seed: int) -> list[torch.Tensor]:
     """``pseudo_label_fisher`` on ``samples`` source images drawn with ``seed`` in shuffled batches of
@@ -43,10 +50,14 @@ def source_fisher(model: nn.Module, params: list[nn.Parameter], source: SourceDa
     def compute() -> list[torch.Tensor]:
         images, _ = source.sample(samples, seed=seed)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-        return [f.cpu() for f in pseudo_label_fisher(model, params, images[order], batch_size)]
+        fisher = [f.cpu() for f in pseudo_label_fisher(model, params, images[order], batch_size)]
+        if not finite(fisher):
+            raise ModelError("the Fisher information on the source data is not finite (the model's loss on clean "
+                             "source images overflows); check the model and the source data")
+        return fisher
 
-    fisher = derived("fisher", model_fingerprint(model), source, settings, compute)
+    fisher = derived("fisher", model_fingerprint(model), source, settings, compute, valid=finite)
     return [f.to(p) for f, p in zip(fisher, params, strict=True)]
 
 
-__all__ = ["pseudo_label_fisher", "source_fisher"]
+__all__ = ["finite", "pseudo_label_fisher", "source_fisher"]

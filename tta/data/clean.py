@@ -3,7 +3,8 @@
 ``spec`` is ``cifar10`` or ``cifar100`` (the test split, or the training split with ``train=True``, through
 torchvision: downloaded into ``data_dir`` when online, a ``DownloadError`` naming the archive and where to put it
 when not), ``npz:PATH`` (arrays ``x``, uint8 (N, H, W, 3), and ``y``), or ``folder:PATH`` (an ImageFolder: one
-sub-folder per class, sorted names are the class ids; all images must share one size).
+sub-folder per class: integer names are their own class ids, other names numbered in sorted order; all images
+must share one size).
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def _check_images(x: np.ndarray, y: np.ndarray, where: Path) -> tuple[np.ndarray
         raise DataError(f"{where}: y must hold one integer label per image ({len(x)}), got {y.dtype} {y.shape}")
     if len(x) == 0:
         raise DataError(f"{where} holds no images; point the source at a non-empty set")
-    return np.ascontiguousarray(x), y.astype(np.int64)
+    from tta.data.arrays import as_labels
+
+    return np.ascontiguousarray(x), as_labels(y, f"the labels of {where}").numpy()
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -101,19 +104,20 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _load_folder(root: Path) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    if not root.is_dir():
-        raise DataError(f"{root} is not a directory; pass folder:PATH with one sub-folder of images per class")
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
-    files = [(f, label) for label, c in enumerate(classes) for f in sorted(c.iterdir())
-             if f.suffix.lower() in _IMAGE_SUFFIXES]
-    if not files:
-        raise DataError(f"{root} has no class sub-folders with images; lay it out as {root}/<class>/<image>.png")
+    from tta.data.images import folder_files
+    from tta.models.preprocess import to_rgb
+
+    files = folder_files(root)  # class names to labels as for --data (integers keep their value)
+    if len(files) > 1:
+        raise DataError(f"{root} holds several domains ({', '.join(list(files)[:3])}, ...); a clean set is one "
+                        f"folder with one sub-folder of images per class")
+    [pairs] = files.values()
     images = []
-    for f, _ in files:
+    for f, _ in pairs:
         with Image.open(f) as img:
-            images.append(np.asarray(img.convert("RGB")))
+            images.append(np.asarray(to_rgb(img)))
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         raise DataError(f"the images of {root} have {len(sizes)} different sizes (e.g. {sorted(sizes)[:2]}); "
                         "resize them to one size first, as the corrupted files hold one (N, H, W, 3) array")
-    return _check_images(np.stack(images), np.array([label for _, label in files]), root)
+    return _check_images(np.stack(images), np.array([label for _, label in pairs]), root)

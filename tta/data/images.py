@@ -41,6 +41,10 @@ class ImageFiles:
     def size(self, domain: Domain) -> int:
         return len(self.files[domain])
 
+    def labels_of(self, domain: Domain) -> np.ndarray:
+        """The domain's labels in stream order, without reading images."""
+        return np.array([label for _, label in self.files[domain]], dtype=np.int64)
+
     def item(self, domain: Domain, i: int) -> tuple[torch.Tensor, int]:
         """Image ``i`` of ``domain``, decoded and preprocessed (uint8 (3, H, W)), and its label."""
         from PIL import Image, UnidentifiedImageError
@@ -49,6 +53,8 @@ class ImageFiles:
         try:
             with Image.open(path) as image:
                 return self.preprocess(image), label
+        except DataError:
+            raise
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataError(f"{path} is not a readable image ({err}); replace or delete it") from None
 
@@ -154,15 +160,38 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def class_index(names: Sequence[str]) -> dict[str, int]:
-    """Label of each class name: ImageNet wnids get their ImageNet index, integers themselves, others sorted order."""
+def class_index(names: Sequence[str], where: str = "the data") -> dict[str, int]:
+    """Label of each class name: ImageNet wnids get their ImageNet index, integers themselves, others sorted order.
+
+    Integer names keep their value however many there are (``10`` is class 10, not the third name in sorted order);
+    a set mixing integer and other names, or holding negative or fractional numbers, is a ``DataError`` (a stray
+    entry would silently renumber every class).
+    """
     unique = sorted(set(names))
     wnids = imagenet_wnids()
-    if all(n in wnids for n in unique):
+    if unique and all(n in wnids for n in unique):
         return {n: wnids[n] for n in unique}
-    if all(n.isdigit() for n in unique):
+    numeric = [n for n in unique if _is_number(n)]
+    if numeric:
+        bad = [n for n in numeric if not (n.isascii() and n.isdigit())]
+        if bad:
+            raise DataError(f"class labels in {where} must be integers >= 0 or names, but {bad[0]!r} is not; "
+                            "number the classes 0, 1, ...")
+        others = [n for n in unique if not _is_number(n)]
+        if others:
+            stray = ", ".join(map(repr, others[:3]))
+            raise DataError(f"integer class labels ({numeric[0]}, ...) and other names ({stray}) are mixed in {where}; "
+                            "rename or move the stray entries (names starting with a dot are ignored)")
         return {n: int(n) for n in unique}
     return {n: i for i, n in enumerate(unique)}
+
+
+def _is_number(name: str) -> bool:
+    try:
+        float(name)
+    except ValueError:
+        return False
+    return True
 
 
 def folder_files(root: str | Path) -> dict[str, list[tuple[str, int]]]:
@@ -177,7 +206,7 @@ def folder_files(root: str | Path) -> dict[str, list[tuple[str, int]]]:
         layout = {d.name: {c.name: _images(c) for c in _subdirs(d)} for d in top}
     else:
         layout = {root.name: {c.name: _images(c) for c in top}}
-    index = class_index([c for classes in layout.values() for c in classes])
+    index = class_index([c for classes in layout.values() for c in classes], f"the class folders of {root}")
     files = {domain: [(str(p), index[c]) for c, paths in classes.items() for p in paths]
              for domain, classes in layout.items()}
     empty = [d for d, f in files.items() if not f]
@@ -206,7 +235,7 @@ def csv_files(path: str | Path) -> dict[str, list[tuple[str, int]]]:
     if not rows or bad:
         raise DataError(f"{path} must hold rows path,label or path,label,domain"
                         f"{f' (rows {bad[:3]} do not)' if bad else ' (it holds none)'}")
-    index = class_index([r[1].strip() for r in rows])
+    index = class_index([r[1].strip() for r in rows], f"the label column of {path}")
     files: dict[str, list[tuple[str, int]]] = {}
     for r in rows:
         image = Path(r[0].strip())
@@ -228,16 +257,25 @@ def folder_stream(
     seed: int = 0,
     workers: int | None = None,
     dirichlet: float = 0.0,
+    order: str = "shuffle",
 ) -> DecodedStream:
     """A stream over your own images: an image folder (``root/<class>/`` or ``root/<domain>/<class>/``) or a CSV
     of ``path,label[,domain]``. Each domain is reported as corruption ``<domain>``, severity 0. ``preprocess``
-    (default: images kept as they are, which must then share one size) resizes and crops them."""
+    (default: images kept as they are, which must then share one size) resizes and crops them. Each domain is
+    shuffled with ``seed`` (``n_examples`` is then a seeded random subset) unless ``order="file"`` keeps the files'
+    order (folders: class by class); a warning is logged when the labels follow each other (``tta.data.order``)."""
+    from tta.data.order import check_order, check_stream_order, domain_permutation
+
+    check_order(order)
     path = Path(path)
     files = csv_files(path) if path.suffix.lower() == ".csv" else folder_files(path)
-    domains = list(files)
+    if order == "shuffle":
+        files = {d: [f[i] for i in domain_permutation(len(f), seed, d)] for d, f in files.items()}
     source = ImageFiles({Domain(d, 0): f for d, f in files.items()}, preprocess or Preprocess())
-    return DecodedStream(source, domains, [0], setting=setting, n_examples=n_examples, batch_size=batch_size,
-                         seed=seed, workers=workers, dirichlet=dirichlet)
+    stream = DecodedStream(source, list(files), [0], setting=setting, n_examples=n_examples, batch_size=batch_size,
+                           seed=seed, workers=workers, dirichlet=dirichlet)
+    check_stream_order(stream, str(path))
+    return stream
 
 
 def imagenet_wnids() -> dict[str, int]:

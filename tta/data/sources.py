@@ -67,9 +67,10 @@ def parse_data(spec: str) -> tuple[str, Path]:
 
 
 def data_stream(spec: str, benchmark: str, model: str | None, n_examples: int | None = None, batch_size: int = 200,
-                setting: str = "per-domain", seed: int = 0, dirichlet: float = 0.0) -> Stream:
+                setting: str = "per-domain", seed: int = 0, dirichlet: float = 0.0, order: str = "shuffle") -> Stream:
     """A stream over your own data (see the module docs); images are resized to ``model``'s input (for a CIFAR
-    benchmark or a local checkpoint, ``model`` None: 32x32)."""
+    benchmark or a local checkpoint, ``model`` None: 32x32). Each domain is shuffled with ``seed`` unless
+    ``order="file"`` (see ``tta.data.order``)."""
     from tta.data.arrays import npz_stream
     from tta.data.images import folder_stream
     from tta.models.preprocess import preprocess_for
@@ -77,9 +78,9 @@ def data_stream(spec: str, benchmark: str, model: str | None, n_examples: int | 
     kind, path = parse_data(spec)
     if kind == "npz":
         return npz_stream(path, batch_size=batch_size, n_examples=n_examples, setting=setting, seed=seed,
-                          dirichlet=dirichlet)
+                          dirichlet=dirichlet, order=order)
     return folder_stream(path, preprocess_for(model, benchmark), batch_size=batch_size, n_examples=n_examples,
-                         setting=setting, seed=seed, dirichlet=dirichlet)
+                         setting=setting, seed=seed, dirichlet=dirichlet, order=order)
 
 
 def benchmark_stream(

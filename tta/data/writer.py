@@ -10,7 +10,9 @@ renamed into place once complete, and a corruption's ``.npy`` is assembled (agai
 all five blocks exist. So a killed run never leaves a half-written ``.npy`` under a final name, and a restart
 redoes at most the blocks that were in flight. ``severities`` selects which blocks this run generates: a
 corruption file appears once all five blocks exist, which lets one split the work across runs or machines.
-``tta-corrupt.json`` records the settings; resuming with different settings is refused.
+``tta-corrupt.json`` records the settings and the SHA-256 of every ``.npy`` this run wrote; resuming with different
+settings is refused, and so is a folder holding ``.npy`` files (``labels.npy`` above all) that tta corrupt did not
+write or that changed since, so its labels never describe images of another origin.
 """
 
 from __future__ import annotations
@@ -44,21 +46,63 @@ def _complete(path: Path, shape: tuple[int, ...], dtype: type = np.uint8) -> boo
     return arr.dtype == dtype and arr.shape == shape
 
 
-def _check_manifest(root: Path, settings: dict) -> None:
-    path = root / MANIFEST
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
-        if old != settings:
-            old = old if isinstance(old, dict) else {}
-            changed = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
-            raise ConfigError(f"{root} already holds corruptions generated with other settings ({changed}); "
-                              f"choose another --out directory or delete {root} to start over")
-    else:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        old = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else {}
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    write_text(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def _check_manifest(root: Path, settings: dict) -> dict[str, str]:
+    """Check ``root`` against the settings of the run that started it; returns the checksums of the ``.npy`` files
+    tta corrupt wrote there. A ``.npy`` it did not write (or that changed since) is a ``ConfigError``: its labels
+    would be mixed with files of another origin."""
+    old = _read_manifest(root) if (root / MANIFEST).is_file() else None
+    present = sorted(p.name for p in root.glob("*.npy")) if root.is_dir() else []
+    if old is None and present:
+        raise ConfigError(f"{root} already holds {', '.join(present[:3])} that tta corrupt did not write; choose "
+                          "another --out directory (those files are left untouched)")
+    if old is None:
         root.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(settings, indent=1, sort_keys=True))
+        _write_manifest(root, {**settings, "files": {}})
+        return {}
+    if {k: v for k, v in old.items() if k != "files"} != settings:
+        changed = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+        raise ConfigError(f"{root} already holds corruptions generated with other settings ({changed}); "
+                          f"choose another --out directory or delete {root} to start over")
+    if not isinstance(old.get("files"), dict):  # started by a tta that kept no checksums: its files are adopted
+        written = {name: _sha256(root / name) for name in present}
+        _write_manifest(root, {**old, "files": written})
+        return written
+    written: dict[str, str] = old["files"]
+    foreign = [name for name in present if written.get(name) != _sha256(root / name)]
+    if foreign:
+        raise ConfigError(f"{root} holds {', '.join(foreign[:3])} that this tta corrupt run did not write or that "
+                          f"changed since; delete them (they are regenerated) or choose another --out directory")
+    return written
+
+
+def _save_final(root: Path, name: str, array: np.ndarray, written: dict[str, str]) -> None:
+    """Save a dataset file and record its checksum in the manifest."""
+    save_array(root / name, array)
+    written[name] = _sha256(root / name)
+    manifest = _read_manifest(root) or {}
+    _write_manifest(root, {**manifest, "files": written})
 
 
 def write_corruptions(
@@ -88,12 +132,14 @@ def write_corruptions(
     root = Path(out_dir) / directory
     settings = {"source": source, "n_images": n, "image_shape": list(images.shape[1:]), "seed": seed,
                 "chunk": CHUNK, "frost_images": str(frost_images) if frost_images else None}
-    _check_manifest(root, settings)
+    written = _check_manifest(root, settings)
     for stale in [*root.glob(STALE_GLOB), *root.glob(f".parts/{STALE_GLOB}")]:  # left by a killed run
         stale.unlink()
     label_dtype = np.uint8 if labels.min() >= 0 and labels.max() < 256 else np.int64
-    if not _complete(root / "labels.npy", (5 * n,), label_dtype):
-        save_array(root / "labels.npy", np.tile(labels.astype(label_dtype), 5))
+    expected = np.tile(labels.astype(label_dtype), 5)
+    if not _complete(root / "labels.npy", expected.shape, label_dtype) or not np.array_equal(
+            np.load(root / "labels.npy", allow_pickle=False), expected):
+        _save_final(root, "labels.npy", expected, written)
 
     parts = root / ".parts"
     full_shape = (5 * n, *images.shape[1:])
@@ -119,7 +165,7 @@ def write_corruptions(
         blocks = [parts / f"{name}.s{s}.npy" for s in range(1, 6)]
         if _complete(final, full_shape) or not all(_complete(b, images.shape) for b in blocks):
             continue
-        save_array(final, np.concatenate([np.load(b, allow_pickle=False) for b in blocks]))
+        _save_final(root, final.name, np.concatenate([np.load(b, allow_pickle=False) for b in blocks]), written)
         for b in blocks:
             b.unlink()
     if parts.is_dir() and not any(parts.iterdir()):

@@ -5,7 +5,8 @@ layer, behind the training split's per-channel normalisation, so it takes [0, 1]
 Training: 15 epochs of Adam (one-cycle schedule peaking at lr 1e-2, batch 64) on the 1,297 training images of
 ``tta.data.digits``, seeded; about 6 s on one CPU core, 98.6% accuracy on the 500 clean test images. The weights
 are cached in ``<data_dir>/models/digits/digits-cnn.pt`` (written under a temporary name, then renamed) with the
-recipe they came from, so a changed recipe retrains and a corrupt file is replaced instead of loaded.
+recipe they came from and a SHA-256 of the weights, so a changed recipe retrains and a damaged file (even one
+whose flipped bytes still unpickle) is replaced, with a warning, instead of loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tta.checksum import value_digest
 from tta.io import save_torch
 from tta.models.normalize import normalized
 
@@ -65,12 +67,15 @@ def load_digits_cnn(data_dir: str | Path = "data") -> nn.Module:
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved.get("recipe") == RECIPE:
+                if saved.get("sha256") != value_digest(saved.get("state_dict")):
+                    raise ValueError("its weights do not match their checksum (the file is damaged)")
                 model.load_state_dict(saved["state_dict"])
                 return model.eval()
         except Exception as err:  # torch raises many types for a bad file (pickle, zip, index, runtime errors)
-            log.warning("retraining the digits model: %s is unreadable (%s)", path, err)
+            log.warning("retraining the digits model: %s is unusable (%s)", path, err)
     x, y = load_digits_split(train=True)
     with one_thread():
         model = train_digits_cnn(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(y))
-    save_torch({"recipe": RECIPE, "state_dict": model.state_dict()}, path)
+    state = model.state_dict()
+    save_torch({"recipe": RECIPE, "state_dict": state, "sha256": value_digest(state)}, path)
     return model

@@ -5,6 +5,11 @@ applied to decoded images before they become uint8 tensors: torchvision weights'
 ``crop_size``, ``interpolation``; e.g. ResNet-50's default weights: resize 232, crop 224, bilinear) and timm's
 pretrained config (``input_size``, ``crop_pct``, ``interpolation``: resize ``floor(size / crop_pct)``, crop ``size``).
 CIFAR-sized models (robustbench's CIFAR zoo, ``--checkpoint``, the digits demo model) take 32x32 images.
+
+Every decoded image first becomes 8-bit RGB through ``to_rgb``: 16-bit images (PIL modes ``I;16*``, and ``I``
+holding values in 0..65535) are scaled from 0..65535 to 0..255 instead of being clipped at 255, float images
+(mode ``F``) must hold values in [0, 1], palette, grey, CMYK, YCbCr and other modes are converted by PIL, and an
+alpha channel is dropped; an image that fits none of these is a ``DataError`` saying why.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tta.errors import ConfigError
+from tta.errors import ConfigError, DataError
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -43,7 +48,7 @@ class Preprocess:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if self.resize is not None:
             image = F.resize(image, self.resize, InterpolationMode(self.interpolation), antialias=True)
         if self.crop is not None:
@@ -52,6 +57,37 @@ class Preprocess:
 
 
 CIFAR = Preprocess(resize=32, crop=32)
+
+
+def to_rgb(image: Any) -> Any:
+    """A PIL image as 8-bit RGB, its brightness scale kept (see the module docs); a ``DataError`` if it cannot be."""
+    import numpy as np
+    from PIL import Image
+
+    where = getattr(image, "filename", "") or "the image"
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        if values.ndim != 2:
+            raise DataError(f"{where} has {values.ndim} dimensions in PIL mode {mode}; save it as an RGB or grey image")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if mode == "F":
+            if not np.isfinite(values).all() or low < 0 or high > 1:
+                raise DataError(f"{where} is a floating-point image with values from {low:g} to {high:g}, not in "
+                                "[0, 1]; save it as an 8- or 16-bit image")
+            scale = 255.0
+        else:
+            if low < 0 or high > 65535:
+                raise DataError(f"{where} holds {mode} integers from {low:g} to {high:g}, beyond the 16-bit range "
+                                "0..65535; save it as an 8- or 16-bit image")
+            scale = 255.0 / 65535.0
+        grey = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    try:
+        return image if mode == "RGB" else image.convert("RGB")
+    except ValueError as err:
+        raise DataError(f"{where} is in PIL mode {mode}, which cannot be converted to RGB ({err}); save it as an RGB "
+                        "or grey image") from None
 
 
 def _interpolation(mode: Any) -> str:

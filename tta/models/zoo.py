@@ -9,6 +9,7 @@ format). Downloads go under ``<data_dir>/models``; offline, a ``DownloadError`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +119,66 @@ def fetch_robustbench_weights(name: str, dataset: str, model_dir: Path, progress
                                 "answered with a quota or error page)")
 
 
+def _read_weights(path: Path) -> Any:
+    """A weight file read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code;
+    a ``ModelError`` for a file that holds anything else (a pickled object would run code when unpickled)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelError(f"{str(path)!r} holds more than weights (objects whose unpickling could run code: "
+                         f"{str(err).splitlines()[0][:120]}); it is refused, delete it and fetch the file again") \
+            from None
+
+
+def _strip(state: Any, prefixes: Sequence[str]) -> Any:
+    if not isinstance(state, dict):
+        raise ModelError("the checkpoint holds no state_dict; delete it and fetch the file again")
+    for prefix in prefixes:
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def _robustbench_from_files(name: str, dataset: str, model_dir: Path) -> nn.Module:
+    """Build robustbench's ``name`` and load its downloaded weights ourselves, with ``weights_only=True``.
+
+    robustbench 1.1.1's own ``load_model`` unpickles the same files with a plain ``torch.load``, which on torch
+    before 2.6 runs any code a tampered file carries; this follows its loading steps (the ``last`` entry of
+    Kireev2021 checkpoints, the ``module.`` and ``model.`` prefixes, one file per member of an ensemble) on a safe read.
+    """
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.utils import _safe_load_state_dict
+
+    bench = BenchmarkDataset(dataset)
+    entry = model_dicts[bench][ThreatModel.corruptions][name]
+    model = entry["model"]()
+    path = model_dir / dataset / "corruptions" / f"{name}.pt"
+    if not isinstance(entry["gdrive_id"], list):
+        ckpt = _read_weights(path)
+        if "Kireev2021Effectiveness" in name or name == "Andriushchenko2020Understanding":
+            ckpt = ckpt["last"]
+        state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+        return _safe_load_state_dict(model, name, _strip(state, ("module.", "model.")), bench).eval()
+    for i in range(len(entry["gdrive_id"])):
+        ckpt = _read_weights(Path(f"{path}_m{i}.pt"))
+        state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+        model.models[i] = _safe_load_state_dict(model.models[i], name, _strip(state, ("module.",)), bench).eval()
+    return model.eval()
+
+
 def _load_robustbench(name: str, dataset: str, model_dir: Path) -> nn.Module:
-    import robustbench
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
     path = model_dir / dataset / "corruptions" / f"{name}.pt"
     try:
         fetch_robustbench_weights(name, dataset, model_dir)
-        return robustbench.load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model="corruptions")
-    except Exception as err:  # our DownloadError, or robustbench's own errors on a bad file: "fetch it yourself"
+        return _robustbench_from_files(name, dataset, model_dir)
+    except ModelError:
+        raise
+    except Exception as err:  # our DownloadError, or errors on a bad file: "fetch it yourself"
         gid = model_dicts[BenchmarkDataset(dataset)][ThreatModel.corruptions][name]["gdrive_id"]
         ids = gid if isinstance(gid, list) else [gid]
         where = ", ".join(f"https://drive.google.com/uc?id={i}" for i in ids)

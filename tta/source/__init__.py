@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from tta.checksum import value_digest
 from tta.errors import ConfigError, DataError
 from tta.io import save_torch
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -108,12 +111,13 @@ _MEMORY: dict[str, Any] = {}
 
 
 def derived(name: str, model_fingerprint: str, source: SourceData, settings: str,
-            compute: Callable[[], T]) -> T:
+            compute: Callable[[], T], valid: Callable[[T], bool] | None = None) -> T:
     """``compute()``, or the value cached for (name, model weights, source data, settings).
 
-    Values are kept in memory for the process and written to ``cache_dir()/derived`` (``torch.save``; written to a
-    temporary name and renamed, so a killed process never leaves a partial file); an unreadable cache file is
-    recomputed.
+    Values are kept in memory for the process and written to ``cache_dir()/derived`` (``torch.save`` with a SHA-256
+    of the value; written to a temporary name and renamed, so a killed process never leaves a partial file). A cache
+    file that is unreadable, lacks its checksum, does not match it, or fails ``valid`` (e.g. a Fisher holding inf)
+    is recomputed and replaced, with a warning.
     """
     key = hashlib.sha256(f"{name}|{model_fingerprint}|{source.fingerprint()}|{settings}".encode()).hexdigest()[:32]
     if key in _MEMORY:
@@ -121,16 +125,33 @@ def derived(name: str, model_fingerprint: str, source: SourceData, settings: str
     path = cache_dir() / "derived" / f"{name}-{key}.pt"
     value: Any = None
     if path.is_file():
-        try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged cache entry is recomputed, never trusted
-            value = None
+        value, problem = _read_cached(path, valid)
+        if problem is not None:
+            log.warning("recomputing the cached %s: %s %s", name, path, problem)
     if value is None:
         value = compute()
         with contextlib.suppress(OSError):  # a read-only cache only costs the recomputation next time
-            save_torch(value, path)
+            save_torch({"format": CACHE_FORMAT, "sha256": value_digest(value), "value": value}, path)
     _MEMORY[key] = value
     return value
+
+
+CACHE_FORMAT = "tta.derived.v2"
+
+
+def _read_cached(path: Path, valid: Callable[[Any], bool] | None) -> tuple[Any, str | None]:
+    """``(value, None)`` for a sound cache file, else ``(None, what is wrong with it)``."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or foreign file
+        return None, f"is unreadable ({type(err).__name__})"
+    if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT:
+        return None, "has no checksum (an older or foreign file)"
+    if saved.get("sha256") != value_digest(saved.get("value")):
+        return None, "does not match its checksum (damaged)"
+    if valid is not None and not valid(saved["value"]):
+        return None, "holds invalid values (e.g. inf or NaN)"
+    return saved["value"], None
 
 
 __all__ = ["DataError", "SourceData", "as_source_data", "cache_dir", "derived"]
