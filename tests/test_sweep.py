@@ -19,8 +19,8 @@ from conftest import write_fake_cifar_c
 
 from tta.cli import cli
 from tta.models import cifar_resnet
-from tta.schema import BATCH_COLUMNS, COLUMNS
-from tta.sweep import expand_grid, load_grid, run_sweep
+from tta.run.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.sweep import expand_grid, load_grid, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CORRUPTIONS = ("gaussian_noise", "fog")

@@ -24,7 +24,7 @@ _EXPORTS: dict[str, str] = {
     "StepOutput": "tta.core.base",
     "Requirements": "tta.core.requirements",
     "SourceData": "tta.source",
-    "evaluate": "tta.engine",
+    "evaluate": "tta.run.engine",
     "load_model": "tta.models",
     "cifar_c_stream": "tta.data.cifar_c",
     "corrupt": "tta.corruptions",

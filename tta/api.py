@@ -215,9 +215,9 @@ def run_benchmark(
         default_corruptions,
         default_model,
     )
-    from tta.engine import evaluate, resolve_device
     from tta.models import load_model
-    from tta.report import check_output, default_output, open_results, write_config
+    from tta.run.engine import evaluate, resolve_device
+    from tta.run.report import check_output, default_output, open_results, write_config
 
     check_benchmark(benchmark)
     if model is None and checkpoint is None:

@@ -106,7 +106,7 @@ def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: st
     """Adapt a model over a corruption benchmark and report accuracy per corruption x severity."""
     from tta.api import run_benchmark
     from tta.config import parse_overrides
-    from tta.report import config_path, format_results, write_report
+    from tta.run.report import config_path, format_results, write_report
 
     settings = parse_overrides(overrides)
     if afn_checkpoint is not None:
@@ -145,7 +145,7 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, **kwarg
     """Write corrupted copies of a clean image set in the CIFAR-10-C layout; a killed run resumes where it stopped."""
     from tta.data.cifar_c import ALL_CORRUPTIONS
     from tta.data.writer import corrupt_dataset, missing_blocks
-    from tta.engine import resolve_device
+    from tta.run.engine import resolve_device
 
     root = corrupt_dataset(out_dir=out, severities=severities or [1, 2, 3, 4, 5], device=resolve_device(device),
                            **kwargs)
@@ -232,8 +232,8 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
 def sweep_command(grid: str, out: str, **kwargs: Any) -> None:
     """Run a grid of `tta adapt` runs (a YAML file with base: and grid: mappings); started again, it runs only the
     missing ones."""
-    from tta.report import format_summary
-    from tta.sweep import run_sweep
+    from tta.run.report import format_summary
+    from tta.run.sweep import run_sweep
 
     result = run_sweep(grid, out, **kwargs)
     if len(result.results):
@@ -250,7 +250,7 @@ def sweep_command(grid: str, out: str, **kwargs: Any) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="directory for report.md and the plots")
 def report_command(inputs: tuple[str, ...], out: str) -> None:
     """Tables (markdown) and plots (PNG) from `tta sweep` directories or `tta adapt` result CSVs."""
-    from tta.report import write_report
+    from tta.run.report import write_report
 
     click.echo(f"wrote {write_report(inputs, out)}")
 

@@ -234,7 +234,7 @@ def warmup(
     # Lazy: tta.methods imports this module (through tta.methods.afn), and importing it must stay cheap.
     from tqdm.auto import tqdm
 
-    from tta.engine import resolve_device
+    from tta.run.engine import resolve_device
 
     x, y = _as_images(x, y)
     dev = resolve_device(device)
@@ -474,8 +474,8 @@ def run_warmup(
     """
     settings = _method_settings(method, settings)
     out = check_writable(out)
-    from tta.engine import resolve_device
     from tta.models import load_model
+    from tta.run.engine import resolve_device
 
     resolve_device(device)  # a bad device fails before the data is read
     if checkpoint is not None and arch is None:

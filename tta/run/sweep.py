@@ -10,7 +10,7 @@ Every run goes through ``tta.api.run_benchmark`` (what ``tta adapt`` does) and i
 options and resolved method settings: changing either makes a new run. A finished run is kept in
 ``OUT/runs/<hash>/`` (its rows, per-batch accuracies and configuration), which appears in one ``os.replace`` of a
 complete temporary directory, so a sweep killed at any moment (SIGINT, SIGKILL) and started again runs exactly the
-runs that have no such directory. ``OUT/results.csv`` (``tta.schema.COLUMNS``, one row per run x corruption x
+runs that have no such directory. ``OUT/results.csv`` (``tta.run.schema.COLUMNS``, one row per run x corruption x
 severity) and ``OUT/batches.csv`` (``BATCH_COLUMNS``) are rebuilt from the run directories of the current grid and
 replaced atomically after every run: never a duplicate nor a half-written row, and rows of runs no longer in the
 grid are left out.
@@ -33,7 +33,7 @@ import yaml
 
 from tta.config import build_config, config_hash, field_names, load_yaml, parse_overrides, resolve_config, to_dict
 from tta.errors import ConfigError, TTAError
-from tta.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.schema import BATCH_COLUMNS, COLUMNS
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
 
@@ -67,7 +67,7 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         from tta.data.settings import check_setting
-        from tta.engine import RESET_POLICIES
+        from tta.run.engine import RESET_POLICIES
 
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -299,7 +299,7 @@ class _Store:
         os.replace(tmp, final)
 
     def merge(self, runs: Sequence[Run]) -> pd.DataFrame:
-        from tta.report import atomic_write
+        from tta.run.report import atomic_write
 
         tables = {}
         for name, columns in (("results", COLUMNS), ("batches", BATCH_COLUMNS)):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from tta.data.stream import Stream
 from tta.errors import ConfigError
-from tta.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.schema import BATCH_COLUMNS, COLUMNS
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel

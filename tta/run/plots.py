@@ -1,6 +1,6 @@
 """PNG plots of results (matplotlib, Agg backend, so they render without a display).
 
-Each function takes rows labelled by ``tta.report.label_runs`` (columns ``label`` and ``replicate``), writes one
+Each function takes rows labelled by ``tta.run.report.label_runs`` (columns ``label`` and ``replicate``), writes one
 PNG and returns its path.
 """
 

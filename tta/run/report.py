@@ -1,5 +1,5 @@
 """Results: an append-as-you-go CSV (one row per method x model x corruption x severity), a terminal table, and
-reports over many runs (markdown tables aggregated over seeds, PNG plots from ``tta.plots``)."""
+reports over many runs (markdown tables aggregated over seeds, PNG plots from ``tta.run.plots``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from tta.errors import ConfigError
-from tta.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.schema import BATCH_COLUMNS, COLUMNS
 
 
 def default_output(method: str, model: str, results_dir: str | Path = "results") -> Path:
@@ -311,7 +311,7 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
     present), with the means and the spread over seeds; plots of error vs severity, a corruption x method heatmap
     and, for the continual, mixed and gradual settings, accuracy along the stream (from the per-batch rows).
     """
-    from tta import plots
+    from tta.run import plots
 
     rows, stream = load_results(inputs)
     rows = label_runs(rows)
