@@ -67,12 +67,12 @@ def array_stream(
 ) -> SettingStream:
     """A stream over in-memory images (uint8 NHWC or float NCHW in [0, 1]).
 
-    Without ``domains`` it is one domain, reported as corruption ``name``, severity 0; ``domains`` (one id or name
+    Without ``domains`` it is one domain, reported by ``name``, with no severity; ``domains`` (one id or name
     per image) splits the images into domains (reported by that id, in sorted order, images in their given order)
     that ``setting`` orders like any benchmark's (``tta.data.settings``).
     """
     if domains is None:
-        parts = {Domain(name, 0): ArraySource(images, labels)}
+        parts = {Domain(name=name): ArraySource(images, labels)}
     else:
         ids = np.asarray(domains).reshape(-1)
         if len(ids) != len(images):
@@ -81,9 +81,9 @@ def array_stream(
         parts = {}
         for value in np.unique(ids):
             rows = np.flatnonzero(ids == value)
-            parts[Domain(str(value), 0)] = ArraySource(images[rows], labels[rows])
-    names = [d.corruption for d in parts]
-    stream = SettingStream(DomainArrays(parts), names, [0], setting=setting, n_examples=n_examples,
+            parts[Domain(name=str(value))] = ArraySource(images[rows], labels[rows])
+    names = [d.name for d in parts]
+    stream = SettingStream(DomainArrays(parts), names, [None], setting=setting, n_examples=n_examples,
                            batch_size=batch_size, seed=seed, dirichlet=dirichlet)
     stream.num_labels = max(int(p.labels.max()) + 1 if len(p.labels) else 0 for p in parts.values())
     return stream

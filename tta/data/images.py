@@ -230,13 +230,13 @@ def folder_stream(
     dirichlet: float = 0.0,
 ) -> DecodedStream:
     """A stream over your own images: an image folder (``root/<class>/`` or ``root/<domain>/<class>/``) or a CSV
-    of ``path,label[,domain]``. Each domain is reported as corruption ``<domain>``, severity 0. ``preprocess``
+    of ``path,label[,domain]``. Each domain is reported by its name (``<domain>``), with no severity. ``preprocess``
     (default: images kept as they are, which must then share one size) resizes and crops them."""
     path = Path(path)
     files = csv_files(path) if path.suffix.lower() == ".csv" else folder_files(path)
     domains = list(files)
-    source = ImageFiles({Domain(d, 0): f for d, f in files.items()}, preprocess or Preprocess())
-    return DecodedStream(source, domains, [0], setting=setting, n_examples=n_examples, batch_size=batch_size,
+    source = ImageFiles({Domain(name=d): f for d, f in files.items()}, preprocess or Preprocess())
+    return DecodedStream(source, domains, [None], setting=setting, n_examples=n_examples, batch_size=batch_size,
                          seed=seed, workers=workers, dirichlet=dirichlet)
 
 

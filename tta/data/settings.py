@@ -58,6 +58,11 @@ class Run:
         return len(self.index)
 
 
+def _domain(corruption: str, severity: int | None) -> Domain:
+    """A benchmark's domain, or (severity None) a domain of your own data named ``corruption``."""
+    return Domain(corruption, severity) if severity is not None else Domain(name=corruption)
+
+
 def gradual_severities(severities: Sequence[int]) -> list[int]:
     """The selected severities up, then down again: [1, 2, 3, 4, 5] -> [1, 2, 3, 4, 5, 4, 3, 2, 1]."""
     up = sorted(set(severities))
@@ -84,9 +89,9 @@ class SettingStream(Stream):
         if not corruptions or not severities:
             raise ConfigError("the stream has no domains; select at least one corruption and severity")
         if setting == "gradual":
-            domains = [Domain(c, s) for c in corruptions for s in sorted(set(severities))]
+            domains = [_domain(c, s) for c in corruptions for s in sorted(set(severities))]
         else:
-            domains = [Domain(c, s) for s in severities for c in corruptions]
+            domains = [_domain(c, s) for s in severities for c in corruptions]
         super().__init__(source, domains, n_examples=n_examples, batch_size=batch_size)
         self.runs = self._plan(list(corruptions), list(severities))
 
@@ -113,7 +118,7 @@ class SettingStream(Stream):
                 runs.append(Run(segment, np.full(n, d), index))
         elif self.setting in ("mixed", "mixed-correlated"):
             for s_i, s in enumerate(severities):
-                pairs = [self._ids(Domain(c, s)) for c in corruptions]
+                pairs = [self._ids(_domain(c, s)) for c in corruptions]
                 domain = np.concatenate([np.full(len(idx), d) for d, idx in pairs])
                 index = np.concatenate([idx for _, idx in pairs])
                 order = rng.permutation(len(index))
@@ -128,7 +133,7 @@ class SettingStream(Stream):
             for c_i, c in enumerate(corruptions):
                 seen: dict[int, int] = {}
                 for s in path:
-                    d, idx = self._ids(Domain(c, s))
+                    d, idx = self._ids(_domain(c, s))
                     chunks = np.array_split(idx, path.count(s))  # disjoint images for each visit
                     part = chunks[seen.get(s, 0)]
                     seen[s] = seen.get(s, 0) + 1

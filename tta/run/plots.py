@@ -44,10 +44,11 @@ def error_vs_severity(rows: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
-def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int, path: str | Path) -> Path:
-    """Corruptions (rows) x labels (columns): mean error over replicates at ``severity``, annotated."""
+def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int | None, path: str | Path) -> Path:
+    """Domains (rows) x labels (columns): mean error over replicates at ``severity`` (None: domains without
+    severities, every row), annotated."""
     plt = _pyplot()
-    at = rows[rows["severity"] == severity]
+    at = rows[rows["severity"] == severity] if severity is not None else rows
     grid = at.groupby(["corruption", "label"], sort=False)["error"].mean().unstack("label")
     grid = grid.loc[[c for c in table.columns if c in grid.index], list(table.index)]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.45 * grid.shape[0]))
@@ -59,7 +60,7 @@ def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int, path: str | 
         if np.isfinite(v):
             colour = "w" if v > np.nanmean(values) else "k"
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color=colour)
-    fig.colorbar(image, ax=ax, label=f"error (%) at severity {severity}")
+    fig.colorbar(image, ax=ax, label=f"error (%) at severity {severity}" if severity is not None else "error (%)")
     return _save(fig, Path(path))
 
 

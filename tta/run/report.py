@@ -168,10 +168,16 @@ def open_results(out: Path, config_hash: str, n_domains: int, *, resume: bool,
 
 
 def accuracy_table(df: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
-    """Corruptions as rows (in run order), severities as columns (descending), with row and column means."""
+    """Domains as rows (in run order), severities as columns (descending), with row and column means; one column
+    for domains without severities."""
+    if df["severity"].isna().all():  # domains without severities (your own data): one column
+        table = df.groupby("corruption", sort=False)[[value]].mean()
+        table.loc["mean"] = table.mean(axis=0)
+        table.index.name = None
+        return table
     table = df.pivot_table(index="corruption", columns="severity", values=value, aggfunc="mean", sort=False)
     table = table[sorted(table.columns, reverse=True)]
-    table.columns = [f"sev {s}" for s in table.columns]
+    table.columns = [f"sev {s:g}" for s in table.columns]
     table["mean"] = table.mean(axis=1)
     table.loc["mean"] = table.mean(axis=0)
     table.index.name = None
@@ -262,7 +268,10 @@ def severity_table(df: pd.DataFrame, value: str = "error") -> pd.DataFrame:
 
 
 def corruption_table(df: pd.DataFrame, value: str = "error", severity: int | None = None) -> pd.DataFrame:
-    """Labels x corruptions (in run order) at ``severity`` (default: 5, or the highest present), with the mean."""
+    """Labels x domains (in run order) at ``severity`` (default: 5, or the highest present; every row for domains
+    without severities), with the mean."""
+    if df["severity"].isna().all():
+        return _by_replicate(df, "corruption", value)
     severity = severity if severity is not None else int(df["severity"].max())
     return _by_replicate(df[df["severity"] == severity], "corruption", value)
 
@@ -322,20 +331,23 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
              f"{', '.join(map(str, inputs))}. Values in percent; `a ± b` is the mean and standard deviation over "
              f"seeds (replicates differing only in `seed` and `data`).", ""]
     for (model, setting), group in rows.groupby(["model", "setting"], sort=False):
-        top = int(group["severity"].max())
+        graded = group["severity"].notna().any()  # domains with severities (a benchmark), or named ones only
+        top = int(group["severity"].max()) if graded else None
+        where = f"corruption at severity {top}" if graded else "domain"
         lines += [f"## {model}, {setting}", ""]
         for value in ("error", "accuracy"):
             title = value.capitalize()
-            lines += [f"### {title} per method x severity", "", markdown_table(severity_table(group, value)), "",
-                      f"### {title} per corruption at severity {top}", "",
-                      markdown_table(corruption_table(group, value, top)), ""]
-        lines += ["### Spread over seeds (error averaged over corruptions and severities)", "",
-                  markdown_table(seed_table(group)), ""]
+            if graded:
+                lines += [f"### {title} per method x severity", "", markdown_table(severity_table(group, value)), ""]
+            lines += [f"### {title} per {where}", "", markdown_table(corruption_table(group, value, top)), ""]
+        over = "corruptions and severities" if graded else "domains"
+        lines += [f"### Spread over seeds (error averaged over {over})", "", markdown_table(seed_table(group)), ""]
         name = _slug(model, setting)
         figures = [(f"error_vs_severity_{name}.png", "Error vs severity",
-                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png")),
-                   (f"heatmap_{name}.png", f"Error per corruption x method at severity {top}",
-                    plots.heatmap(corruption_table(group, "error", top), group, top, out_dir / f"heatmap_{name}.png"))]
+                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png"))] if graded else []
+        figures.append((f"heatmap_{name}.png", f"Error per {where.replace('corruption', 'corruption x method')}",
+                        plots.heatmap(corruption_table(group, "error", top), group, top,
+                                      out_dir / f"heatmap_{name}.png")))
         batches = stream[stream["config_hash"].isin(group["config_hash"].unique())]
         if setting in STREAM_SETTINGS and len(batches):
             batches = batches.assign(label=batches["config_hash"].map(labels))
