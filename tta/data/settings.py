@@ -29,6 +29,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -44,6 +45,14 @@ def check_setting(setting: str) -> str:
     if setting not in SETTINGS:
         raise ConfigError(f"unknown stream setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
     return setting
+
+
+class Ordering(TypedDict, total=False):
+    """How a stream orders its samples: ``SettingStream``'s ``setting``, ``seed`` and ``dirichlet``."""
+
+    setting: str
+    seed: int
+    dirichlet: float
 
 
 @dataclass(frozen=True)
