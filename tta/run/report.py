@@ -330,21 +330,21 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
     lines = ["# Results", "", f"{rows['config_hash'].nunique()} runs, {len(rows)} rows, from "
              f"{', '.join(map(str, inputs))}. Values in percent; `a ± b` is the mean and standard deviation over "
              f"seeds (replicates differing only in `seed` and `data`).", ""]
-    for (model, setting), group in rows.groupby(["model", "setting"], sort=False):
-        graded = group["severity"].notna().any()  # domains with severities (a benchmark), or named ones only
-        top = int(group["severity"].max()) if graded else None
-        where = f"corruption at severity {top}" if graded else "domain"
-        lines += [f"## {model}, {setting}", ""]
+    graded = rows["severity"].notna()  # domains with severities (a benchmark's), or named ones (your own data)
+    for (model, setting, has_severity), group in rows.groupby(["model", "setting", graded], sort=False):
+        top = int(group["severity"].max()) if has_severity else None
+        where = f"corruption at severity {top}" if has_severity else "domain"
+        lines += [f"## {model}, {setting}{'' if has_severity else ', named domains'}", ""]
         for value in ("error", "accuracy"):
             title = value.capitalize()
-            if graded:
+            if has_severity:
                 lines += [f"### {title} per method x severity", "", markdown_table(severity_table(group, value)), ""]
             lines += [f"### {title} per {where}", "", markdown_table(corruption_table(group, value, top)), ""]
-        over = "corruptions and severities" if graded else "domains"
+        over = "corruptions and severities" if has_severity else "domains"
         lines += [f"### Spread over seeds (error averaged over {over})", "", markdown_table(seed_table(group)), ""]
-        name = _slug(model, setting)
+        name = _slug(model, setting) if has_severity else _slug(model, setting, "named")
         figures = [(f"error_vs_severity_{name}.png", "Error vs severity",
-                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png"))] if graded else []
+                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png"))] if has_severity else []
         figures.append((f"heatmap_{name}.png", f"Error per {where.replace('corruption', 'corruption x method')}",
                         plots.heatmap(corruption_table(group, "error", top), group, top,
                                       out_dir / f"heatmap_{name}.png")))

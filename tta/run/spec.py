@@ -416,6 +416,24 @@ class RunSpec:
             check_output(self.output.out)
 
 
+def options_table() -> str:
+    """The options as a markdown table: command-line spelling, the ``RunSpec`` field each sets, its default and
+    whether a grid may set it (the user guide's table is this text, checked by a test)."""
+    lines = ["| option | RunSpec field | default | grid key |", "|---|---|---|---|"]
+    for option, (section, name) in OPTIONS.items():
+        default = getattr(SECTIONS[section](), name)
+        shown = "{}" if default == {} else "null" if default is None else str(default).lower() \
+            if isinstance(default, bool) else str(default)
+        grid = "no (tta sweep decides)" if option in INVOCATION_OPTIONS else "yes"
+        flag = "--set KEY=VALUE" if option == "set" else f"--{option.replace('_', '-')}"
+        lines.append(f"| `{flag}` | `{section}.{name}` | `{shown}` | {grid} |")
+    for alias, (new, is_deprecated) in ALIASES.items():
+        target = f"--{new.replace('_', '-')}" if not new.startswith("set.") else f"--set {new[4:]}=..."
+        note = "deprecated spelling of" if is_deprecated else "shorthand for"
+        lines.append(f"| `--{alias.replace('_', '-')}` | {note} `{target}` | | yes |")
+    return "\n".join(lines)
+
+
 def method_settings(
     method: str, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
     preset: str | None = None,
