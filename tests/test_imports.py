@@ -81,3 +81,22 @@ def test_import_tta_is_light() -> None:
            "print(','.join(heavy))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import tta loaded {out}"
+
+
+def _too_many_parameters(limit: int = 12) -> list[str]:
+    """Functions of tta/ taking more than ``limit`` parameters (``self``/``cls`` aside, ``*args``/``**kwargs``
+    counted); dataclass constructors are generated, so they never appear here."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+                count = len(names) - (names[:1] in (["self"], ["cls"])) + (a.vararg is not None) + (a.kwarg is not None)
+                if count > limit:
+                    found.append(f"{_module_name(path)}.{node.name} ({count})")
+    return found
+
+
+def test_no_function_takes_more_than_twelve_parameters() -> None:
+    assert _too_many_parameters() == [], "describe the run with a value (e.g. a RunSpec part) instead"
