@@ -21,15 +21,18 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def _save(fig: object, path: Path) -> Path:
+def _save(fig: object, path: Path, title: str | None = None) -> Path:
+    if title:
+        fig.suptitle(title, fontsize=10)  # type: ignore[attr-defined]
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")  # type: ignore[attr-defined]
     _pyplot().close(fig)
     return path
 
 
-def error_vs_severity(rows: pd.DataFrame, path: str | Path) -> Path:
-    """Mean error over corruptions per severity, one line per label, error bars = std over replicates."""
+def error_vs_severity(rows: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """Mean error over corruptions per severity, one line per label, error bars = std over replicates; ``title``
+    above it (e.g. the model and setting)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     per = rows.groupby(["label", "severity", "replicate"], sort=False)["error"].mean().reset_index()
@@ -41,10 +44,11 @@ def error_vs_severity(rows: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xticks(sorted(rows["severity"].unique()))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return _save(fig, Path(path), title)
 
 
-def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int | None, path: str | Path) -> Path:
+def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int | None, path: str | Path,
+            title: str | None = None) -> Path:
     """Domains (rows) x labels (columns): mean error over replicates at ``severity`` (None: domains without
     severities, every row), annotated."""
     plt = _pyplot()
@@ -61,10 +65,10 @@ def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int | None, path:
             colour = "w" if v > np.nanmean(values) else "k"
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(image, ax=ax, label=f"error (%) at severity {severity}" if severity is not None else "error (%)")
-    return _save(fig, Path(path))
+    return _save(fig, Path(path), title)
 
 
-def stream_accuracy(batches: pd.DataFrame, path: str | Path, points: int = 60) -> Path:
+def stream_accuracy(batches: pd.DataFrame, path: str | Path, points: int = 60, title: str | None = None) -> Path:
     """Accuracy along the stream (x: images seen), one line per label, averaged over replicates and smoothed over
     windows of about ``len / points`` batches; dotted lines end the stream's segments, named on top."""
     plt = _pyplot()
@@ -92,4 +96,4 @@ def stream_accuracy(batches: pd.DataFrame, path: str | Path, points: int = 60) -
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return _save(fig, Path(path), title)

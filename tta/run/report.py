@@ -343,16 +343,20 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
         over = "corruptions and severities" if has_severity else "domains"
         lines += [f"### Spread over seeds (error averaged over {over})", "", markdown_table(seed_table(group)), ""]
         name = _slug(model, setting) if has_severity else _slug(model, setting, "named")
+        heading = f"{model}, {setting}"
         figures = [(f"error_vs_severity_{name}.png", "Error vs severity",
-                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png"))] if has_severity else []
-        figures.append((f"heatmap_{name}.png", f"Error per {where.replace('corruption', 'corruption x method')}",
+                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png",
+                                            title=f"{heading}: error vs severity"))] if has_severity else []
+        heat = f"Error per {where.replace('corruption', 'corruption x method')}"
+        figures.append((f"heatmap_{name}.png", heat,
                         plots.heatmap(corruption_table(group, "error", top), group, top,
-                                      out_dir / f"heatmap_{name}.png")))
+                                      out_dir / f"heatmap_{name}.png", title=f"{heading}: {heat.lower()}")))
         batches = stream[stream["config_hash"].isin(group["config_hash"].unique())]
         if setting in STREAM_SETTINGS and len(batches):
             batches = batches.assign(label=batches["config_hash"].map(labels))
             figures.append((f"stream_{name}.png", "Accuracy along the stream",
-                            plots.stream_accuracy(batches, out_dir / f"stream_{name}.png")))
+                            plots.stream_accuracy(batches, out_dir / f"stream_{name}.png",
+                                                  title=f"{heading}: accuracy along the stream")))
         for file, title, _ in figures:
             lines += [f"![{title}]({file})", ""]
     report = out_dir / "report.md"
