@@ -14,6 +14,7 @@ is checked once, when the spec is built, with errors that name the field and the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -108,10 +109,15 @@ class MethodSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", dict(self.settings))
+        if not all(isinstance(k, str) for k in self.settings):
+            raise ValueError("settings must be a mapping of setting name: value")
         if self.window is not None and not 0 <= self.window <= 4096:
             raise ValueError(f"window must be from 0 to 4096, got {self.window}")
         if self.guard is not None and self.guard not in GUARDS:
             raise ValueError(f"guard must be one of {', '.join(GUARDS)}, got {self.guard!r}")
+
+    def __hash__(self) -> int:  # settings is a dict: hash its content
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,9 @@ class RunSpec:
     source: SourceSpec = field(default_factory=SourceSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.model, self.evaluation, self.output))
 
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():
