@@ -49,10 +49,13 @@ ADAPT_EXAMPLES = """\
 Examples:
 
 \b
-  tta adapt --method tent --benchmark digits                  # offline, about a minute on a CPU
-  tta adapt --method tent --benchmark cifar10c --model Standard   # the Tent paper's protocol
+  # offline, about a minute on a CPU:
+  tta adapt --method tent --benchmark digits
+  # the Tent paper's protocol (downloads CIFAR-10-C and the model):
+  tta adapt --method tent --benchmark cifar10c --model Standard
+  # your own images, with EATA (clean images for its Fisher) and a guard:
   tta adapt --method eata --data folder:my_images/ --model resnet50 --benchmark imagenetc \\
-      --source-data folder:my_clean_images/ --guard default        # your own images, with a guard
+      --source-data folder:my_clean_images/ --guard default
 """
 
 # help headings of `tta adapt`, by the RunSpec part an option sets
@@ -61,13 +64,16 @@ HEADINGS: dict[str, str] = {"model": "Model", "data": "Data", "stream": "Stream"
                             "output": "Evaluation and output"}
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tta")
-@click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli() -> None:
     """Test-time adaptation of pretrained classifiers on shifted data (CIFAR-10-C and your own)."""
-    if ctx.invoked_subcommand is None:
+    if click.get_current_context().invoked_subcommand is None:
         click.echo(FIRST_STEPS)
+
+
+# a bare `tta` says what to run first instead of printing its usage
+cli.invoke_without_command, cli.no_args_is_help = True, False
 
 
 class _AdaptCommand(click.Command):

@@ -250,6 +250,8 @@ class RunSpec:
                 settings[key[4:]] = value
                 continue
             if key == "set":
+                if value is None:
+                    value = {}
                 if isinstance(value, (list, tuple)):
                     value = parse_overrides(map(str, value))
                 if not isinstance(value, Mapping):
