@@ -334,9 +334,9 @@ class RunSpec:
         """The spec as YAML (written to ``path`` atomically when given); ``tta adapt --spec`` reads it back."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            from tta.run.report import atomic_write
+            from tta.io import write_text
 
-            atomic_write(path, text)
+            write_text(path, text)
         return text
 
     @cached_property
