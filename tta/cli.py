@@ -64,16 +64,13 @@ HEADINGS: dict[str, str] = {"model": "Model", "data": "Data", "stream": "Stream"
                             "output": "Evaluation and output"}
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(package_name="tta-toolkit")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Test-time adaptation of pretrained classifiers on shifted data (CIFAR-10-C and your own)."""
-    if click.get_current_context().invoked_subcommand is None:
+    if ctx.invoked_subcommand is None:  # a bare `tta` says what to run first instead of printing its usage
         click.echo(FIRST_STEPS)
-
-
-# a bare `tta` says what to run first instead of printing its usage
-cli.invoke_without_command, cli.no_args_is_help = True, False
 
 
 class _AdaptCommand(click.Command):
