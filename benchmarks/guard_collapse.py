@@ -29,9 +29,9 @@ import tta
 from tta.config import parse_overrides
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
 from tta.data.stream import Batch, Domain
-from tta.engine import evaluate
 from tta.models import load_model
 from tta.monitor import make_guard
+from tta.run.engine import evaluate
 
 
 class CachedStream:

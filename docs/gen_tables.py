@@ -78,13 +78,13 @@ def render(spec: str, root: Path = ROOT) -> str:
     path, options = parse_spec(spec)
     fmt = options.get("format", "table")
     if fmt == "adapt":
-        from tta.report import format_results
+        from tta.run.report import format_results
 
         df = _results_frame(root / path)
         df = df[df["method"] == options["method"]]
         name = f"{options['method']}_{df['model'].iloc[0]}_<UTC time>"
         return (f"```text\n{format_results(df)}\n\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} "
-                f"corruption x severity pairs; wrote results/{name}.csv (+ {name}.yaml)\n```\n")
+                f"domains; wrote results/{name}.csv (+ {name}.yaml)\n```\n")
     if fmt == "means":
         df = _results_frame(root / path)
         severities = sorted(df["severity"].unique(), reverse=True)

@@ -84,7 +84,7 @@ def _foreign_labels(d: Path) -> None:
 
 
 def _results(d: Path) -> None:
-    from tta.schema import COLUMNS
+    from tta.run.schema import COLUMNS
 
     _notes(d)
     row = {c: 1 for c in COLUMNS} | {"method": "source", "model": "m", "corruption": "fog", "config_hash": "h",

@@ -33,7 +33,7 @@ def test_one_domain_named_after_the_data(tmp_path: Path) -> None:
     path = tmp_path / "camera2.npz"
     np.savez(path, x=np.zeros((7, 4, 4, 3), np.uint8), y=np.arange(7))
     stream = npz_stream(path, batch_size=3, n_examples=5)
-    assert [(d.corruption, d.severity) for d in stream.domains] == [("camera2", 0)]
+    assert [(d.name, d.severity) for d in stream.domains] == [("camera2", None)]
     assert [len(b.y) for b in stream] == [3, 2]
 
 

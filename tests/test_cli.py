@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from tta.cli import cli
-from tta.engine import COLUMNS
 from tta.models import cifar_resnet
+from tta.run.engine import COLUMNS
 
 
 @pytest.fixture

@@ -89,7 +89,7 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.Data
     frames = []
     for method in ("source", "tent"):
         out = work / f"{method}.csv"
-        result = CliRunner().invoke(cli, ["adapt", "--method", method, "--corruption", "digits", "--data-dir",
+        result = CliRunner().invoke(cli, ["adapt", "--method", method, "--benchmark", "digits", "--data-dir",
                                           str(work / "data"), "--out", str(out), "--no-progress"])
         assert result.exit_code == 0, result.output
         frames.append(pd.read_csv(out))

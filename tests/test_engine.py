@@ -13,9 +13,9 @@ from torch import nn
 
 import tta
 from tta.data.stream import Batch, Domain, Stream
-from tta.engine import COLUMNS, evaluate, resolve_device
 from tta.errors import ConfigError
-from tta.report import CsvWriter, accuracy_table
+from tta.run.engine import COLUMNS, evaluate, resolve_device
+from tta.run.report import CsvWriter, accuracy_table
 
 
 class ArraySource:
@@ -159,7 +159,7 @@ def test_bad_stream_parameters(kwargs: dict[str, object], message: str) -> None:
 @pytest.mark.parametrize("setting", ["per-domain", "mixed", "gradual"])
 def test_per_batch_accuracy_adds_up_to_the_domain_rows(setting: str) -> None:
     from tta.data.settings import SettingStream
-    from tta.schema import BATCH_COLUMNS
+    from tta.run.schema import BATCH_COLUMNS
 
     stream = SettingStream(ArraySource(23, {"a": 2, "b": 4}), ["a", "b"], [5, 2], setting=setting, batch_size=5)
     calls: list[list[dict]] = []

@@ -139,7 +139,7 @@ def test_guard_without_source_data_still_guards_collapse(bn_model: nn.Module) ->
 def test_benchmark_rows_carry_the_estimate_and_counts(fake_cifar_c, tmp_path: Path, bn_model: nn.Module,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from tta.data.cifar_c import cifar_c_stream
-    from tta.engine import evaluate
+    from tta.run.engine import evaluate
 
     data = fake_cifar_c(size=16)
     stream = cifar_c_stream("cifar10c", data, ["gaussian_noise", "fog"], [5], None, 10, download=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tta import plots
+from tta.run import plots
 
 
 @pytest.fixture

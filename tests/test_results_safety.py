@@ -23,9 +23,9 @@ from conftest import write_fake_cifar_c
 from tta.cli import cli
 from tta.errors import ConfigError
 from tta.models import cifar_resnet
-from tta.report import CsvWriter, load_results, open_results
-from tta.resultfile import complete, read_rows
-from tta.schema import COLUMNS
+from tta.run.report import CsvWriter, load_results, open_results
+from tta.run.resultfile import complete, read_rows
+from tta.run.schema import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 

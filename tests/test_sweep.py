@@ -19,8 +19,8 @@ from conftest import write_fake_cifar_c
 
 from tta.cli import cli
 from tta.models import cifar_resnet
-from tta.schema import BATCH_COLUMNS, COLUMNS
-from tta.sweep import expand_grid, load_grid, run_sweep
+from tta.run.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.sweep import expand_grid, load_grid, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CORRUPTIONS = ("gaussian_noise", "fog")
@@ -119,23 +119,23 @@ def test_option_spellings_and_set_axes_expand_to_the_cartesian_product(tmp_path:
                  {"set.lr": [0.001, 0.01], "seed": [1, 2], "batch-size": [8, 4]})
     runs = expand_grid(*load_grid(grid))
     assert len({r.key for r in runs}) == 8
-    assert {(r.kwargs["overrides"]["lr"], r.kwargs["seed"], r.kwargs["batch_size"]) for r in runs} == {
+    assert {(r.spec.method.settings["lr"], r.spec.stream.seed, r.spec.stream.batch_size) for r in runs} == {
         (lr, seed, b) for lr in (0.001, 0.01) for seed in (1, 2) for b in (8, 4)}
-    assert all(r.kwargs["severities"] == [5, 3] and r.kwargs["data_dir"] == assets["data-dir"] for r in runs)
+    assert all(r.spec.data.severities == (5, 3) and r.spec.data.data_dir == assets["data-dir"] for r in runs)
 
 
 def test_a_mapping_axis_sets_options_together(tmp_path: Path, assets: dict) -> None:
     grid = _grid(tmp_path / "g.yaml", {**assets, "method": "source"},
                  {"replicate": [{"seed": 1, "data-seed": 0}, {"seed": 2, "data_seed": 1}], "severities": [5, 3]})
     runs = expand_grid(*load_grid(grid))
-    assert [(r.kwargs["seed"], r.kwargs["data_seed"], r.kwargs["severities"]) for r in runs] == [
-        (1, 0, [5]), (1, 0, [3]), (2, 1, [5]), (2, 1, [3])]
+    assert [(r.spec.stream.seed, r.spec.data.data_seed, r.spec.data.severities) for r in runs] == [
+        (1, 0, (5,)), (1, 0, (3,)), (2, 1, (5,)), (2, 1, (3,))]
     assert runs[0].label == "replicate={data_seed=0, seed=1} severities=5"  # as YAML wrote it (sorted)
 
 
 @pytest.mark.parametrize(("base", "grid", "message"), [
     ({}, {"methd": ["tent"]}, "unknown option 'methd' in the grid of"),
-    ({"sed": 1}, {}, "valid options are: method, corruption"),
+    ({"sed": 1}, {}, "valid options are: method, benchmark"),
     ({}, {"method": ["source", "tnet"]}, "unknown method 'tnet'"),
     ({}, {"method": ["tent", "source"], "set.lr": [0.01]}, "unknown key(s) 'lr'"),
     ({"seed": "one"}, {}, "seed='one' in the grid's base has the wrong type; expected int"),

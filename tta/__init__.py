@@ -4,6 +4,7 @@
 >>> adapted = tta.adapt(model, method="tent")   # any nn.Module with norm layers, inputs in [0, 1]
 >>> logits = adapted(x)                          # predicts and adapts
 >>> adapted.reset()                              # back to the source model
+>>> result = tta.run(tta.RunSpec())              # what `tta adapt` does, described by one value
 
 Names are imported on first use, so ``import tta`` (and ``tta --help``) stays fast.
 """
@@ -19,12 +20,15 @@ _EXPORTS: dict[str, str] = {
     "adapt": "tta.api",
     "load_adapted": "tta.api",
     "run_benchmark": "tta.api",
+    "run": "tta",
+    "RunSpec": "tta.run.spec",
+    "RunResult": "tta.run.execute",
     "warmup_afn": "tta.warmup",
     "AdaptedModel": "tta.core.base",
     "StepOutput": "tta.core.base",
     "Requirements": "tta.core.requirements",
     "SourceData": "tta.source",
-    "evaluate": "tta.engine",
+    "evaluate": "tta.run.engine",
     "load_model": "tta.models",
     "cifar_c_stream": "tta.data.cifar_c",
     "corrupt": "tta.corruptions",
@@ -50,6 +54,10 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "run":  # the package tta.run, callable: tta.run(spec) executes a RunSpec
+        value = importlib.import_module("tta.run")
+        globals()[name] = value
+        return value
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -43,96 +43,182 @@ def _split(cast: Callable[[str], Any], what: str) -> Callable[[click.Context, cl
     return parse
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+FIRST_STEPS = """\
+tta: test-time adaptation of pretrained classifiers on shifted data.
+
+Start here (offline: a small digits model and corrupted digits, about a minute on a CPU):
+
+    tta adapt --method tent --benchmark digits
+
+Then: `tta adapt --help` (every option, with examples), `tta methods` (the methods and their settings),
+`tta --help` (every command).
+"""
+
+ADAPT_EXAMPLES = """\
+Examples:
+
+\b
+  # offline, about a minute on a CPU:
+  tta adapt --method tent --benchmark digits
+  # the Tent paper's protocol (downloads CIFAR-10-C and the model):
+  tta adapt --method tent --benchmark cifar10c --model Standard
+  # your own images, with EATA (clean images for its Fisher) and a guard:
+  tta adapt --method eata --data folder:my_images/ --model resnet50 --benchmark imagenetc \\
+      --source-data folder:my_clean_images/ --guard default
+"""
+
+# help headings of `tta adapt`, by the RunSpec part an option sets
+HEADINGS: dict[str, str] = {"model": "Model", "data": "Data", "stream": "Stream", "method": "Method",
+                            "source": "Method", "evaluation": "Evaluation and output",
+                            "output": "Evaluation and output"}
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(package_name="tta-toolkit")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Test-time adaptation of pretrained classifiers on shifted data (CIFAR-10-C and your own)."""
+    if ctx.invoked_subcommand is None:  # a bare `tta` says what to run first instead of printing its usage
+        click.echo(FIRST_STEPS)
 
 
-@cli.command("adapt")
-@click.option("--method", default="tent", show_default=True, help="adaptation method (see `tta methods`)")
-@click.option("--corruption", "benchmark", default="cifar10c", show_default=True,
-              help="corruption benchmark: cifar10c, cifar100c, imagenetc, imagenet3dcc or digits (offline demo)")
+class _AdaptCommand(click.Command):
+    """``tta adapt``'s help: the options under headings (model, data, stream, method, evaluation and output)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from tta.run.spec import ALIASES, OPTIONS
+
+        groups: dict[str, list[tuple[str, str]]] = {"Run spec": []}
+        groups.update({title: [] for title in HEADINGS.values()})
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            name = ALIASES.get(param.name or "", (param.name, False))[0] or ""
+            name = "set" if name.startswith("set.") else name
+            title = HEADINGS[OPTIONS[name][0]] if name in OPTIONS else "Run spec"
+            groups[title if name != "help" else "Evaluation and output"].append(record)
+        for title, records in groups.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+def _deprecated(new: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def warn(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            click.echo(f"warning: {param.opts[0]} is deprecated; use {new} (it means the same)", err=True)
+        return value
+
+    return warn
+
+
+@cli.command("adapt", cls=_AdaptCommand, epilog=ADAPT_EXAMPLES)
+@click.option("--spec", type=click.Path(exists=True, dir_okay=False),
+              help="run the RunSpec of this YAML file (e.g. the .yaml written beside a run's results); options "
+              "given too override its values")
 @click.option("--model", help="robustbench corruption-zoo name (Standard, Hendrycks2020AugMix_WRN, ...), torchvision "
-              "or timm name (default: Standard for CIFAR, resnet50 for ImageNet, digits-cnn for digits)")
-@click.option("--data", help="adapt on your own images instead: folder:PATH (PATH/<class>/ or PATH/<domain>/<class>/), "
-              "csv:PATH (rows path,label[,domain]) or npz:PATH (x, y[, domain]); --corruption picks the model family")
+              "name (resnet50), timm name, or digits-cnn (default: the benchmark's model)")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="local CIFAR ResNet checkpoint (with --arch)")
 @click.option("--arch", help="architecture of --checkpoint: resnet20|resnet32|resnet44|resnet56|resnet110")
+@click.option("--benchmark", default="cifar10c", show_default=True,
+              help="cifar10c | cifar100c | imagenetc | imagenet3dcc | digits (offline); with --data only the model "
+              "family")
+@click.option("--corruption", callback=_deprecated("--benchmark"), hidden=True, help="old name of --benchmark")
+@click.option("--data", help="adapt on your own images instead: folder:PATH (PATH/<class>/ or PATH/<domain>/<class>/), "
+              "csv:PATH (rows path,label[,domain]) or npz:PATH (x uint8 NHWC, y[, domain])")
 @click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False),
               help="where datasets and downloaded models live")
 @click.option("--corruptions", callback=_split(str, "names"), metavar="gaussian_noise,fog", help=CORRUPTION_HELP)
 @click.option("--severities", callback=_split(int, "integers"), metavar="5,4,3,2,1",
               help="comma-separated severities in run order (default 5,4,3,2,1)")
 @click.option("--n-examples", type=click.IntRange(min=1), help="images per corruption x severity (default: all)")
-@click.option("--batch-size", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=1, show_default=True, type=int)
-@click.option("--reset", default="domain", show_default=True, type=click.Choice(["domain", "batch", "never"]),
-              help="reset before each corruption x severity, before every batch (episodic), or never (continual)")
+@click.option("--generate", is_flag=True,
+              help="corrupt the clean test set on the fly on the device instead of reading corruption files")
+@click.option("--data-seed", default=0, show_default=True, type=int,
+              help="seed of the corruptions generated on the fly (--generate, digits)")
+@click.option("--clean", help="clean test set for --generate: cifar10, cifar100, npz:PATH or folder:PATH "
+              "(default: the benchmark's clean test set)")
+@click.option("--source", callback=_deprecated("--clean"), hidden=True, help="old name of --clean")
+@click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
+              help="folder of frost photographs for --generate (default: a procedural frost texture)")
+@click.option("--download/--no-download", default=True, show_default=True, help="download missing dataset files")
 @click.option("--setting", default="per-domain", show_default=True,
               type=click.Choice(["per-domain", "continual", "mixed", "gradual", "correlated", "mixed-correlated"]),
               help="stream order: one corruption x severity at a time, corruptions back to back per severity, all "
                    "corruptions of a severity shuffled together (--seed), severities 1..5..1 per corruption, or the "
                    "continual/mixed streams ordered by class label (correlated, mixed-correlated)")
+@click.option("--batch-size", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=1, show_default=True, type=int,
+              help="the run's seed: it shuffles the mixed settings and seeds torch")
 @click.option("--dirichlet", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="correlated settings: concentration of the label-shift Dirichlet (0 = sorted by label)")
-@click.option("--contexts", type=click.Choice(["oracle", "infer"]),
-              help="dsbn/context-norm: route samples by the stream's domain ids (oracle) or infer them (infer); "
-                   "same as --set contexts=...")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+@click.option("--order", default="shuffle", show_default=True, type=click.Choice(["shuffle", "file"]),
+              help="with --data: images of a domain shuffled (--seed) or in the order of the files")
+@click.option("--method", default="tent", show_default=True, help="adaptation method (see `tta methods`)")
+@click.option("--set", "set", multiple=True, metavar="KEY=VALUE",
               help="override a method setting, e.g. --set lr=0.0005 (repeatable)")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML file of method settings")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="CSV to write (default: results/<method>_<model>_<time>.csv)")
-@click.option("--download/--no-download", default=True, show_default=True, help="download missing dataset files")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--generate", is_flag=True,
-              help="corrupt the clean test set on the fly on the device instead of reading corruption files")
-@click.option("--data-seed", default=0, show_default=True, type=int, help="seed of the --generate corruptions")
-@click.option("--source", help="clean set for --generate: cifar10, cifar100, npz:PATH or folder:PATH "
-              "(default: the benchmark's clean test set)")
-@click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
-              help="folder of frost photographs for --generate (default: a procedural frost texture)")
-@click.option("--source-data", help="clean source data for methods that need it (eata's Fisher): cifar10|cifar100 "
-              "(training split, in --data-dir), npz:PATH or folder:PATH")
+@click.option("--preset", help="named method defaults, e.g. imagenet (see `tta methods`)")
 @click.option("--window", type=click.IntRange(min=0, max=4096),
               help="adapt single images on a sliding window of this many recent images (default: 64 with "
               "--batch-size 1, else off)")
-@click.option("--preset", help="named method defaults, e.g. imagenet (see `tta methods`)")
 @click.option("--guard", type=click.Choice(["default", "monitor", "fallback"]),
               help="watch label-free signals and skip updates, answer with the source model, roll back or reset "
                    "when adaptation degrades (monitor: signals only); calibrates on --source-data when given")
+@click.option("--contexts", type=click.Choice(["oracle", "infer"]),
+              help="dsbn/context-norm: route samples by the stream's domain ids (oracle) or infer them (infer); "
+                   "same as --set contexts=...")
 @click.option("--afn-checkpoint", type=click.Path(dir_okay=False),
               help="with --method afn: AFN layers warmed up by `tta warmup` (same as --set afn_checkpoint=FILE)")
+@click.option("--source-data", help="clean source data for methods that need it (eata's Fisher): cifar10|cifar100 "
+              "(training split, in --data-dir), npz:PATH or folder:PATH")
+@click.option("--reset", default="domain", show_default=True, type=click.Choice(["domain", "batch", "never"]),
+              help="reset before each corruption x severity, before every batch (episodic), or never (continual)")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="CSV to write (default: results/<method>_<model>_<time>.csv)")
 @click.option("--resume", is_flag=True,
               help="--out may already hold rows of this run (same config hash): keep them if the run finished, "
                    "else run it again in their place (never duplicate rows)")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+@click.option("--batches", is_flag=True, help="also write the accuracy of every batch to <out stem>.batches.csv")
+@click.option("--report", type=click.Path(file_okay=False),
               help="also write a markdown report with plots of this run to this directory (see `tta report`)")
-def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: str | None, report_dir: str | None,
-                  **kwargs: Any) -> None:
-    """Adapt a model over a corruption benchmark and report accuracy per corruption x severity."""
-    from tta.api import run_benchmark
-    from tta.config import parse_overrides
-    from tta.report import config_path, format_results, write_report
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.pass_context
+def adapt_command(ctx: click.Context, spec: str | None, **kwargs: Any) -> None:
+    """Adapt a model over a corruption benchmark (or your own data) and report accuracy per domain."""
+    from click.core import ParameterSource
 
-    settings = parse_overrides(overrides)
-    if afn_checkpoint is not None:
-        if kwargs["method"] != "afn":
-            raise click.UsageError(f"--afn-checkpoint applies to --method afn, not {kwargs['method']}")
-        settings["afn_checkpoint"] = afn_checkpoint
-    df, out = run_benchmark(overrides=settings, progress=progress, batches=report_dir is not None, **kwargs)
+    from tta.config import parse_overrides
+    from tta.run.execute import run
+    from tta.run.report import format_results
+    from tta.run.spec import RunSpec
+
+    given = {k: v for k, v in kwargs.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    for old, new in (("corruption", "benchmark"), ("source", "clean")):
+        if old in given:
+            if new in given:
+                raise click.UsageError(f"--{old} is the old name of --{new}; pass only --{new}")
+            given[new] = given.pop(old)
+    given.update({f"set.{k}": v for k, v in parse_overrides(given.pop("set", ())).items()})
+    if spec is not None:
+        options = {**RunSpec.from_yaml(spec).options(), **given, "progress": kwargs["progress"]}
+        result = run(RunSpec.from_options(options, f"--spec {spec} and the options given"))
+    else:
+        result = run(RunSpec.from_options({**given, "progress": kwargs["progress"]}, "the command line"))
+    df = result.results
     click.echo(format_results(df))
-    click.echo(f"\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} corruption x severity pairs; "
-               f"wrote {out} (+ {config_path(out, str(df['config_hash'].iloc[0])).name})")
-    if report_dir is not None:
-        click.echo(f"report: {write_report([out], report_dir)}")
+    click.echo(f"\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} domains; wrote {result.out} "
+               f"(+ {result.config.name})")
+    if result.report is not None:
+        click.echo(f"report: {result.report}")
 
 
 @cli.command("corrupt")
-@click.option("--source", required=True,
-              help="clean set: cifar10, cifar100 (test split), npz:PATH (arrays x uint8 NHWC, y) or folder:PATH")
+@click.option("--clean", help="clean set (required): cifar10, cifar100 (test split), npz:PATH (arrays x uint8 NHWC, y) "
+              "or folder:PATH")
+@click.option("--source", callback=_deprecated("--clean"), hidden=True, help="old name of --clean")
 @click.option("--out", default="data", show_default=True, type=click.Path(file_okay=False),
               help="writes OUT/CIFAR-10-C (OUT/CIFAR-100-C for cifar100) in the published layout")
 @click.option("--corruptions", callback=_split(str, "names"), metavar="gaussian_noise,fog",
@@ -150,14 +236,17 @@ def adapt_command(overrides: tuple[str, ...], progress: bool, afn_checkpoint: st
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="where cifar10/cifar100 are looked for and downloaded (default: --out)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def corrupt_command(out: str, severities: list[int] | None, device: str, **kwargs: Any) -> None:
+def corrupt_command(out: str, severities: list[int] | None, device: str, clean: str | None, source: str | None,
+                    **kwargs: Any) -> None:
     """Write corrupted copies of a clean image set in the CIFAR-10-C layout; a killed run resumes where it stopped."""
+    if (clean is None) == (source is None):
+        raise click.UsageError("pass the clean set once, with --clean (--source is its old name)")
     from tta.data.cifar_c import ALL_CORRUPTIONS
     from tta.data.writer import corrupt_dataset, missing_blocks
     from tta.devices import resolve_device
 
-    root = corrupt_dataset(out_dir=out, severities=severities or [1, 2, 3, 4, 5], device=resolve_device(device),
-                           **kwargs)
+    root = corrupt_dataset(clean or str(source), out_dir=out, severities=severities or [1, 2, 3, 4, 5],
+                           device=resolve_device(device), **kwargs)
     files = sorted(p.name for p in root.glob("*.npy"))
     click.echo(f"{root}: {len(files)} files ({', '.join(files)})")
     waiting = missing_blocks(root, kwargs["corruptions"] or ALL_CORRUPTIONS)
@@ -240,8 +329,8 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
 def sweep_command(grid: str, out: str, **kwargs: Any) -> None:
     """Run a grid of `tta adapt` runs (a YAML file with base: and grid: mappings); started again, it runs only the
     missing ones."""
-    from tta.report import format_summary
-    from tta.sweep import run_sweep
+    from tta.run.report import format_summary
+    from tta.run.sweep import run_sweep
 
     result = run_sweep(grid, out, **kwargs)
     if len(result.results):
@@ -258,7 +347,7 @@ def sweep_command(grid: str, out: str, **kwargs: Any) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="directory for report.md and the plots")
 def report_command(inputs: tuple[str, ...], out: str) -> None:
     """Tables (markdown) and plots (PNG) from `tta sweep` directories or `tta adapt` result CSVs."""
-    from tta.report import write_report
+    from tta.run.report import write_report
 
     click.echo(f"wrote {write_report(inputs, out)}")
 

@@ -36,6 +36,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is dict:
+        return "mapping"
     if origin is tuple:
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -57,6 +59,10 @@ def _coerce(value: Any, tp: Any) -> Any:
                 return _coerce(value, arg)
             except TypeError:
                 continue
+        raise TypeError
+    if origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
         raise TypeError
     if origin is tuple:
         args = get_args(tp)

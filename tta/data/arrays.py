@@ -126,7 +126,7 @@ def array_stream(
 ) -> SettingStream:
     """A stream over in-memory images (see the module docs for the accepted layouts and types).
 
-    Without ``domains`` it is one domain, reported as corruption ``name``, severity 0; ``domains`` (one id or name
+    Without ``domains`` it is one domain, reported by ``name``, with no severity; ``domains`` (one id or name
     per image) splits the images into domains (reported by that id, in sorted order) that ``setting`` orders like
     any benchmark's (``tta.data.settings``). ``order="file"`` (the default here) reads each domain's images in the
     given order, ``"shuffle"`` in a seeded random one (``tta.data.order``); ``n_examples`` takes the first images
@@ -150,9 +150,9 @@ def array_stream(
     for domain, rows in groups.items():
         part_x, part_y = (x, y) if rows is None else (x[torch.as_tensor(rows)], y[torch.as_tensor(rows)])
         perm = domain_permutation(len(part_y), seed, domain) if order == "shuffle" else None
-        parts[Domain(domain, 0)] = ArraySource(part_x, part_y, perm)
-    names = [d.corruption for d in parts]
-    stream = SettingStream(DomainArrays(parts), names, [0], setting=setting, n_examples=n_examples,
+        parts[Domain(name=domain)] = ArraySource(part_x, part_y, perm)
+    names = [d.name for d in parts]
+    stream = SettingStream(DomainArrays(parts), names, [None], setting=setting, n_examples=n_examples,
                            batch_size=batch_size, seed=seed, dirichlet=dirichlet)
     stream.num_labels = max(int(p.labels.max()) + 1 for p in parts.values())
     check_stream_order(stream, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -19,6 +20,16 @@ from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, check_selection,
 from tta.data.settings import SettingStream, WholeDomainCache, check_setting
 from tta.data.stream import Domain, DomainSource
 from tta.data.writer import to_uint8
+
+
+class Ordering(TypedDict, total=False):
+    """How a generated stream orders its samples: the ``setting`` (``tta.data.settings``), the seed that shuffles
+    the mixed settings (``shuffle_seed``, a run's ``seed``) and the label-shift ``dirichlet``."""
+
+    setting: str
+    shuffle_seed: int
+    dirichlet: float
+
 
 # the clean test set each benchmark corrupts
 CLEAN_SOURCES: dict[str, str] = {"cifar10c": "cifar10", "cifar100c": "cifar100"}
@@ -75,26 +86,25 @@ def generated_stream(
     source: str | None = None,
     frost_images: str | Path | None = None,
     download: bool = True,
-    setting: str = "per-domain",
-    shuffle_seed: int = 0,
-    dirichlet: float = 0.0,
+    **ordering: Unpack[Ordering],
 ) -> SettingStream:
     """The stream ``cifar_c_stream`` would give, generated from the clean set on the fly (see the module docs).
 
     ``source`` is a ``load_clean`` spec; by default the benchmark's own clean test set (``cifar10`` for
     ``cifar10c``), which needs only the clean archive in ``data_dir`` (downloaded there unless ``download`` is off).
-    ``setting`` orders the stream as ``tta.data.settings`` describes (``shuffle_seed`` shuffles ``mixed``); the
-    interleaved settings generate each domain whole, once, and keep one severity's worth of domains in memory.
+    ``seed`` is the corruptions' seed (a run's ``data_seed``); ``ordering`` (``Ordering``: ``setting``,
+    ``shuffle_seed``, ``dirichlet``) orders the stream as ``tta.data.settings`` describes (``shuffle_seed``, a
+    run's ``seed``, shuffles ``mixed``); the interleaved settings generate each domain whole, once, and keep one
+    severity's worth of domains in memory.
     """
     from tta.data.clean import load_clean
 
     dataset_info(dataset)
-    check_setting(setting)
+    check_setting(ordering.get("setting", "per-domain"))
     check_selection(corruptions, severities)
     images, labels = load_clean(source or CLEAN_SOURCES[dataset], data_dir, download)
     return corrupted_stream(images, labels, corruptions, severities, n_examples, batch_size, seed=seed, device=device,
-                            frost_images=frost_images, setting=setting, shuffle_seed=shuffle_seed,
-                            dirichlet=dirichlet)
+                            frost_images=frost_images, **ordering)
 
 
 def corrupted_stream(
@@ -107,14 +117,12 @@ def corrupted_stream(
     seed: int = 0,
     device: str | torch.device = "cpu",
     frost_images: str | Path | None = None,
-    setting: str = "per-domain",
-    shuffle_seed: int = 0,
-    dirichlet: float = 0.0,
     stream_cls: type[SettingStream] = SettingStream,
+    **ordering: Unpack[Ordering],
 ) -> SettingStream:
     """A stream of ``images`` (uint8 (N, H, W, 3)) corrupted on the fly, as ``generated_stream`` describes
     (``stream_cls``: a ``SettingStream`` subclass to build)."""
-    check_setting(setting)
+    setting = check_setting(ordering.get("setting", "per-domain"))
     check_selection(corruptions, severities)
     if n_examples is not None:  # only the first n_examples of each domain are requested: keep their whole chunks
         keep = -(-n_examples // CHUNK) * CHUNK
@@ -123,5 +131,5 @@ def corrupted_stream(
     if setting not in ("per-domain", "continual"):
         # Their batches jump between domains, which would regenerate chunks again and again.
         gen = WholeDomainCache(gen, capacity=max(len(corruptions), len(set(severities))))
-    return stream_cls(gen, corruptions, severities, setting=setting, n_examples=n_examples,
-                      batch_size=batch_size, seed=shuffle_seed, dirichlet=dirichlet)
+    return stream_cls(gen, corruptions, severities, setting=setting, n_examples=n_examples, batch_size=batch_size,
+                      seed=ordering.get("shuffle_seed", 0), dirichlet=ordering.get("dirichlet", 0.0))

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Unpack
 
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 from tta.data.images import DecodedStream, ImageFiles, imagenet_wnids
-from tta.data.settings import check_setting
+from tta.data.settings import Ordering, check_setting
 from tta.data.stream import Domain
 from tta.errors import ConfigError, DataError, DownloadError
 from tta.models.preprocess import Preprocess
@@ -138,23 +139,22 @@ def imagenet_c_stream(
     subset: bool = True,
     preprocess: Preprocess | None = None,
     download: bool = True,
-    setting: str = "per-domain",
-    seed: int = 0,
     workers: int | None = None,
-    dirichlet: float = 0.0,
+    **ordering: Unpack[Ordering],
 ) -> DecodedStream:
     """A stream over ImageNet-C (``imagenetc``) or ImageNet-3DCC (``imagenet3dcc``), ordered as ``setting``.
 
     ``subset`` reads the reference 5,000 images per domain (otherwise all 50,000); ``n_examples`` keeps the first
     n of them. ``preprocess`` is the model's geometry (``tta.models.preprocess.preprocess_for``); the default
-    (resize 256, crop 224, bilinear) is the classic ImageNet evaluation.
+    (resize 256, crop 224, bilinear) is the classic ImageNet evaluation. ``ordering`` (``setting``, ``seed``,
+    ``dirichlet``) orders the stream as ``tta.data.settings`` describes.
     """
-    check_setting(setting)
+    check_setting(ordering.get("setting", "per-domain"))
     _, _, default = benchmark_info(benchmark)
     corruptions = list(corruptions or default)
     _check(benchmark, corruptions, severities)
     root = ensure_folders(benchmark, data_dir, corruptions, severities, download)
     files = {Domain(c, s): domain_files(root / c / str(s), subset) for c in corruptions for s in severities}
     source = ImageFiles(files, preprocess or Preprocess(256, 224, "bilinear"))
-    return DecodedStream(source, corruptions, severities, setting=setting, n_examples=n_examples,
-                         batch_size=batch_size, seed=seed, workers=workers, dirichlet=dirichlet)
+    return DecodedStream(source, corruptions, severities, n_examples=n_examples, batch_size=batch_size,
+                         workers=workers, **ordering)

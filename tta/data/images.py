@@ -260,7 +260,7 @@ def folder_stream(
     order: str = "shuffle",
 ) -> DecodedStream:
     """A stream over your own images: an image folder (``root/<class>/`` or ``root/<domain>/<class>/``) or a CSV
-    of ``path,label[,domain]``. Each domain is reported as corruption ``<domain>``, severity 0. ``preprocess``
+    of ``path,label[,domain]``. Each domain is reported by its name (``<domain>``), with no severity. ``preprocess``
     (default: images kept as they are, which must then share one size) resizes and crops them. Each domain is
     shuffled with ``seed`` (``n_examples`` is then a seeded random subset) unless ``order="file"`` keeps the files'
     order (folders: class by class); a warning is logged when the labels follow each other (``tta.data.order``)."""
@@ -271,8 +271,8 @@ def folder_stream(
     files = csv_files(path) if path.suffix.lower() == ".csv" else folder_files(path)
     if order == "shuffle":
         files = {d: [f[i] for i in domain_permutation(len(f), seed, d)] for d, f in files.items()}
-    source = ImageFiles({Domain(d, 0): f for d, f in files.items()}, preprocess or Preprocess())
-    stream = DecodedStream(source, list(files), [0], setting=setting, n_examples=n_examples, batch_size=batch_size,
+    source = ImageFiles({Domain(name=d): f for d, f in files.items()}, preprocess or Preprocess())
+    stream = DecodedStream(source, list(files), [None], setting=setting, n_examples=n_examples, batch_size=batch_size,
                            seed=seed, workers=workers, dirichlet=dirichlet)
     check_stream_order(stream, str(path))
     return stream

@@ -100,7 +100,7 @@ def check_stream_order(stream: object, what: str) -> float:
             labels[mask] = labels_of[int(d)][run.index[mask]]
         score = order_score(labels)
         if score > worst:
-            worst, where = score, ", ".join(sorted({domains[int(d)].corruption for d in np.unique(run.domain)}))
+            worst, where = score, ", ".join(sorted({domains[int(d)].name for d in np.unique(run.domain)}))
     if worst > THRESHOLD:
         log.warning("the images of %s reach the model in an order that follows their labels (domain %s: %.0f standard "
                     "deviations from a random order), which can make adaptation collapse; shuffle them (order "

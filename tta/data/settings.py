@@ -29,6 +29,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -46,6 +47,14 @@ def check_setting(setting: str) -> str:
     return setting
 
 
+class Ordering(TypedDict, total=False):
+    """How a stream orders its samples: ``SettingStream``'s ``setting``, ``seed`` and ``dirichlet``."""
+
+    setting: str
+    seed: int
+    dirichlet: float
+
+
 @dataclass(frozen=True)
 class Run:
     """A stretch of the stream batched on its own: per-sample domain ids and sample indices, in stream order."""
@@ -56,6 +65,11 @@ class Run:
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+def _domain(corruption: str, severity: int | None) -> Domain:
+    """A benchmark's domain, or (severity None) a domain of your own data named ``corruption``."""
+    return Domain(corruption, severity) if severity is not None else Domain(name=corruption)
 
 
 def gradual_severities(severities: Sequence[int]) -> list[int]:
@@ -84,9 +98,9 @@ class SettingStream(Stream):
         if not corruptions or not severities:
             raise ConfigError("the stream has no domains; select at least one corruption and severity")
         if setting == "gradual":
-            domains = [Domain(c, s) for c in corruptions for s in sorted(set(severities))]
+            domains = [_domain(c, s) for c in corruptions for s in sorted(set(severities))]
         else:
-            domains = [Domain(c, s) for s in severities for c in corruptions]
+            domains = [_domain(c, s) for s in severities for c in corruptions]
         super().__init__(source, domains, n_examples=n_examples, batch_size=batch_size)
         self.runs = self._plan(list(corruptions), list(severities))
 
@@ -113,7 +127,7 @@ class SettingStream(Stream):
                 runs.append(Run(segment, np.full(n, d), index))
         elif self.setting in ("mixed", "mixed-correlated"):
             for s_i, s in enumerate(severities):
-                pairs = [self._ids(Domain(c, s)) for c in corruptions]
+                pairs = [self._ids(_domain(c, s)) for c in corruptions]
                 domain = np.concatenate([np.full(len(idx), d) for d, idx in pairs])
                 index = np.concatenate([idx for _, idx in pairs])
                 order = rng.permutation(len(index))
@@ -128,7 +142,7 @@ class SettingStream(Stream):
             for c_i, c in enumerate(corruptions):
                 seen: dict[int, int] = {}
                 for s in path:
-                    d, idx = self._ids(Domain(c, s))
+                    d, idx = self._ids(_domain(c, s))
                     chunks = np.array_split(idx, path.count(s))  # disjoint images for each visit
                     part = chunks[seen.get(s, 0)]
                     seen[s] = seen.get(s, 0) + 1

@@ -1,4 +1,4 @@
-"""Which images a run adapts on: a named benchmark (``--corruption``) or your own data (``--data``).
+"""Which images a run adapts on: a named benchmark (``--benchmark``) or your own data (``--data``).
 
 Benchmarks: ``cifar10c`` and ``cifar100c`` (the published ``.npy`` files), ``imagenetc`` and ``imagenet3dcc``
 (JPEG folders, ``tta.data.imagenet_c``) and ``digits`` (scikit-learn's bundled digits corrupted on the fly,
@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tta.data.stream import Stream
 from tta.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from tta.run.spec import DataSpec, StreamSpec
 
 # benchmark -> (default model, number of classes)
 BENCHMARKS: dict[str, tuple[str, int]] = {
@@ -83,43 +87,60 @@ def data_stream(spec: str, benchmark: str, model: str | None, n_examples: int | 
                          setting=setting, seed=seed, dirichlet=dirichlet, order=order)
 
 
-def benchmark_stream(
-    benchmark: str,
-    data_dir: str | Path,
-    corruptions: Sequence[str],
-    severities: Sequence[int],
-    n_examples: int | None = None,
-    batch_size: int = 200,
-    *,
-    model: str | None = None,
-    download: bool = True,
-    setting: str = "per-domain",
-    seed: int = 0,
-    data_seed: int = 0,
-    device: str | torch.device = "cpu",
-    dirichlet: float = 0.0,
-) -> Stream:
-    """The stream of a named benchmark. ``model`` (None for a local checkpoint) sets ImageNet's preprocessing;
-    ImageNet-C/3DCC read the 5,000-image subset unless ``n_examples`` asks for more than 5,000 images per domain;
-    ``digits`` is corrupted with seed ``data_seed`` on ``device``."""
-    check_benchmark(benchmark)
+def check_selection_for(benchmark: str, corruptions: Sequence[str] | None, severities: Sequence[int] | None) -> None:
+    """``ConfigError`` for corruption names the benchmark does not have or severities outside 1..5 (None: the
+    benchmark's defaults); loads nothing."""
+    from tta.data.cifar_c import SEVERITIES
+
+    names = list(corruptions or default_corruptions(benchmark))
+    levels = list(severities or SEVERITIES)
+    if benchmark.startswith("imagenet"):
+        from tta.data.imagenet_c import _check
+
+        _check(benchmark, names, levels)
+    else:
+        from tta.corruptions.names import check_selection
+
+        check_selection(names, levels)
+
+
+def benchmark_stream(data: DataSpec, stream: StreamSpec, model: str | None = None,
+                     device: str | torch.device = "cpu") -> Stream:
+    """The stream of a named benchmark (``data.benchmark``), files read from ``data.data_dir`` or, with
+    ``data.generate``, corrupted on the fly on ``device`` from the clean set with seed ``data.data_seed``, ordered
+    as ``stream`` says. ``model`` (None for a local checkpoint) sets ImageNet's preprocessing; ImageNet-C/3DCC read
+    the 5,000-image subset unless ``n_examples`` asks for more than 5,000 images per domain; ``digits`` is always
+    corrupted on the fly."""
+    from tta.data.cifar_c import SEVERITIES
+
+    benchmark = check_benchmark(data.benchmark)
+    corruptions = list(data.corruptions or default_corruptions(benchmark))
+    severities = list(data.severities or SEVERITIES)
+    ordering = {"setting": stream.setting, "dirichlet": stream.dirichlet}
+    sizes = (data.n_examples, stream.batch_size)
     if benchmark == "digits":
         from tta.data.digits import digits_stream
 
-        return digits_stream(corruptions, severities, n_examples, batch_size, seed=data_seed, device=device,
-                             setting=setting, shuffle_seed=seed, dirichlet=dirichlet)
+        return digits_stream(corruptions, severities, *sizes, seed=data.data_seed, device=device,
+                             shuffle_seed=stream.seed, **ordering)
+    if data.generate:
+        from tta.data.generated import generated_stream
+
+        return generated_stream(benchmark, data.data_dir, corruptions, severities, *sizes, seed=data.data_seed,
+                                device=device, source=data.clean, frost_images=data.frost_images,
+                                download=data.download, shuffle_seed=stream.seed, **ordering)
     if benchmark.startswith("imagenet"):
         from tta.data.imagenet_c import SUBSET_SIZE, imagenet_c_stream
         from tta.models.preprocess import preprocess_for
 
-        return imagenet_c_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size,
-                                 subset=n_examples is None or n_examples <= SUBSET_SIZE,
-                                 preprocess=preprocess_for(model, benchmark), download=download, setting=setting,
-                                 seed=seed, dirichlet=dirichlet)
+        return imagenet_c_stream(benchmark, data.data_dir, corruptions, severities, *sizes,
+                                 subset=data.n_examples is None or data.n_examples <= SUBSET_SIZE,
+                                 preprocess=preprocess_for(model, benchmark), download=data.download,
+                                 seed=stream.seed, **ordering)
     from tta.data.cifar_c import cifar_c_stream
 
-    return cifar_c_stream(benchmark, data_dir, corruptions, severities, n_examples, batch_size, download=download,
-                          setting=setting, seed=seed, dirichlet=dirichlet)
+    return cifar_c_stream(benchmark, data.data_dir, corruptions, severities, *sizes, download=data.download,
+                          seed=stream.seed, **ordering)
 
 
 def check_num_classes(stream: Stream, model: nn.Module, benchmark: str | None = None) -> None:

@@ -1,7 +1,8 @@
 """Streams of test batches: what the engine iterates.
 
-A ``Stream`` knows its ``domains`` (one per corruption x severity) and yields ``Batch``es whose samples each carry
-a domain id (an index into ``domains``), so mixed-domain streams keep per-domain accounting. ``segment`` numbers
+A ``Stream`` knows its ``domains`` (one per corruption x severity of a benchmark, one per folder of your own data)
+and yields ``Batch``es whose samples each carry a domain id (an index into ``domains``), so mixed-domain streams
+keep per-domain accounting. ``segment`` numbers
 the stretches between which the ``domain`` reset policy resets the method.
 """
 
@@ -17,10 +18,39 @@ import torch
 
 @dataclass(frozen=True, order=True)
 class Domain:
-    """One test condition: a corruption at a severity (severity 0 = clean)."""
+    """One test condition: a ``name`` and the attributes a stream has (``corruption``, ``severity``, ``visit``,
+    ``window``, ``step``; None where it has none). Results are grouped by the attributes present.
 
-    corruption: str
-    severity: int
+    ``Domain("fog", 5)`` is a benchmark's domain (corruption fog at severity 5, named ``fog``); ``Domain(name="day")``
+    a folder of your own images.
+    """
+
+    corruption: str | None = None
+    severity: int | None = None
+    name: str = ""
+    visit: int | None = None
+    window: int | None = None
+    step: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            if self.corruption is None:
+                from tta.errors import ConfigError
+
+                raise ConfigError("a Domain needs a name or a corruption; pass Domain(name=...)")
+            object.__setattr__(self, "name", self.corruption)
+
+    @property
+    def attributes(self) -> dict[str, str | int]:
+        """The attributes this domain has (those that are not None)."""
+        values = {"corruption": self.corruption, "severity": self.severity, "visit": self.visit,
+                  "window": self.window, "step": self.step}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def __str__(self) -> str:
+        extra = [f"s{self.severity}" if self.severity is not None else ""]
+        extra += [f"{k} {v}" for k, v in self.attributes.items() if k in ("visit", "window", "step")]
+        return " ".join([self.name, *(e for e in extra if e)])
 
 
 @dataclass

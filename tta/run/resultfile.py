@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import IO
 
 import pandas as pd
+import yaml
 
 from tta.errors import ConfigError
-from tta.schema import COLUMNS
+from tta.run.schema import COLUMNS
 
-REQUIRED = ("method", "model", "corruption", "severity", "n", "accuracy", "config_hash")
+# Every row has these; ``severity`` is empty for named domains (your own folders), so it is not among them.
+REQUIRED = ("method", "model", "corruption", "n", "accuracy", "config_hash")
 
 
 def lock_path(path: str | Path, suffix: str = "lock") -> Path:
@@ -119,7 +121,8 @@ def read_rows(path: str | Path, columns: Sequence[str] = COLUMNS) -> tuple[pd.Da
 
 
 def complete(df: pd.DataFrame, domains: int) -> bool:
-    """Whether ``df`` holds exactly one valid row for each of ``domains`` corruption x severity pairs."""
+    """Whether ``df`` holds exactly one valid row for each of its ``domains`` (corruption x severity pairs, or named
+    domains)."""
     if len(df) != domains or not set(REQUIRED) <= set(df.columns):
         return False
     if df[list(REQUIRED)].isna().any().any():
@@ -130,7 +133,7 @@ def complete(df: pd.DataFrame, domains: int) -> bool:
 
 
 def complete_text(text: str, domains: int) -> bool:
-    """Whether the results CSV ``text`` holds exactly one valid row per corruption x severity (``complete``)."""
+    """Whether the results CSV ``text`` holds exactly one valid row per domain (``complete``)."""
     try:
         return complete(pd.read_csv(io.StringIO(text), dtype={"config_hash": str}), domains)
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
@@ -145,13 +148,17 @@ def complete_file(path: Path, domains: int) -> bool:
         return False
 
 
-def expected_rows(kwargs: dict) -> int:
-    """How many result rows (corruption x severity pairs) a finished ``run_benchmark(**kwargs)`` run has."""
-    from tta.data.cifar_c import SEVERITIES
-    from tta.data.sources import default_corruptions
-
-    corruptions = kwargs.get("corruptions") or default_corruptions(kwargs.get("benchmark", "cifar10c"))
-    return len(corruptions) * len(set(kwargs.get("severities") or SEVERITIES))
+def expected_rows(config_text: str | None) -> int | None:
+    """How many result rows (domains) a finished run has, as the configuration written beside its results records
+    (``domains``); None when that file is missing, unreadable or does not say."""
+    if config_text is None:
+        return None
+    try:
+        config = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return None
+    domains = config.get("domains") if isinstance(config, dict) else None
+    return domains if isinstance(domains, int) and not isinstance(domains, bool) and domains > 0 else None
 
 
 SWEEP_MARKER = ".tta-sweep"

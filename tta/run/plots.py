@@ -1,6 +1,6 @@
 """PNG plots of results (matplotlib, Agg backend, so they render without a display).
 
-Each function takes rows labelled by ``tta.report.label_runs`` (columns ``label`` and ``replicate``), writes one
+Each function takes rows labelled by ``tta.run.report.label_runs`` (columns ``label`` and ``replicate``), writes one
 PNG and returns its path.
 """
 
@@ -32,7 +32,10 @@ def title(rows: pd.DataFrame, what: str, severities: list[int] | None = None) ->
     """A plot's title: the model and setting of ``rows`` (every value present), what is plotted, and the severities
     (those of ``rows`` unless given), e.g. ``resnet20, mixed: error per corruption, severity 5``."""
     parts = [", ".join(map(str, rows[c].dropna().unique())) for c in ("model", "setting") if c in rows]
-    levels = sorted({int(s) for s in (rows["severity"].dropna() if severities is None else severities)})
+    levels = sorted({int(s) for s in (rows["severity"].dropna() if severities is None else severities)
+                     if s is not None})
+    if not levels:  # domains without severities (your own data)
+        return f"{', '.join(p for p in parts if p)}: {what}"
     severity = f"severity {levels[0]}" if len(levels) == 1 else f"severities {', '.join(map(str, levels))}"
     return f"{', '.join(p for p in parts if p)}: {what}, {severity}"
 
@@ -54,10 +57,11 @@ def error_vs_severity(rows: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
-def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int, path: str | Path) -> Path:
-    """Corruptions (rows) x labels (columns): mean error over replicates at ``severity``, annotated."""
+def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int | None, path: str | Path) -> Path:
+    """Domains (rows) x labels (columns): mean error over replicates at ``severity`` (None: domains without
+    severities, every row), annotated."""
     plt = _pyplot()
-    at = rows[rows["severity"] == severity]
+    at = rows[rows["severity"] == severity] if severity is not None else rows
     grid = at.groupby(["corruption", "label"], sort=False)["error"].mean().unstack("label")
     grid = grid.loc[[c for c in table.columns if c in grid.index], list(table.index)]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.45 * grid.shape[0]))
@@ -69,8 +73,9 @@ def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int, path: str | 
         if np.isfinite(v):
             colour = "w" if v > np.nanmean(values) else "k"
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color=colour)
-    fig.colorbar(image, ax=ax, label=f"error (%) at severity {severity}")
-    ax.set_title(title(rows, "error per corruption", [severity]), fontsize=10)
+    fig.colorbar(image, ax=ax, label=f"error (%) at severity {severity}" if severity is not None else "error (%)")
+    ax.set_title(title(rows, "error per corruption" if severity is not None else "error per domain", [severity]),
+                 fontsize=10)
     return _save(fig, Path(path))
 
 

@@ -1,4 +1,8 @@
-"""The adaptation engine: run an adapted model over a stream and tally accuracy per (corruption, severity).
+"""The adaptation engine: run an adapted model over a stream and tally accuracy per domain.
+
+A row's ``corruption`` column is the domain's name (the corruption of a benchmark's domain, the folder of your own
+data's) and ``severity`` its severity (empty where the stream has none); domains with a ``visit``, ``window`` or
+``step`` add those columns to the returned table.
 
 Batches move to the device once; correct counts accumulate on the device and are read back once per segment
 (when timing needs a synchronisation anyway), so the loop adds no per-batch host-device synchronisation of its own.
@@ -15,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tta.data.stream import Stream
-from tta.devices import resolve_device  # re-exported: tta.engine.resolve_device is public
+from tta.devices import resolve_device  # re-exported: tta.run.engine.resolve_device is public
 from tta.errors import ConfigError
-from tta.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.schema import BATCH_COLUMNS, COLUMNS
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel
@@ -113,7 +117,7 @@ def evaluate(
                     adapted.reset()
                 if progress:
                     domain = stream.domains[int(batch.domain[0])]
-                    bar.set_postfix_str(f"{domain.corruption} s{domain.severity}")
+                    bar.set_postfix_str(str(domain))
             if reset == "batch":
                 adapted.reset()
             if on_batches is not None:  # batch.domain is still on the host here
@@ -130,19 +134,22 @@ def evaluate(
             counts.index_add_(0, batch.domain, torch.ones_like(hit))
             bar.update(1)
     close_segment(segment, started, final=True)
-    return pd.DataFrame([rows[d] for d in sorted(rows)], columns=[*COLUMNS, *[k for k in common if k not in COLUMNS]])
+    extra = [k for k in ("visit", "window", "step") if any(k in row for row in rows.values())]
+    columns = [*COLUMNS, *extra, *[k for k in common if k not in COLUMNS]]
+    return pd.DataFrame([rows[d] for d in sorted(rows)], columns=columns)
 
 
 def _row(common: Mapping[str, Any], domain: Any, n: int, hits: int, seconds: float) -> dict[str, Any]:
     accuracy = 100.0 * hits / n
-    return {**common, "corruption": domain.corruption, "severity": domain.severity, "n": n,
+    extra = {k: v for k, v in domain.attributes.items() if k in ("visit", "window", "step")}
+    return {**common, "corruption": domain.name, "severity": domain.severity, **extra, "n": n,
             "accuracy": accuracy, "error": 100.0 - accuracy, "seconds": seconds,
             "images_per_second": n / seconds if seconds > 0 else float("nan")}
 
 
 def _batch_row(common: Mapping[str, Any], info: tuple[int, int, list[Any], int], hits: int) -> dict[str, Any]:
     index, segment, domains, n = info
-    corruptions, severities = {d.corruption for d in domains}, {d.severity for d in domains}
+    corruptions, severities = {d.name for d in domains}, {d.severity for d in domains}
     row = {"batch": index, "segment": segment, "corruption": corruptions.pop() if len(corruptions) == 1 else "mixed",
            "severity": severities.pop() if len(severities) == 1 else None, "n": n, "accuracy": 100.0 * hits / n}
     return {k: row[k] if k in row else common.get(k) for k in BATCH_COLUMNS}

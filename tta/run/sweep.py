@@ -1,19 +1,21 @@
 """Benchmark grids: the cartesian product of ``tta adapt`` options, run resumably, locally or on a Ray cluster.
 
 A grid file holds a ``base`` mapping (options shared by every run) and a ``grid`` mapping (option -> list of values
-to combine); keys are ``tta adapt`` option names, with dashes or underscores. ``set`` is a mapping of method
-settings (``--set``); ``set.KEY`` sets one of them, so ``grid: {set.lr: [0.001, 0.0001]}`` is an axis too. A grid
-axis with another name whose values are mappings sets several options together (options that only make sense as
-pairs), e.g. ``network: [{checkpoint: r20.th, arch: resnet20}, {checkpoint: r32.th, arch: resnet32}]``.
+to combine); keys are ``tta adapt`` option names, with dashes or underscores (every option but those of one
+invocation's files: ``out``, ``resume``, ``batches``, ``report``, ``progress``, which the sweep decides). ``set`` is
+a mapping of method settings (``--set``); ``set.KEY`` sets one of them, so ``grid: {set.lr: [0.001, 0.0001]}`` is an
+axis too. A grid axis with another name whose values are mappings sets several options together (options that only
+make sense as pairs), e.g. ``network: [{checkpoint: r20.th, arch: resnet20}, {checkpoint: r32.th, arch:
+resnet32}]``.
 
-Every run goes through ``tta.api.run_benchmark`` (what ``tta adapt`` does) and is identified by a hash of its
-options and resolved method settings: changing either makes a new run. A finished run is kept in
-``OUT/runs/<hash>/`` (its rows, per-batch accuracies and configuration), which appears in one ``os.replace`` of a
-complete temporary directory, so a sweep killed at any moment (SIGINT, SIGKILL) and started again runs exactly the
-runs that have no such directory. ``OUT/results.csv`` (``tta.schema.COLUMNS``, one row per run x corruption x
-severity) and ``OUT/batches.csv`` (``BATCH_COLUMNS``) are rebuilt from the run directories of the current grid and
-replaced atomically after every run: never a duplicate nor a half-written row, and rows of runs no longer in the
-grid are left out.
+Every grid point is a ``RunSpec`` (``RunSpec.from_options``), run by ``tta.run`` (what ``tta adapt`` does) and
+identified by ``spec.key``, a hash of its options and resolved method settings: changing either makes a new run. A
+finished run is kept in ``OUT/runs/<hash>/`` (its rows, per-batch accuracies and configuration), which appears in
+one ``os.replace`` of a complete temporary directory, so a sweep killed at any moment (SIGINT, SIGKILL) and started
+again runs exactly the runs that have no such directory. ``OUT/results.csv`` (``tta.run.schema.COLUMNS``, one row
+per run x corruption x severity) and ``OUT/batches.csv`` (``BATCH_COLUMNS``) are rebuilt from the run directories of
+the current grid and replaced atomically after every run: never a duplicate nor a half-written row, and rows of runs
+no longer in the grid are left out.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,71 +33,26 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from tta.config import build_config, config_hash, field_names, load_yaml, parse_overrides, resolve_config, to_dict
+from tta.config import load_yaml
 from tta.errors import ConfigError, TTAError
-from tta.resultfile import check_sweep_dir, complete_file, complete_text, expected_rows, mark_sweep_dir
-from tta.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.resultfile import check_sweep_dir, complete_file, complete_text, expected_rows, mark_sweep_dir
+from tta.run.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.spec import GRID_KEYS, INVOCATION_OPTIONS, RunSpec
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """The ``tta adapt`` options a grid may set (``corruption`` is the benchmark, as on the command line)."""
-
-    method: str = "tent"
-    corruption: str = "cifar10c"
-    model: str = "Standard"
-    checkpoint: str | None = None
-    arch: str | None = None
-    data_dir: str = "data"
-    corruptions: tuple[str, ...] | None = None
-    severities: tuple[int, ...] | None = None
-    n_examples: int | None = None
-    batch_size: int = 200
-    seed: int = 1
-    reset: str = "domain"
-    setting: str = "per-domain"
-    contexts: str | None = None
-    device: str = "auto"
-    config: str | None = None
-    download: bool = True
-    generate: bool = False
-    data_seed: int = 0
-    source: str | None = None
-    frost_images: str | None = None
-    afn_checkpoint: str | None = None
-
-    def __post_init__(self) -> None:
-        from tta.data.settings import check_setting
-        from tta.engine import RESET_POLICIES
-
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.n_examples is not None and self.n_examples < 1:
-            raise ValueError(f"n_examples must be >= 1, got {self.n_examples}")
-        if self.reset not in RESET_POLICIES:
-            raise ValueError(f"reset must be one of {', '.join(RESET_POLICIES)}, got {self.reset!r}")
-        if self.contexts not in (None, "oracle", "infer"):
-            raise ValueError(f"contexts must be oracle or infer, got {self.contexts!r}")
-        try:
-            check_setting(self.setting)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-
-
-OPTION_NAMES: tuple[str, ...] = (*field_names(RunOptions), "set")
-_NOT_IN_KEY = ("device", "download")  # where and how a run gets its inputs, not what it computes
+OPTION_NAMES: tuple[str, ...] = GRID_KEYS
 
 
 @dataclass(frozen=True)
 class Run:
-    """One point of the grid: its key (hash), the options as written, the ``run_benchmark`` arguments and its
-    values on the grid axes (``label``, e.g. ``method=tent seed=2``)."""
+    """One point of the grid: its key (``spec.key``), the options that differ from the defaults, its ``RunSpec`` and
+    its values on the grid axes (``label``, e.g. ``method=tent seed=2``)."""
 
     key: str
     options: dict[str, Any]
-    kwargs: dict[str, Any]
+    spec: RunSpec
     label: str = ""
 
 
@@ -127,6 +84,9 @@ def _normalise(mapping: Any, where: str, bundles: bool = False) -> dict[str, Any
         if bundles and not _is_option(name) and isinstance(value, list) and value and all(
                 isinstance(v, dict) for v in value):
             value = [_normalise(v, f"grid axis {key!r} of {where}") for v in value]
+        elif name in INVOCATION_OPTIONS:
+            raise ConfigError(f"option {key!r} in {where} is decided by tta sweep for every run (results go to "
+                              f"--out/runs/<key>/); drop it from the grid file")
         elif not _is_option(name):
             raise ConfigError(f"unknown option {key!r} in {where}; valid options are: {', '.join(OPTION_NAMES)} "
                               f"(and set.KEY for a method setting)")
@@ -158,68 +118,10 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     return base, grid
 
 
-def _listify(value: Any, cast: Callable[[str], Any]) -> Any:
-    """``"fog,snow"`` or ``5`` or ``[5, 3]`` as a list (``None`` stays ``None``); YAML lists pass through."""
-    if value is None or isinstance(value, list):
-        return value
-    if isinstance(value, str):
-        try:
-            return [cast(v.strip()) for v in value.split(",") if v.strip()]
-        except ValueError:
-            return value  # left for the type check to report
-    return [value]
-
-
 def resolve_run(values: Mapping[str, Any], where: str = "the grid") -> Run:
     """Check one run's options completely (without loading data or models) and turn them into a ``Run``."""
-    from tta.data.cifar_c import BENCHMARK_CORRUPTIONS, SEVERITIES, check_selection, dataset_info
-    from tta.methods import get_method
-
-    values = dict(values)
-    settings = values.pop("set", None) or {}
-    if isinstance(settings, (list, tuple)):
-        settings = parse_overrides(map(str, settings))
-    if not isinstance(settings, dict):
-        raise ConfigError(f"set in {where} must be a mapping of method setting: value, e.g. set: {{lr: 0.001}}")
-    settings = {**settings, **{k[4:]: values.pop(k) for k in list(values) if k.startswith("set.")}}
-    values["corruptions"] = _listify(values.get("corruptions"), str)
-    values["severities"] = _listify(values.get("severities"), int)
-    opts = build_config(RunOptions, values, source=where)
-
-    cls = get_method(opts.method)
-    if opts.contexts is not None:
-        if "contexts" not in field_names(cls.Config):
-            raise ConfigError(f"contexts only applies to methods that route samples by domain (dsbn, context-norm), "
-                              f"not {opts.method}; drop it for this method in {where}")
-        settings["contexts"] = opts.contexts
-    if opts.afn_checkpoint is not None:
-        if opts.method != "afn":
-            raise ConfigError(f"afn_checkpoint applies to method afn, not {opts.method}; drop it for this method in "
-                              f"{where}")
-        settings["afn_checkpoint"] = opts.afn_checkpoint
-    resolved = resolve_config(cls.Config, opts.config, settings)
-    dataset_info(opts.corruption)
-    if opts.device != "auto":
-        import torch
-
-        try:
-            torch.device(opts.device)
-        except RuntimeError:
-            raise ConfigError(f"unknown device {opts.device!r} in {where}; use auto, cpu, cuda or cuda:N") from None
-    check_selection(list(opts.corruptions or BENCHMARK_CORRUPTIONS), list(opts.severities or SEVERITIES))
-    for name in ("checkpoint", "config"):
-        path = getattr(opts, name)
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"{name} {path!r} in {where} does not exist; fix the path")
-
-    options = dataclasses.asdict(opts)
-    key = config_hash({**{k: v for k, v in options.items() if k not in _NOT_IN_KEY}, "settings": to_dict(resolved)})
-    kwargs = {k: v for k, v in options.items() if k not in ("corruption", "afn_checkpoint", "contexts")}
-    kwargs.update(benchmark=opts.corruption, overrides={k: v for k, v in settings.items() if k != "contexts"},
-                  contexts=opts.contexts, corruptions=list(opts.corruptions) if opts.corruptions else None,
-                  severities=list(opts.severities) if opts.severities else None)
-    shown = {k: v for k, v in options.items() if v != getattr(RunOptions, k)}
-    return Run(key, {**shown, **{f"set.{k}": v for k, v in settings.items()}}, kwargs)
+    spec = RunSpec.from_options(values, where)
+    return Run(spec.key, spec.options(), spec)
 
 
 def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[Run]:
@@ -244,27 +146,28 @@ def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> l
     return list(unique.values())
 
 
-def execute_run(kwargs: Mapping[str, Any], device: str | None = None, progress: bool = False,
+def execute_run(spec: RunSpec, device: str | None = None, progress: bool = False,
                 threads: int | None = None) -> dict[str, Any]:
-    """Run one grid point through ``run_benchmark`` in a temporary directory; returns its files' text.
+    """Run one grid point through ``tta.run`` (what ``tta adapt`` does) in a temporary directory; returns its files'
+    text.
 
     Runs in whatever process the backend chose (this one, a spawned worker, a Ray task): it returns the results,
     per-batch and config text (or ``error`` for a user error such as a missing data file), and the driver writes them.
     ``device`` replaces ``auto``; ``threads`` caps torch's CPU threads.
     """
-    from tta.api import run_benchmark
+    from tta.run.execute import run
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    kwargs = dict(kwargs)
-    if device is not None and kwargs.get("device", "auto") == "auto":
-        kwargs["device"] = device
     with tempfile.TemporaryDirectory(prefix="tta-run-") as tmp:
         out = Path(tmp) / "results.csv"
         try:
-            run_benchmark(**kwargs, out=out, batches=True, progress=progress)
+            if device is not None and spec.evaluation.device == "auto":
+                spec = spec.replace(evaluation={"device": device})
+            run(spec.replace(output={"out": str(out), "batches": True, "progress": progress, "resume": False,
+                                     "report": None}))
         except TTAError as err:
             return {"error": str(err)}
         return {"results": out.read_text(), "batches": (Path(tmp) / "results.batches.csv").read_text(),
@@ -274,8 +177,8 @@ def execute_run(kwargs: Mapping[str, Any], device: str | None = None, progress: 
 class _Store:
     """``OUT/runs/<key>/`` per finished run, and the merged ``OUT/results.csv`` and ``OUT/batches.csv``.
 
-    A run counts as done only when its ``results.csv`` holds one valid row per corruption x severity
-    (``tta.resultfile.complete``); a header-only or cut-short file is run again.
+    A run counts as done only when its ``results.csv`` holds one valid row per domain (as many as
+    its ``config.yaml`` records: ``tta.run.resultfile.complete``); a header-only or cut-short file is run again.
     """
 
     def __init__(self, out: Path) -> None:
@@ -283,7 +186,9 @@ class _Store:
         self.tables: dict[tuple[str, str], pd.DataFrame] = {}  # (run key, results|batches), read once
 
     def done(self, run: Run) -> bool:
-        return complete_file(self.runs / run.key / "results.csv", expected_rows(run.kwargs))
+        config = self.runs / run.key / "config.yaml"
+        domains = expected_rows(config.read_text() if config.is_file() else None)
+        return domains is not None and complete_file(self.runs / run.key / "results.csv", domains)
 
     def clean(self) -> None:
         """Remove what killed sweeps left half-written (temporary run directories and files)."""
@@ -386,9 +291,10 @@ def run_sweep(
                 submit = _ray_outputs if backend == "ray" else _local_outputs
                 for run, output in submit(todo, jobs=jobs, address=address, gpus_per_run=gpus_per_run,
                                           progress=progress):
-                    if "error" not in output and not complete_text(output["results"], expected_rows(run.kwargs)):
-                        output = {"error": "the run ended without a valid result row for every corruption x "
-                                           "severity; run the sweep again"}
+                    domains = expected_rows(output.get("config"))
+                    if "error" not in output and not (domains and complete_text(output["results"], domains)):
+                        output = {"error": "the run ended without a valid result row for every domain; run the "
+                                           "sweep again"}
                     if "error" in output:
                         result.failed[run.key] = f"{run.label}: {output['error']}"
                     else:
@@ -403,7 +309,7 @@ def run_sweep(
 def _local_outputs(runs: Sequence[Run], *, jobs: int, progress: bool, **_: Any) -> Iterator[tuple[Run, dict]]:
     if jobs == 1:
         for run in runs:
-            yield run, execute_run(run.kwargs, progress=progress)
+            yield run, execute_run(run.spec, progress=progress)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -419,7 +325,7 @@ def _local_outputs(runs: Sequence[Run], *, jobs: int, progress: bool, **_: Any) 
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                                initargs=(slots, gpus, threads, os.getpid()))
     try:
-        futures = {pool.submit(_worker_run, run.kwargs): run for run in runs}
+        futures = {pool.submit(_worker_run, run.spec): run for run in runs}
         for future in as_completed(futures):
             yield futures[future], future.result()
     finally:  # interrupted: drop the queued runs instead of waiting for them
@@ -434,15 +340,15 @@ def _init_worker(slots: Any, gpus: int, threads: int | None, driver: int) -> Non
 
     It also ends itself when the sweep's driver is gone (``exit_with_parent``), however the driver was stopped.
     """
-    from tta.resultfile import exit_with_parent
+    from tta.run.resultfile import exit_with_parent
 
     exit_with_parent(driver)
     slot = slots.get()
     _WORKER.update(device=f"cuda:{slot % gpus}" if gpus else None, threads=threads)
 
 
-def _worker_run(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    return execute_run(kwargs, device=_WORKER["device"], threads=_WORKER["threads"])
+def _worker_run(spec: RunSpec) -> dict[str, Any]:
+    return execute_run(spec, device=_WORKER["device"], threads=_WORKER["threads"])
 
 
 def _ray_outputs(runs: Sequence[Run], *, address: str | None, gpus_per_run: float | None,
@@ -458,7 +364,7 @@ def _ray_outputs(runs: Sequence[Run], *, address: str | None, gpus_per_run: floa
         if gpus_per_run is None:
             gpus_per_run = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         task = ray.remote(num_cpus=1, num_gpus=gpus_per_run)(execute_run)
-        pending = {task.remote(run.kwargs): run for run in runs}
+        pending = {task.remote(run.spec): run for run in runs}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             yield pending.pop(ready[0]), ray.get(ready[0])

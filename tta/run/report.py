@@ -1,5 +1,5 @@
 """Results: an append-as-you-go CSV (one row per method x model x corruption x severity), a terminal table, and
-reports over many runs (markdown tables aggregated over seeds, PNG plots from ``tta.plots``)."""
+reports over many runs (markdown tables aggregated over seeds, PNG plots from ``tta.run.plots``)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import yaml
 
 from tta.errors import ConfigError
 from tta.io import write_text
-from tta.resultfile import check_target, claim, complete, locked, read_rows
-from tta.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.resultfile import check_target, claim, complete, locked, read_rows
+from tta.run.schema import BATCH_COLUMNS, COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ class CsvWriter:
     written. Appending to an existing file requires the same header, so runs can share a results file. A last line
     cut short by a killed process is dropped on opening; ``replace_hash`` drops the earlier rows of that config hash
     (a run started again), rewriting the file atomically. Every read-check-append and rewrite holds the file's lock
-    (``tta.resultfile.locked``), so concurrent writers neither interleave nor lose rows.
+    (``tta.run.resultfile.locked``), so concurrent writers neither interleave nor lose rows.
     """
 
     def __init__(self, path: str | Path, columns: Sequence[str] = COLUMNS, replace_hash: str | None = None) -> None:
         self.path = Path(path)
         self.columns = list(columns)
-        self.claim: Any = None  # the run's claim on the file (``tta.resultfile.claim``), released with the writer
+        self.claim: Any = None  # the run's claim on the file (``tta.run.resultfile.claim``), released with the writer
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with locked(self.path):
             self._open(replace_hash)
@@ -177,10 +177,16 @@ def _open_results(out: Path, config_hash: str, n_domains: int, *, resume: bool,
 
 
 def accuracy_table(df: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
-    """Corruptions as rows (in run order), severities as columns (descending), with row and column means."""
+    """Domains as rows (in run order), severities as columns (descending), with row and column means; one column
+    for domains without severities."""
+    if df["severity"].isna().all():  # domains without severities (your own data): one column
+        table = df.groupby("corruption", sort=False)[[value]].mean()
+        table.loc["mean"] = table.mean(axis=0)
+        table.index.name = None
+        return table
     table = df.pivot_table(index="corruption", columns="severity", values=value, aggfunc="mean", sort=False)
     table = table[sorted(table.columns, reverse=True)]
-    table.columns = [f"sev {s}" for s in table.columns]
+    table.columns = [f"sev {s:g}" for s in table.columns]
     table["mean"] = table.mean(axis=1)
     table.loc["mean"] = table.mean(axis=0)
     table.index.name = None
@@ -266,7 +272,10 @@ def severity_table(df: pd.DataFrame, value: str = "error") -> pd.DataFrame:
 
 
 def corruption_table(df: pd.DataFrame, value: str = "error", severity: int | None = None) -> pd.DataFrame:
-    """Labels x corruptions (in run order) at ``severity`` (default: 5, or the highest present), with the mean."""
+    """Labels x domains (in run order) at ``severity`` (default: 5, or the highest present; every row for domains
+    without severities), with the mean."""
+    if df["severity"].isna().all():
+        return _by_replicate(df, "corruption", value)
     severity = severity if severity is not None else int(df["severity"].max())
     return _by_replicate(df[df["severity"] == severity], "corruption", value)
 
@@ -315,7 +324,7 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
     present), with the means and the spread over seeds; plots of error vs severity, a corruption x method heatmap
     and, for the continual, mixed and gradual settings, accuracy along the stream (from the per-batch rows).
     """
-    from tta import plots
+    from tta.run import plots
 
     rows, stream = load_results(inputs)
     rows = label_runs(rows)
@@ -325,21 +334,24 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
     lines = ["# Results", "", f"{rows['config_hash'].nunique()} runs, {len(rows)} rows, from "
              f"{', '.join(map(str, inputs))}. Values in percent; `a ± b` is the mean and standard deviation over "
              f"seeds (replicates differing only in `seed` and `data`).", ""]
-    for (model, setting), group in rows.groupby(["model", "setting"], sort=False):
-        top = int(group["severity"].max())
-        lines += [f"## {model}, {setting}", ""]
+    graded = rows["severity"].notna()  # domains with severities (a benchmark's), or named ones (your own data)
+    for (model, setting, has_severity), group in rows.groupby(["model", "setting", graded], sort=False):
+        top = int(group["severity"].max()) if has_severity else None
+        where = f"corruption at severity {top}" if has_severity else "domain"
+        lines += [f"## {model}, {setting}{'' if has_severity else ', named domains'}", ""]
         for value in ("error", "accuracy"):
             title = value.capitalize()
-            lines += [f"### {title} per method x severity", "", markdown_table(severity_table(group, value)), "",
-                      f"### {title} per corruption at severity {top}", "",
-                      markdown_table(corruption_table(group, value, top)), ""]
-        lines += ["### Spread over seeds (error averaged over corruptions and severities)", "",
-                  markdown_table(seed_table(group)), ""]
-        name = _slug(model, setting)
+            if has_severity:
+                lines += [f"### {title} per method x severity", "", markdown_table(severity_table(group, value)), ""]
+            lines += [f"### {title} per {where}", "", markdown_table(corruption_table(group, value, top)), ""]
+        over = "corruptions and severities" if has_severity else "domains"
+        lines += [f"### Spread over seeds (error averaged over {over})", "", markdown_table(seed_table(group)), ""]
+        name = _slug(model, setting) if has_severity else _slug(model, setting, "named")
         figures = [(f"error_vs_severity_{name}.png", "Error vs severity",
-                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png")),
-                   (f"heatmap_{name}.png", f"Error per corruption x method at severity {top}",
-                    plots.heatmap(corruption_table(group, "error", top), group, top, out_dir / f"heatmap_{name}.png"))]
+                    plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png"))] if has_severity else []
+        figures.append((f"heatmap_{name}.png", f"Error per {where.replace('corruption', 'corruption x method')}",
+                        plots.heatmap(corruption_table(group, "error", top), group, top,
+                                      out_dir / f"heatmap_{name}.png")))
         batches = stream[stream["config_hash"].isin(group["config_hash"].unique())]
         if setting in STREAM_SETTINGS and len(batches):
             batches = batches.assign(label=batches["config_hash"].map(labels))
