@@ -4,11 +4,10 @@ Builds, in a temporary folder, an ImageFolder of the first ``--per-class`` JPEG-
 class (a real, mild distribution shift for a CIFAR ResNet; nothing is written into the repository), then adapts
 the pretrained ResNet-20 with Tent on it, once in file order (class by class, what a folder gave before shuffling
 became the default) and once shuffled per seed, and the source model for reference. Writes one row per run to
-``--out`` (a small CSV committed with the documentation) and, with ``--doc``, the table of
-``docs/guides/data-safety.md`` between its markers from that CSV.
+``--out`` (a small CSV committed with the documentation; ``python docs/gen_tables.py`` then regenerates the tables
+of README.md and ``docs/guides/data-safety.md`` from it).
 
-    python benchmarks/folder_order.py --shared ../shared --out benchmarks/results/folder_order.csv --doc
-    python benchmarks/folder_order.py --doc                      # the table only, from the committed CSV
+    python benchmarks/folder_order.py --shared ../shared
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-CSV = ROOT / "benchmarks" / "results" / "folder_order.csv"
-DOC = ROOT / "docs" / "guides" / "data-safety.md"
-BEGIN, END = "<!-- folder-order:begin -->", "<!-- folder-order:end -->"
+CSV = ROOT / "docs" / "results" / "folder_order.csv"
+COMMAND = "# command: python benchmarks/folder_order.py --shared ../shared\n"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -65,42 +63,17 @@ def measure(shared: Path, per_class: int, batch_size: int, seeds: list[int]) -> 
     return pd.DataFrame(rows)
 
 
-def table(results: pd.DataFrame) -> str:
-    """The documentation's table: accuracy per method and order (shuffled: mean and range over seeds)."""
-    n, batch = int(results.n_images.iloc[0]), int(results.batch_size.iloc[0])
-    lines = [f"| {n} JPEG CIFAR-10 test images, ResNet-20, batch {batch} | accuracy (%) |", "|---|---|"]
-    for (method, order), group in results.groupby(["method", "order"], sort=False):
-        what = {"file": "class by class (`order=\"file\"`)", "shuffle": "shuffled (the default)"}[order]
-        value = f"{group.accuracy.mean():.1f}"
-        if len(group) > 1:
-            value += f" (seeds {', '.join(map(str, group.seed))}: {group.accuracy.min():.1f} to " \
-                     f"{group.accuracy.max():.1f})"
-        lines.append(f"| {method}, {what} | {value} |")
-    return "\n".join(lines)
-
-
-def write_doc(results: pd.DataFrame) -> None:
-    text = DOC.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, help="folder holding data/cifar10 and models/ (measures when given)")
+    parser.add_argument("--shared", type=Path, required=True, help="folder holding data/cifar10 and models/")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--out", type=Path, default=CSV)
-    parser.add_argument("--doc", action="store_true", help="rewrite the documentation's table from --out")
     args = parser.parse_args()
-    if args.shared is not None:
-        results = measure(args.shared, args.per_class, args.batch_size, [int(s) for s in args.seeds.split(",")])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        results.to_csv(args.out, index=False)
-    if args.doc:
-        write_doc(pd.read_csv(args.out))
+    results = measure(args.shared, args.per_class, args.batch_size, [int(s) for s in args.seeds.split(",")])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(COMMAND + results.to_csv(index=False))
 
 
 if __name__ == "__main__":

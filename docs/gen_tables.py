@@ -9,6 +9,7 @@ A table lives between two markers, and everything between them is generated:
 Each CSV starts with ``# command: ...``, the command that produced its numbers. Options after the path:
 
 - ``rows=a,b``: only the rows whose first column's first word is one of these (e.g. one method family's rows);
+- ``columns=a,b``: only these columns, in this order;
 - ``format=adapt method=NAME``: the CSV is a ``tta adapt`` results file; the block is what ``tta adapt`` prints for
   the rows of that method (its table and its last line), so the README shows the command's real output;
 - ``format=means``: the CSV is a ``tta adapt`` results file; a table of mean accuracy per method, over all rows and
@@ -100,6 +101,9 @@ def render(spec: str, root: Path = ROOT) -> str:
     if "rows" in options:
         keep = set(options["rows"].split(","))
         rows = [row for row in rows if row[0].split(" ")[0] in keep]
+    if "columns" in options:
+        picked = [header.index(c) for c in options["columns"].split(",")]
+        header, rows = [header[j] for j in picked], [[row[j] for j in picked] for row in rows]
     return markdown_table(header, rows)
 
 
