@@ -64,28 +64,34 @@ def test_monitor_preset_changes_nothing(bn_model: nn.Module) -> None:
     assert watched.guard.averages.values["entropy"] == pytest.approx(watched.guard.averages.values["entropy"])
 
 
-def test_unhealthy_batches_fall_back_and_roll_back(bn_model: nn.Module) -> None:
-    """A learning rate that wrecks the model: every unhealthy batch, and the healthy batch after it (probation), is
-    answered by the source model; an unhealthy batch leaves the state of the last healthy batch; enough of them in a
-    row reset the model."""
-    adapted = tta.adapt(bn_model, "tent", optimizer="sgd", lr=50.0, guard=Guard(reset_after=3),
-                        source_data=_source())
+def test_collapse_batches_fall_back_and_roll_back(bn_model: nn.Module) -> None:
+    """A learning rate that wrecks the model (the ``harm`` rule off: random weights have no meaningful calibration):
+    every unhealthy batch, and the batch after a collapse (probation), is
+    answered by the source model; a collapse batch leaves the state of the last healthy batch (``rollback``);
+    enough of them in a row reset the model."""
+    guard = Guard(reset_after=3, rollback=True, harm_margin=1.0)
+    adapted = tta.adapt(bn_model, "tent", optimizer="sgd", lr=50.0, guard=guard, source_data=_source())
     source = copy.deepcopy(bn_model).eval()
     g = torch.Generator().manual_seed(2)
     last_healthy_start = _state(adapted)
-    unhealthy = on_probation = probation = 0
+    collapsed = on_probation = probation = harmed = 0
     for _ in range(12):
         x = torch.rand(16, 3, 16, 16, generator=g) * 0.5
         before, resets = _state(adapted), adapted.counters.resets
         out = adapted(x)
         with torch.no_grad():
             expected = source(x)
-        if adapted.guard.unhealthy:
-            unhealthy += 1
+        if "collapse" in adapted.guard.unhealthy:
+            collapsed += 1
             probation = 1
             assert torch.equal(out, expected)  # fallback
             if adapted.counters.resets == resets:  # rolled back (or skipped before any healthy batch)
                 assert _equal(_state(adapted), last_healthy_start)
+        elif adapted.guard.unhealthy:  # harm: answered by the source model, the (healthy) state goes on
+            harmed += 1
+            probation = 0
+            last_healthy_start = before
+            assert torch.equal(out, expected)
         else:
             last_healthy_start = before
             if probation:
@@ -93,14 +99,14 @@ def test_unhealthy_batches_fall_back_and_roll_back(bn_model: nn.Module) -> None:
                 probation = 0
                 assert torch.equal(out, expected)
     c = adapted.counters
-    assert unhealthy > 0 and on_probation > 0 and c.skipped == unhealthy
-    assert c.fallbacks == unhealthy + on_probation
+    assert collapsed > 0 and on_probation > 0 and c.skipped == collapsed
+    assert c.fallbacks == collapsed + on_probation + harmed
     assert c.rollbacks + c.resets > 0
 
 
 def test_probation_zero_trusts_the_first_healthy_batch_again(bn_model: nn.Module) -> None:
-    adapted = tta.adapt(bn_model, "tent", optimizer="sgd", lr=50.0, guard=Guard(reset_after=3, probation=0),
-                        source_data=_source())
+    guard = Guard(reset_after=3, probation=0, harm_margin=1.0)
+    adapted = tta.adapt(bn_model, "tent", optimizer="sgd", lr=50.0, guard=guard, source_data=_source())
     g = torch.Generator().manual_seed(2)
     unhealthy = 0
     for _ in range(12):
@@ -132,7 +138,9 @@ def test_cli_guard_choices_are_the_presets() -> None:
 def test_guard_without_source_data_still_guards_collapse(bn_model: nn.Module) -> None:
     adapted = tta.adapt(bn_model, "tent", guard="default")
     adapted(torch.rand(8, 3, 16, 16))
-    assert adapted.guard.stats is None and "estimated_accuracy" not in adapted.guard.signals
+    assert adapted.guard.stats is None and adapted.guard.above is None
+    assert adapted.guard.signals["estimated_accuracy"] != adapted.guard.signals["estimated_accuracy"]  # NaN
+    assert adapted.guard.estimate_note == "no calibration data"
     assert "marginal_entropy" in adapted.guard.signals
 
 
@@ -177,19 +185,6 @@ def test_cli_guard_runs_and_fills_the_columns(tmp_path: Path, fake_cifar_c) -> N
     assert df["estimated_accuracy"].between(0, 100).all() and len(df) == 1
 
 
-def test_paired_gain_is_the_estimate_difference_with_its_sampling_error() -> None:
-    from tta.monitor.signals import paired_gain
-
-    logits = torch.eye(10).repeat(4, 1) * torch.linspace(0, 9, 40)[:, None]  # confidence grows along the batch
-    gain, se = paired_gain(logits, logits, 0.5)
-    assert float(gain) == 0.0 and float(se) == pytest.approx(1 / 40)  # identical: no gain, the 1/n floor
-    sharper = logits * 3
-    gain, se = paired_gain(sharper, logits, 0.5)
-    above = (sharper.softmax(1).amax(1) > 0.5).float() - (logits.softmax(1).amax(1) > 0.5).float()
-    assert float(gain) == pytest.approx(float(above.mean())) and float(gain) > 0
-    assert float(se) == pytest.approx(float(above.std()) / 40 ** 0.5)
-
-
 def test_calibration_on_images_the_model_always_gets_right_warns(bn_model: nn.Module) -> None:
     images = _source()[0]
     with torch.no_grad():
@@ -198,19 +193,37 @@ def test_calibration_on_images_the_model_always_gets_right_warns(bn_model: nn.Mo
         tta.adapt(bn_model, "tent", guard="default", source_data=(images, labels))
 
 
-def test_collapse_is_judged_against_the_model_as_reset_too(bn_model: nn.Module) -> None:
-    """The collapse reference is the larger of the source model's and the never-updated adapted copy's marginal
-    entropy on the batch: the copy stays as it was while the adapted model moves."""
+def test_collapse_is_judged_against_the_first_batch_since_reset(bn_model: nn.Module) -> None:
+    """The collapse reference is the adapted model's own marginal entropy on the first batch since its last reset
+    (its prediction before any update), kept until the next reset; no reset-model copy is run."""
     adapted = tta.adapt(bn_model, "tent", lr=0.05, guard="monitor")
-    fresh = copy.deepcopy(adapted.guard.reset_model)
+    fresh = copy.deepcopy(adapted)
+    fresh.guard = None
     g = torch.Generator().manual_seed(3)
-    for _ in range(4):
-        x = torch.rand(16, 3, 16, 16, generator=g)
+    batches = [torch.rand(16, 3, 16, 16, generator=g) for _ in range(4)]
+    first = float(batch_signals(fresh.predict(batches[0], None))["marginal_entropy"])
+    for x in batches:
         adapted(x)
-        expected = float(batch_signals(fresh.predict(x, None))["marginal_entropy"])
-        assert adapted.guard.signals["reset_marginal_entropy"] == pytest.approx(expected, abs=1e-6)
-    assert _equal(_state(adapted.guard.reset_model), _state(fresh))
-    assert not _equal(_state(adapted), _state(fresh))
+        assert adapted.guard.signals["reference_marginal_entropy"] == pytest.approx(first, abs=1e-6)
+    adapted.reset()
+    adapted(batches[1])
+    again = float(batch_signals(fresh.predict(batches[1], None))["marginal_entropy"])
+    assert adapted.guard.signals["reference_marginal_entropy"] == pytest.approx(again, abs=1e-6)
+
+
+def test_the_source_model_reads_a_subsample_and_nothing_for_the_source_method(bn_model: nn.Module) -> None:
+    """The guard's cost: on a healthy batch the source copy sees ``source_fraction`` of the images; guarding the
+    source model itself runs no second model at all."""
+    seen: list[int] = []
+    adapted = tta.adapt(bn_model, "tent", guard="monitor", source_data=_source())
+    adapted.guard.source_model.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    adapted(torch.rand(40, 3, 16, 16))
+    assert seen == [20]
+    plain = tta.adapt(bn_model, "source", guard="default", source_data=_source())
+    plain.guard.source_model.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    plain(torch.rand(40, 3, 16, 16))
+    assert seen == [20] and plain.guard.signals["agreement"] == 1.0
+    assert 0.0 <= plain.guard.signals["estimated_accuracy"] <= 1.0
 
 
 def test_guard_state_round_trips_through_save(bn_model: nn.Module, tmp_path: Path) -> None:

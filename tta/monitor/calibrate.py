@@ -12,13 +12,19 @@ high; ``calibrate`` warns when the source accuracy exceeds ``SUSPICIOUS_ACCURACY
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tta.source import SourceData, derived
+
+if TYPE_CHECKING:
+    from tta.core.base import AdaptedModel
 
 SUSPICIOUS_ACCURACY = 0.99  # above this on the calibration images, they are most likely training images
 
@@ -49,13 +55,14 @@ def atc_threshold(confidence: torch.Tensor, correct: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _compute(model: nn.Module, source: SourceData, n: int, batch_size: int) -> dict[str, float]:
+def _compute(predict: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, source: SourceData, n: int,
+             batch_size: int) -> dict[str, float]:
     from tta.monitor.signals import batch_signals
 
     images, labels = source.sample(n, seed=0)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    logits = torch.cat([model(images[i: i + batch_size].to(device, dtype)).float().cpu()
+    logits = torch.cat([predict(images[i: i + batch_size].to(device, dtype)).float().cpu()
                         for i in range(0, len(images), batch_size)])
     correct = logits.argmax(1) == labels
     signals = batch_signals(logits)
@@ -67,16 +74,43 @@ def _compute(model: nn.Module, source: SourceData, n: int, batch_size: int) -> d
             "marginal_entropy": float(signals["marginal_entropy"]), "n": float(len(images))}
 
 
+def _stats(values: dict[str, float]) -> SourceStats:
+    return SourceStats(**{**values, "n": int(values["n"])})
+
+
 def calibrate(model: nn.Module, source: SourceData, n: int = 2000, batch_size: int = 200) -> SourceStats:
     """The source model's statistics on ``n`` clean source images (in eval mode; cached by model fingerprint)."""
     from tta.models.fingerprint import model_fingerprint
 
     model.eval()
     values = derived("guard-calibration", model_fingerprint(model), source, f"n={n}|v2",
-                     lambda: _compute(model, source, n, batch_size))
-    stats = SourceStats(**{**values, "n": int(values["n"])})
+                     lambda: _compute(model, model, source, n, batch_size))
+    stats = _stats(values)
     if stats.accuracy > SUSPICIOUS_ACCURACY:
         warnings.warn(f"the source model is {100 * stats.accuracy:.1f} % accurate on the guard's calibration images "
                       f"({source.spec}): are they its training images? Calibrate on held-out clean images (a "
                       "validation split), or the accuracy estimate will be too high", stacklevel=2)
     return stats
+
+
+def calibrate_adapted(adapted: AdaptedModel, source: SourceData, n: int = 2000, batch_size: int = 64) -> SourceStats:
+    """The statistics of ``adapted`` *as reset* (no update) on ``n`` clean source images in batches of ``batch_size``.
+
+    Adaptation changes how confident a model is, not only what it predicts: a method that normalises with batch
+    statistics, or that rescales its output (ROID's prior correction), has its own confidence scale, so its ATC
+    threshold is calibrated on its own clean predictions. A copy of ``adapted`` is reset and discarded (no copy is
+    kept); the result is cached by the reset state's fingerprint.
+    """
+    def compute() -> dict[str, float]:
+        guard, adapted.guard = adapted.guard, None  # the copy must not carry the guard
+        try:
+            probe = copy.deepcopy(adapted)
+        finally:
+            adapted.guard = guard
+        probe.reset()
+        probe.requires_grad_(False)
+        return _compute(lambda x: probe.predict(x, None), probe, source, n, batch_size)
+
+    values = derived("guard-calibration-adapted", adapted.snapshot_fingerprint(), source,
+                     f"n={n}|batch={batch_size}|v3", compute)
+    return _stats(values)
