@@ -29,7 +29,6 @@ import tta
 from tta.config import parse_overrides
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
 from tta.data.stream import Batch
-from tta.engine import evaluate
 from tta.models import load_model
 from tta.monitor import make_guard
 
@@ -99,7 +98,7 @@ def main() -> None:
         guard = make_guard(args.guard, **parse_overrides(args.guard_set)) if guarded else None
         adapted = tta.adapt(net, method, guard=guard,
                             source_data=args.source_data if guarded else None, **overrides)
-        df = evaluate(adapted, stream, "never", device="cpu", model_name=Path(args.checkpoint).stem, seed=args.seed)  # type: ignore[arg-type]
+        df = tta.evaluate(adapted, stream, "never", device="cpu", model_name=Path(args.checkpoint).stem, seed=args.seed)  # type: ignore[arg-type]
         df.insert(0, "variant", variant)
         df["settings"] = " ".join(f"{k}={v}" for k, v in overrides.items())
         frames.append(df)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,86 @@ def test_healthy_adaptation_on_a_real_shift_is_not_blocked(shared: Path) -> None
             right["source"] += int((guarded.guard.source_model(x).argmax(1) == y).sum())
     assert right["tent"] > right["source"] + 40  # adaptation gains more than 10 points here, and keeps them
     assert guarded.counters.fallbacks == guarded.counters.skipped == 0
+
+
+class _Overconfident(nn.Module):
+    """BatchNorm over three channels, then a linear classifier of the 4x4 pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(x).flatten(1))
+
+
+def _prototype_images(n: int, g: torch.Generator, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy copies of ten fixed 3x4x4 prototypes; ``shift`` washes them out (``0.1 x + 0.9``, per channel)."""
+    prototypes = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(n) % 10
+    x = (0.25 + 0.5 * prototypes[y] + 0.3 * torch.randn(n, 3, 4, 4, generator=g)).clamp(0, 1)
+    return (0.1 * x + 0.9 if shift else x), y
+
+
+@pytest.fixture
+def overconfident() -> tuple[nn.Module, tuple, tuple]:
+    """A model that is 86 % right on held-out clean images and, under the shift, puts every image into one class
+    with 99.9 % confidence (10 % right); batch statistics undo the shift exactly, so Tent's gain is large."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = _Overconfident()
+    x, y = _prototype_images(2000, g)
+    model.train()
+    model.bn.momentum = None
+    with torch.no_grad():
+        model.bn(x)  # the clean statistics
+    model.eval()
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=0.05)
+    for _ in range(200):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.requires_grad_(False), _prototype_images(500, g), _prototype_images(400, g, shift=True)
+
+
+def test_an_overconfident_source_model_cannot_block_healthy_adaptation(overconfident) -> None:
+    """The source model is confidently wrong under the shift (its own ATC estimate: 100 %, for 10 % right): a rule
+    trusting it would fall back on every batch. The guard lets every batch of a healthy Tent through unchanged,
+    and says that the shift is outside the range where its accuracy estimate was measured (NaN, with a note)."""
+    model, calibration, (x, y) = overconfident
+    with torch.no_grad():
+        source = model(x)
+    assert (source.argmax(1) == y).float().mean() <= 0.15 and source.argmax(1).unique().numel() == 1
+    assert source.softmax(1).amax(1).mean() > 0.99
+    plain = tta.adapt(model, "tent")
+    guarded = tta.adapt(model, "tent", guard="default", source_data=calibration)
+    right = 0
+    for xb, yb in zip(x.split(50), y.split(50), strict=True):
+        out = guarded(xb)
+        assert torch.equal(out, plain(xb)) and not guarded.guard.unhealthy
+        assert guarded.guard.signals["source_estimated_accuracy"] > 0.95  # what the source model believes
+        assert math.isnan(guarded.guard.signals["estimated_accuracy"]) and "range" in guarded.guard.estimate_note
+        right += int((out.argmax(1) == yb).sum())
+    assert right / len(y) > 0.8 and guarded.counters.fallbacks == 0
+
+
+def test_a_collapse_on_an_overconfident_model_is_refused(overconfident) -> None:
+    """Tent at Adam lr 1 collapses the same model's predictions onto fewer classes: the guard sees it against the
+    adapted model's own first batch (not against the source model, which predicts one class), answers those batches
+    with the source model and skips their updates."""
+    model, calibration, (x, _) = overconfident
+    guarded = tta.adapt(model, "tent", lr=1.0, guard="default", source_data=calibration)
+    with torch.no_grad():
+        source = model(x)
+    collapsed = 0
+    for xb, sb in zip(x.split(50), source.split(50), strict=True):
+        out = guarded(xb)
+        if "collapse" in guarded.guard.unhealthy:
+            collapsed += 1
+            assert torch.equal(out, sb)
+            assert guarded.guard.signals["marginal_entropy"] < 0.9 * guarded.guard.signals[
+                "reference_marginal_entropy"]
+    assert collapsed > 0 and guarded.counters.skipped >= collapsed
+    assert guarded.counters.fallbacks >= collapsed

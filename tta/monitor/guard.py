@@ -13,16 +13,16 @@ model can only take part in where it is shown to be calibrated:
   the first batch since its last reset (its predictions *before* any update, free to read). Adaptation is then
   putting the images into fewer classes than both models it started from: the signature of entropy-minimisation
   collapse, whatever the source model's confidence;
-- ``harm``: the source model is *in range* (the marginal entropy of its predictions on the subsamples of recent
-  batches, pooled with weight ``decay``, is at least ``in_range`` times its marginal entropy on the clean
-  calibration images: it still spreads the images
-  over the classes as on clean data, which is where its calibrated confidence was measured to hold), and the
-  source model's ATC accuracy estimate exceeds the adapted model's by more than ``harm_margin`` plus ``harm_z``
+- ``harm``: the shift is *mild*: the adapted and source models agree on the subsamples of recent batches (pooled
+  with weight ``decay``) at least ``in_range`` times as often as they agree on the clean calibration images (where
+  the adapted model is taken as reset); then the source model is about as reliable as on clean data, where its
+  confidence was calibrated. And the source model's ATC accuracy estimate exceeds the adapted model's by more than ``harm_margin`` plus ``harm_z``
   standard errors (paired over the subsample, averaged over recent batches with weight ``decay``). Each model's
   estimate uses its own threshold, calibrated on the clean images: the source model's in eval mode, the adapted
   model's as reset (a method that normalises with batch statistics, or rescales its output, has its own confidence
   scale). This catches mild shifts where adapting with batch statistics is itself slightly worse than the source
-  model; under a strong shift the source model is out of range and the rule is silent.
+  model. Under a strong shift the two models disagree far more often than on clean data (an overconfident source
+  model most of all) and the rule is silent.
 
 On a ``collapse`` batch the guard skips the update (``skip``), answers with the source model (``fallback``), rolls
 back to the last healthy state (``rollback``, off by default: it keeps a second copy of the adapted state) and
@@ -68,11 +68,11 @@ class GuardConfig:
     """Rules and actions of a ``Guard`` (see the module docstring); ratios and margins are fractions."""
 
     collapse_ratio: float = 0.9
-    harm_margin: float = 0.02
+    harm_margin: float = 0.0
     harm_z: float = 0.5
-    in_range: float = 0.9
+    in_range: float = 0.93
     estimate_range: float = 0.5
-    source_fraction: float = 0.5
+    source_fraction: float = 0.25
     skip: bool = True
     fallback: bool = True
     rollback: bool = False
@@ -144,7 +144,7 @@ class Guard:
         self._probation = 0  # batches still to be answered by the source model
         self._resets_seen = 0
         self._reference: float | None = None  # marginal entropy of the first batch since the last reset
-        self._paired = [0.0, 0.0, 0.0]  # discounted sums over the subsamples: n, sum d, sum d^2 (d: see _measure)
+        self._paired = [0.0, 0.0, 0.0, 0.0]  # discounted sums over the subsamples: n, d, d^2 (see _measure), agreement
         self._mass: torch.Tensor | None = None  # discounted sum of the source model's probabilities
         self._fallback_logits: torch.Tensor | None = None
 
@@ -160,7 +160,7 @@ class Guard:
         if source is not None:
             self.stats = calibrate(model, source, self.config.calibration_images)
             self.adapted_stats = self.stats if self._identity else calibrate_adapted(
-                adapted, source, self.config.calibration_images, self.config.calibration_batch)
+                adapted, model, source, self.config.calibration_images, self.config.calibration_batch)
         self.source_model = model
         self._resets_seen = adapted.counters.resets
         self._forget()
@@ -222,13 +222,13 @@ class Guard:
         self._probation = int(state.get("probation", 0))
         self.averages.values = dict(state["averages"])
         self._reference = state.get("reference")
-        self._paired = [float(v) for v in state.get("paired", [0.0] * 3)]
+        self._paired = [float(v) for v in state.get("paired", [0.0] * 4)]
         self._mass = state.get("mass")
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _forget(self) -> None:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
-        self._paired, self._mass = [0.0, 0.0, 0.0], None
+        self._paired, self._mass = [0.0, 0.0, 0.0, 0.0], None
         self.averages.clear()
 
     def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
@@ -256,11 +256,13 @@ class Guard:
             decay, m = self.config.decay, values["source_rows"]
             p = self._paired
             self._paired = [decay * p[0] + m, decay * p[1] + values.pop("paired_sum"),
-                            decay * p[2] + values.pop("paired_square")]
-            n, total, square = self._paired
+                            decay * p[2] + values.pop("paired_square"), decay * p[3] + m * values["agreement"]]
+            n, total, square, agree = self._paired
             mean = total / n
             se = math.sqrt(max(square / n - mean * mean, 1.0 / n) / n)
             values["estimated_loss"], values["estimated_loss_se"] = mean, se  # source minus adapted estimate
+            clean = self.adapted_stats.agreement  # type: ignore[union-attr]
+            values["relative_agreement"] = agree / n / max(clean, 1e-12)
         return values
 
     def _rules(self, s: dict[str, float]) -> list[str]:
@@ -271,7 +273,7 @@ class Guard:
             if (s["subsample_marginal_entropy"] < ratio * s["source_marginal_entropy"]
                     or s["marginal_entropy"] < ratio * s["reference_marginal_entropy"]):
                 fired.append("collapse")
-            if ("estimated_loss" in s and s["source_range"] >= cfg.in_range
+            if ("estimated_loss" in s and s["relative_agreement"] >= cfg.in_range
                     and s["estimated_loss"] > cfg.harm_margin + cfg.harm_z * s["estimated_loss_se"]):
                 fired.append("harm")
         return fired
