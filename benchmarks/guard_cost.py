@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--guard-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a guard setting, e.g. source_fraction=0.25 (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="also write the table as a CSV (with a # command: line)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -77,6 +80,7 @@ def main() -> None:
           f"guard={args.guard} {' '.join(args.guard_set)} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'method':8s} {'plain s':>8s} {'guarded s':>10s} {'ratio':>6s} {'fallbacks':>9s}")
     run(tta.adapt(model, "source"), x, y, args.batch_size, device)  # warm-up
+    rows = []
     for method in args.methods.split(","):
         plain, guarded = [], []
         for _ in range(args.repeats):
@@ -86,6 +90,11 @@ def main() -> None:
             guarded.append(run(adapted, x, y, args.batch_size, device))
         p, g = statistics.median(plain), statistics.median(guarded)
         print(f"{method:8s} {p:8.2f} {g:10.2f} {g / p:6.3f} {adapted.counters.fallbacks:9d}", flush=True)
+        rows.append(f"{method},{p:.2f},{g:.2f},{g / p:.2f},{adapted.counters.fallbacks}")
+    if args.out:
+        command = "PYTHONPATH=$PWD python benchmarks/guard_cost.py " + " ".join(sys.argv[1:])
+        header = "method,unguarded s,guarded s,guarded / unguarded,batches answered by source"
+        Path(args.out).write_text("\n".join([f"# command: {command}", header, *rows]) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

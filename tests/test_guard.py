@@ -358,3 +358,35 @@ def test_a_collapse_on_an_overconfident_model_is_refused(overconfident) -> None:
                 "reference_marginal_entropy"]
     assert collapsed > 0 and guarded.counters.skipped >= collapsed
     assert guarded.counters.fallbacks >= collapsed
+
+
+def test_the_guide_and_its_tables_match_the_committed_results() -> None:
+    """docs/guides/guards.md's tables and the summary CSVs are what benchmarks/guard_tables.py makes of the
+    committed result files (run it after a new benchmark run)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("guard_tables", root / "benchmarks" / "guard_tables.py")
+    assert spec is not None and spec.loader is not None
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    assert tables.stale() == [], "run `python benchmarks/guard_tables.py` and commit the result"
+    text = (root / "docs" / "guides" / "guards.md").read_text(encoding="utf-8")
+    for name in ("guard_promise.csv", "guard_estimator.csv", "guard_collapse_table.csv", "guard_cost_ratio.csv"):
+        assert f"<!-- table: docs/results/{name} -->\n|" in text  # every table is on the page, filled
+
+
+def test_a_domain_with_an_unestimated_batch_has_no_estimate(bn_model: nn.Module) -> None:
+    """One spelling for "not estimated": NaN in the row as soon as any batch of the domain had no estimate."""
+    from tta.monitor.tally import GuardTally
+
+    adapted = tta.adapt(bn_model, "tent", guard="monitor", source_data=_source())
+    tally = GuardTally(adapted, 2, torch.device("cpu"))
+    for d, note in ((0, ""), (0, "outside"), (1, ""), (1, "")):
+        tally.start()
+        adapted(torch.rand(8, 3, 16, 16))
+        if note:
+            adapted.guard.above = None  # what the guard leaves when it declines to estimate a batch
+        tally.add(torch.full((8,), d))
+    assert math.isnan(tally.row(0)["estimated_accuracy"])
+    assert 0.0 <= tally.row(1)["estimated_accuracy"] <= 100.0
