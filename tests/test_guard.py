@@ -155,7 +155,7 @@ def test_benchmark_rows_carry_the_estimate_and_counts(fake_cifar_c, tmp_path: Pa
     guarded = tta.adapt(bn_model, "tent", guard="default", source_data=_source())
     df = evaluate(guarded, stream, "never", device="cpu")
     assert list(df.columns[-5:]) == ["estimated_accuracy", "skipped", "rollbacks", "resets", "fallbacks"]
-    assert df["estimated_accuracy"].between(0, 100).all()
+    assert (df["estimated_accuracy"].isna() | df["estimated_accuracy"].between(0, 100)).all()
     plain = evaluate(tta.adapt(bn_model, "tent"), stream, "domain", device="cpu")
     assert plain["estimated_accuracy"].isna().all() and (plain[["skipped", "rollbacks", "resets"]] == 0).all().all()
 
@@ -183,7 +183,8 @@ def test_cli_guard_runs_and_fills_the_columns(tmp_path: Path, fake_cifar_c) -> N
         "--out", str(out)])
     assert result.exit_code == 0, result.output
     df = pd.read_csv(out)
-    assert df["estimated_accuracy"].between(0, 100).all() and len(df) == 1
+    estimate = df["estimated_accuracy"]  # random weights: maybe outside the calibrated range (NaN, "not estimated")
+    assert (estimate.isna() | estimate.between(0, 100)).all() and len(df) == 1
 
 
 def test_calibration_on_images_the_model_always_gets_right_warns(bn_model: nn.Module) -> None:
@@ -213,17 +214,17 @@ def test_collapse_is_judged_against_the_first_batch_since_reset(bn_model: nn.Mod
 
 
 def test_the_source_model_reads_a_subsample_and_nothing_for_the_source_method(bn_model: nn.Module) -> None:
-    """The guard's cost: on a healthy batch the source copy sees ``source_fraction`` of the images; guarding the
+    """The guard's cost: on a healthy batch the source copy sees ``source_fraction`` (a quarter) of the images; guarding the
     source model itself runs no second model at all."""
     seen: list[int] = []
     adapted = tta.adapt(bn_model, "tent", guard="monitor", source_data=_source())
     adapted.guard.source_model.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     adapted(torch.rand(40, 3, 16, 16))
-    assert seen == [20]
+    assert seen == [10]  # a quarter of 40
     plain = tta.adapt(bn_model, "source", guard="default", source_data=_source())
     plain.guard.source_model.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     plain(torch.rand(40, 3, 16, 16))
-    assert seen == [20] and plain.guard.signals["agreement"] == 1.0
+    assert seen == [10] and plain.guard.signals["agreement"] == 1.0
     assert 0.0 <= plain.guard.signals["estimated_accuracy"] <= 1.0
 
 

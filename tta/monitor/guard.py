@@ -16,13 +16,13 @@ model can only take part in where it is shown to be calibrated:
 - ``harm``: the shift is *mild*: the adapted and source models agree on the subsamples of recent batches (pooled
   with weight ``decay``) at least ``in_range`` times as often as they agree on the clean calibration images (where
   the adapted model is taken as reset); then the source model is about as reliable as on clean data, where its
-  confidence was calibrated. And the source model's ATC accuracy estimate exceeds the adapted model's by more than ``harm_margin`` plus ``harm_z``
-  standard errors (paired over the subsample, averaged over recent batches with weight ``decay``). Each model's
-  estimate uses its own threshold, calibrated on the clean images: the source model's in eval mode, the adapted
-  model's as reset (a method that normalises with batch statistics, or rescales its output, has its own confidence
-  scale). This catches mild shifts where adapting with batch statistics is itself slightly worse than the source
-  model. Under a strong shift the two models disagree far more often than on clean data (an overconfident source
-  model most of all) and the rule is silent.
+  confidence was calibrated. And the source model's ATC accuracy estimate exceeds the adapted model's by more than
+  ``harm_margin`` plus ``harm_z`` standard errors (paired over the subsample, averaged over recent batches with
+  weight ``decay``). Each model's estimate uses its own threshold, calibrated on the clean images: the source
+  model's in eval mode, the adapted model's as reset (a method that normalises with batch statistics, or rescales
+  its output, has its own confidence scale). This catches mild shifts where adapting with batch statistics is itself
+  slightly worse than the source model. Under a strong shift the two models disagree far more often than on clean
+  data (an overconfident source model most of all) and the rule is silent.
 
 On a ``collapse`` batch the guard skips the update (``skip``), answers with the source model (``fallback``), rolls
 back to the last healthy state (``rollback``, off by default: it keeps a second copy of the adapted state) and
@@ -34,7 +34,9 @@ model keeps adapting (its state is healthy, only the batch statistics of a mild 
 own threshold, or the source model's on a batch it answers. It is ``nan`` (not estimated) without calibration data,
 on a collapse batch, and outside the range where its error was measured to be small: when the source model's
 marginal entropy is below ``estimate_range`` times its clean value (a shift so strong that the source model puts
-most images into a few classes; ``estimate_note`` says which).
+most images into a few classes), and when the estimate pooled over recent batches exceeds the model's clean
+accuracy by more than 10 points or is saturated (every image above the threshold while the model is below 99 % on
+clean images): its confidence scale has then drifted from the calibration. ``estimate_note`` says which.
 
 Calibration wants *held-out* clean labelled images (a validation split), not the images the model was trained on:
 on training images the source model is nearly always right, which makes the threshold too low and the estimates
@@ -146,6 +148,7 @@ class Guard:
         self._reference: float | None = None  # marginal entropy of the first batch since the last reset
         self._paired = [0.0, 0.0, 0.0, 0.0]  # discounted sums over the subsamples: n, d, d^2 (see _measure), agreement
         self._mass: torch.Tensor | None = None  # discounted sum of the source model's probabilities
+        self._pooled_estimate = self._pooled_n = 0.0  # discounted sums: images above the threshold, images
         self._fallback_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -229,6 +232,7 @@ class Guard:
     def _forget(self) -> None:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
         self._paired, self._mass = [0.0, 0.0, 0.0, 0.0], None
+        self._pooled_estimate = self._pooled_n = 0.0
         self.averages.clear()
 
     def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
@@ -328,14 +332,19 @@ class Guard:
             note = "the adapted model collapsed"
         elif self.signals.get("source_range", 1.0) < self.config.estimate_range:
             note = "shift outside the calibrated range (the source model puts most images into a few classes)"
-        self.estimate_note = note
-        if note:
-            self.above = None
-            self.signals["estimated_accuracy"] = float("nan")
-        else:
+        above = None if note or stats is None else _above(returned, stats.threshold)
+        if above is not None:
+            # An estimate far above the model's own clean accuracy, or every image above the threshold, means its
+            # confidence scale has moved away from the calibration (updates sharpen confidences): not quoted.
+            pooled = self._pooled_estimate = self.config.decay * self._pooled_estimate + float(above.sum())
+            self._pooled_n = self.config.decay * self._pooled_n + above.numel()
+            estimate = pooled / self._pooled_n
             assert stats is not None
-            self.above = _above(returned, stats.threshold).long()
-            self.signals["estimated_accuracy"] = float(self.above.float().mean())
+            if estimate > stats.accuracy + 0.1 or (estimate >= 0.995 and stats.accuracy < 0.99):
+                note, above = "the confidence scale has drifted from the calibration (estimate saturated)", None
+        self.estimate_note = note
+        self.above = None if above is None else above.long()
+        self.signals["estimated_accuracy"] = float("nan") if above is None else float(above.mean())
 
     def __repr__(self) -> str:
         return f"Guard({self.config})"
