@@ -214,8 +214,8 @@ def test_collapse_is_judged_against_the_first_batch_since_reset(bn_model: nn.Mod
 
 
 def test_the_source_model_reads_a_subsample_and_nothing_for_the_source_method(bn_model: nn.Module) -> None:
-    """The guard's cost: on a healthy batch the source copy sees ``source_fraction`` (a quarter) of the images; guarding the
-    source model itself runs no second model at all."""
+    """The guard's cost: on a healthy batch the source copy sees ``source_fraction`` (a quarter) of the images;
+    guarding the source model itself runs no second model at all."""
     seen: list[int] = []
     adapted = tta.adapt(bn_model, "tent", guard="monitor", source_data=_source())
     adapted.guard.source_model.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
