@@ -9,10 +9,10 @@ columns, including the guard's estimate and counts) plus a plot of accuracy alon
         --source npz:../shared/data/cifar10/test_exact_head.npz \\
         --checkpoint ../shared/models/cifar10_resnet20.th --arch resnet20 \\
         --source-data npz:/tmp/held_out_clean.npz \\
-        --collapse lr=0.1 --out guard.csv --plot docs/guard_collapse.png
+        --collapse lr=0.1 --out guard.csv --plot guard_collapse.png
 
 ``--source-data`` should be held-out clean images (not the model's training images, nor the images the stream is
-made of): the run in docs/guides/deployed-models.md uses CIFAR-10 test images 1,017..9,999, the stream the first 1,017.
+made of): the runs in docs/guides/guards.md use CIFAR-10 test images 1,017..9,999, the stream the first 1,017.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
 from tta.data.stream import Batch, Domain
 from tta.models import load_model
 from tta.monitor import make_guard
-from tta.run.engine import evaluate
 
 
 class CachedStream:
@@ -102,7 +101,7 @@ def main() -> None:
         guard = make_guard(args.guard, **parse_overrides(args.guard_set)) if guarded else None
         adapted = tta.adapt(net, method, guard=guard,
                             source_data=args.source_data if guarded else None, **overrides)
-        df = evaluate(adapted, stream, "never", device="cpu", model_name=Path(args.checkpoint).stem, seed=args.seed)  # type: ignore[arg-type]
+        df = tta.evaluate(adapted, stream, "never", device="cpu", model_name=Path(args.checkpoint).stem, seed=args.seed)  # type: ignore[arg-type]
         df.insert(0, "variant", variant)
         df["settings"] = " ".join(f"{k}={v}" for k, v in overrides.items())
         frames.append(df)

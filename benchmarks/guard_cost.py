@@ -1,32 +1,40 @@
 """What a guard costs: images per second of the same method with and without ``guard=...`` on the same batches.
 
-    python benchmarks/guard_cost.py [--device auto] [--arch resnet20] [--methods source,tent] [--guard default]
+    python benchmarks/guard_cost.py [--device auto] [--arch resnet20] [--methods source,tent,eta,roid] \
+        [--checkpoint ../shared/models/cifar10_resnet20.th --images ../shared/data/cifar10/test_jpeg.npz]
 
-Both sides go through ``tta.adapt`` + ``tta.evaluate`` on the same uint8 batches (random images, random weights:
-speed does not depend on them); the guarded side calibrates on 512 random clean images before the clock starts.
-Runs alternate (plain, guarded, plain, ...) and the median of --repeats runs is reported, with the ratio
-guarded / plain (1.0: free).
+Both sides go through ``tta.adapt`` + ``tta.evaluate`` on the same uint8 batches; the guarded side calibrates on
+512 clean images before the clock starts. With ``--checkpoint`` and ``--images`` the model is a real one and the
+batches are real images (the first ``--n-images``; the calibration images are the next 512), so the guard takes
+the path it takes in use (a healthy adaptation: the source model reads half of each batch); without them random
+weights and random images (the guard may then find batches unhealthy and read whole batches). Runs alternate
+(plain, guarded, plain, ...) and the median of --repeats runs is reported, with the ratio guarded / plain time
+(1.0: free) and the number of batches the guard answered with the source model.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 import tta
+from tta.config import parse_overrides
 from tta.data.arrays import array_stream
 from tta.devices import resolve_device
 from tta.models import cifar_resnet
 from tta.models.zoo import CIFAR_RESNET_NORM, normalized
+from tta.monitor import make_guard
 
 
 def run(adapted: tta.AdaptedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Images per second of one pass over the batches (wall clock, device synchronised)."""
+    """Seconds of one pass over the batches (wall clock, device synchronised)."""
     stream = array_stream(x, y, batch_size=batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -34,7 +42,7 @@ def run(adapted: tta.AdaptedModel, x: torch.Tensor, y: torch.Tensor, batch_size:
     tta.evaluate(adapted, stream, reset="never", device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return len(x) / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -44,31 +52,49 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", default="source,tent")
+    parser.add_argument("--methods", default="source,tent,eta,roid")
+    parser.add_argument("--checkpoint", help="a CIFAR ResNet checkpoint (default: random weights)")
+    parser.add_argument("--images", help="npz with uint8 x (N, 32, 32, 3) and y (default: random images)")
     parser.add_argument("--guard", default="default")
+    parser.add_argument("--guard-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a guard setting, e.g. source_fraction=0.25 (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="also write the table as a CSV (with a # command: line)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model: nn.Module = normalized(cifar_resnet(args.arch), *CIFAR_RESNET_NORM).eval()
+    model: nn.Module = (tta.load_model(checkpoint=args.checkpoint, arch=args.arch) if args.checkpoint else
+                        normalized(cifar_resnet(args.arch), *CIFAR_RESNET_NORM).eval())
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.integers(0, 256, (args.n_images, 32, 32, 3), dtype=np.uint8))
-    y = torch.from_numpy(rng.integers(0, 10, args.n_images))
-    clean = (rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 512))
+    if args.images:
+        data = np.load(args.images)
+        images, labels = data["x"][:args.n_images + 512], data["y"][:args.n_images + 512]
+    else:
+        images = rng.integers(0, 256, (args.n_images + 512, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, args.n_images + 512)
+    x, y = torch.from_numpy(images[:args.n_images]), torch.from_numpy(labels[:args.n_images])
+    clean = (images[args.n_images:], labels[args.n_images:])
     print(f"device={device} arch={args.arch} images={args.n_images} batch={args.batch_size} repeats={args.repeats} "
-          f"guard={args.guard} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'method':8s} {'plain img/s':>12s} {'guarded img/s':>14s} {'ratio':>6s}")
+          f"guard={args.guard} {' '.join(args.guard_set)} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"{'method':8s} {'plain s':>8s} {'guarded s':>10s} {'ratio':>6s} {'fallbacks':>9s}")
     run(tta.adapt(model, "source"), x, y, args.batch_size, device)  # warm-up
+    rows = []
     for method in args.methods.split(","):
         plain, guarded = [], []
         for _ in range(args.repeats):
             plain.append(run(tta.adapt(model, method), x, y, args.batch_size, device))
-            adapted = tta.adapt(model, method, guard=args.guard, source_data=clean)  # calibrates here
+            guard = make_guard(args.guard, **parse_overrides(args.guard_set))
+            adapted = tta.adapt(model, method, guard=guard, source_data=clean)  # calibrates here
             guarded.append(run(adapted, x, y, args.batch_size, device))
         p, g = statistics.median(plain), statistics.median(guarded)
-        print(f"{method:8s} {p:12.0f} {g:14.0f} {g / p:6.3f}", flush=True)
+        print(f"{method:8s} {p:8.2f} {g:10.2f} {g / p:6.3f} {adapted.counters.fallbacks:9d}", flush=True)
+        rows.append(f"{method},{p:.2f},{g:.2f},{g / p:.2f},{adapted.counters.fallbacks}")
+    if args.out:
+        command = "PYTHONPATH=$PWD python benchmarks/guard_cost.py " + " ".join(sys.argv[1:])
+        header = "method,unguarded s,guarded s,guarded / unguarded,batches answered by source"
+        Path(args.out).write_text("\n".join([f"# command: {command}", header, *rows]) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

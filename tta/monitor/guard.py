@@ -1,57 +1,54 @@
 """Guards: watch an adapted model's label-free signals and intervene before adaptation makes it worse.
 
-A guard keeps a frozen copy of the source model and, on every batch, compares the adapted model's prediction with
-the source model's on the same images. A batch is *unhealthy* when an enabled rule fires:
+A guard keeps one frozen copy of the source model (the model before adaptation) and, on every batch, reads the
+adapted model's prediction, which the method computes anyway, and the source model's prediction on a subsample of
+the batch (``source_fraction``; every image when the guard must answer with the source model). It never asks how
+accurate the *source* model believes it is under shift: a source model that is confidently wrong (under a strong
+shift it may put nearly every image into one class with high confidence) would then veto exactly the batches on
+which adaptation helps most. Instead each rule is evidence from the *adapted* model, or a comparison the source
+model can only take part in where it is shown to be calibrated:
 
 - ``collapse``: the adapted predictions' marginal entropy (entropy of the batch's mean prediction) is below
-  ``collapse_ratio`` times the larger of two references on the same batch: the source model's, and (for methods
-  that update) the *reset model*'s, a copy of the adapted model kept as it was at reset and never updated (for
-  Tent: the source weights with the batch's statistics; one more forward per batch). Adaptation is then putting
-  the images into fewer classes than both models it started from: the signature of entropy-minimisation
-  collapse. The second reference matters under strong shift, where the source model itself puts most images into
-  a few classes (so a collapse relative to it alone comes too late); both being measured on the same batch, a
-  stream whose batches really hold few classes does not fire the rule;
-- ``atc`` (needs source data): the ATC accuracy estimate of the adapted predictions is below the source model's on
-  the same batch by more than ``atc_z`` standard errors of the paired difference (per sample: whether the adapted
-  model is above the threshold minus whether the source model is), i.e. by more than the batch's sampling noise.
-  Both use the threshold calibrated on clean source data;
-- ``drift`` (needs source data and a method that updates): the adapted model changes the class of samples on
-  which the *reset model* is confident (above the threshold) more often than the reset model is expected to be
-  wrong there, ``(1 - precision) * confident fraction`` (``precision``: the source model's accuracy above the
-  threshold on the clean calibration images), by more than ``drift_z`` standard errors. The updates have then
-  moved the model away from its starting point on samples where that starting point is reliable. The reset model
-  is used rather than the source model because under shift the source model is confidently wrong (its
-  confident samples are far less often right than on clean data), while a model that adapts its statistics (the
-  reset state of Tent and its kin) stays close to its clean calibration.
+  ``collapse_ratio`` times the larger of the source model's on the same subsample and the adapted model's own on
+  the first batch since its last reset (its predictions *before* any update, free to read). Adaptation is then
+  putting the images into fewer classes than both models it started from: the signature of entropy-minimisation
+  collapse, whatever the source model's confidence;
+- ``harm``: the shift is *mild*: the adapted and source models agree on the subsamples of recent batches (pooled
+  with weight ``decay``) at least ``in_range`` times as often as they agree on the clean calibration images (where
+  the adapted model is taken as reset); then the source model is about as reliable as on clean data, where its
+  confidence was calibrated. And the source model's ATC accuracy estimate exceeds the adapted model's by more than
+  ``harm_margin`` plus ``harm_z`` standard errors (paired over the subsample, averaged over recent batches with
+  weight ``decay``). Each model's estimate uses its own threshold, calibrated on the clean images: the source
+  model's in eval mode, the adapted model's as reset (a method that normalises with batch statistics, or rescales
+  its output, has its own confidence scale). This catches mild shifts where adapting with batch statistics is itself
+  slightly worse than the source model. Under a strong shift the two models disagree far more often than on clean
+  data (an overconfident source model most of all) and the rule is silent.
 
-Every threshold is relative to the source or reset model on the same batch, calibrated on clean source data, or
-the sampling error of the batch; none is tuned on a benchmark. Rules that compare with the source model's *estimated*
-accuracy in absolute terms are deliberately absent: under a strong shift the source model is confidently wrong
-(its ATC estimate can exceed its accuracy several times over), so such rules would block exactly the batches on
-which adaptation helps most. On an unhealthy batch the guard's actions (each can be switched off):
+On a ``collapse`` batch the guard skips the update (``skip``), answers with the source model (``fallback``), rolls
+back to the last healthy state (``rollback``, off by default: it keeps a second copy of the adapted state) and
+after ``reset_after`` collapse batches in a row resets (``reset``). After one it keeps answering with the source
+model for ``probation`` more batches. A ``harm`` batch is answered by the source model (``fallback``); the adapted
+model keeps adapting (its state is healthy, only the batch statistics of a mild shift do not help).
 
-- ``skip``: the batch's update is not applied (nor is it after a rollback or reset);
-- ``fallback``: the source model's prediction is returned for the batch;
-- ``rollback``: the adapted state returns to the last snapshot that produced a healthy batch;
-- ``reset``: after ``reset_after`` unhealthy batches in a row (rolling back did not help), ``reset()``;
-- ``probation`` (with ``fallback``): after an unhealthy batch, the next ``probation`` batches are answered by the
-  source model even when they are healthy (the adapted model goes on updating, and a further unhealthy batch
-  starts the count again). The first batch after a rollback comes from the restored snapshot, whose update has
-  just been judged unhealthy: its predictions are trusted again only once a state the guard did not roll back has
-  produced a healthy batch. Without it, a model that alternates between a healthy restored state and an unhealthy
-  update would answer half the batches from a state that is, on mild shifts, no better than where it started,
-  which can be below the source model (Tent's reset state normalises with batch statistics).
+``estimated_accuracy`` (``signals``) is the ATC estimate of the predictions returned: the adapted model's with its
+own threshold, or the source model's on a batch it answers. It is ``nan`` (not estimated) without calibration data,
+on a collapse batch, and outside the range where its error was measured to be small: when the source model's
+marginal entropy is below ``estimate_range`` times its clean value (a shift so strong that the source model puts
+most images into a few classes), and when the estimate pooled over recent batches exceeds the model's clean
+accuracy by more than 10 points or is saturated (every image above the threshold while the model is below 99 % on
+clean images): its confidence scale has then drifted from the calibration. ``estimate_note`` says which.
 
 Calibration wants *held-out* clean labelled images (a validation split), not the images the model was trained on:
 on training images the source model is nearly always right, which makes the threshold too low and the estimates
-too high (``calibrate`` warns when the source accuracy there is above 99 %). Without source data the ``atc`` and
-``drift`` rules and the accuracy estimate are off and ``collapse`` alone guards the run.
+too high (``calibrate`` warns when the source accuracy there is above 99 %). Without source data the ``harm``
+rule and the estimate are off and ``collapse`` alone guards the run.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,8 +57,8 @@ from torch import nn
 
 from tta.core.validate import check_range
 from tta.errors import ConfigError
-from tta.monitor.calibrate import SourceStats, calibrate
-from tta.monitor.signals import MovingAverage, batch_signals, confident_disagreement, paired_gain
+from tta.monitor.calibrate import SourceStats, calibrate, calibrate_adapted
+from tta.monitor.signals import MovingAverage, batch_signals
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel, StepOutput
@@ -73,33 +70,38 @@ class GuardConfig:
     """Rules and actions of a ``Guard`` (see the module docstring); ratios and margins are fractions."""
 
     collapse_ratio: float = 0.9
-    atc_z: float = 3.0
-    drift_z: float = 3.0
+    harm_margin: float = 0.0
+    harm_z: float = 0.5
+    in_range: float = 0.93
+    estimate_range: float = 0.5
+    source_fraction: float = 0.25
     skip: bool = True
     fallback: bool = True
-    rollback: bool = True
+    rollback: bool = False
     reset: bool = True
-    reset_after: int = 5
+    reset_after: int = 3
     probation: int = 1
     decay: float = 0.9
     calibration_images: int = 2000
+    calibration_batch: int = 64
 
     def __post_init__(self) -> None:
         try:
-            check_range("collapse_ratio", self.collapse_ratio, low=0.0, high=1.0)
-            check_range("atc_z", self.atc_z, low=0.0, allow_inf=True)
-            check_range("drift_z", self.drift_z, low=0.0, allow_inf=True)
+            for name in ("collapse_ratio", "in_range", "estimate_range", "harm_margin"):
+                check_range(name, getattr(self, name), low=0.0, high=1.0)
+            check_range("harm_z", self.harm_z, low=0.0, allow_inf=True)
+            check_range("source_fraction", self.source_fraction, low=0.0, high=1.0, low_open=True)
             check_range("decay", self.decay, low=0.0, high=1.0, high_open=True)
         except ValueError as err:
             raise ConfigError(f"guard setting: {err}") from None
-        for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0)):
+        for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0), ("calibration_batch", 2)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or value > 1_000_000:
                 raise ConfigError(f"guard setting {name} must be an integer in [{low}, 1000000], got {value!r}")
 
 
 PRESETS: dict[str, GuardConfig] = {
-    # every rule and every action
+    # every rule; skip, fall back and reset on collapse, fall back on harm
     "default": GuardConfig(),
     # signals and estimates only: never changes what the adapted model does
     "monitor": GuardConfig(skip=False, fallback=False, rollback=False, reset=False),
@@ -112,9 +114,9 @@ class Guard:
     """Label-free monitor of an adapted model with actions when a signal crosses its threshold.
 
     ``guard.signals`` holds the last batch's signals, ``guard.averages`` their moving averages, ``guard.unhealthy``
-    the rules that fired on the last batch; ``guard.stats`` the source calibration (``None`` without source data);
-    ``guard.source_model`` and ``guard.reset_model`` the two frozen references (the latter ``None`` for methods
-    that never update).
+    the rules that fired on the last batch, ``guard.estimate_note`` why the last batch has no accuracy estimate
+    (empty when it has one); ``guard.stats`` and ``guard.adapted_stats`` the calibrations of the source model and
+    of the adapted model as reset (``None`` without source data); ``guard.source_model`` the frozen source copy.
     """
 
     def __init__(self, config: GuardConfig | None = None, *, source_data: SourceData | str | tuple[Any, Any] | None
@@ -131,32 +133,40 @@ class Guard:
         self.config = config
         self.source_data = as_source_data(source_data)
         self.source_model: nn.Module | None = None
-        self.reset_model: AdaptedModel | None = None  # the adapted model as reset, never updated (the reset model)
         self.stats: SourceStats | None = None
+        self.adapted_stats: SourceStats | None = None
         self.signals: dict[str, float] = {}
         self.averages = MovingAverage(config.decay)
         self.unhealthy: list[str] = []
-        self.above: torch.Tensor | None = None  # per sample of the last returned prediction: confidence > threshold
+        self.estimate_note = ""
+        self.above: torch.Tensor | None = None  # per sample of the last returned prediction: counted as right (ATC)
+        self._identity = False  # the adapted model is the source model (method ``source``): nothing to compare
         self._good: dict[str, Any] | None = None
         self._bad_run = 0
-        self._probation = 0  # healthy batches still to be answered by the source model
+        self._probation = 0  # batches still to be answered by the source model
         self._resets_seen = 0
+        self._reference: float | None = None  # marginal entropy of the first batch since the last reset
+        self._paired = [0.0, 0.0, 0.0, 0.0]  # discounted sums over the subsamples: n, d, d^2 (see _measure), agreement
+        self._mass: torch.Tensor | None = None  # discounted sum of the source model's probabilities
+        self._pooled_estimate = self._pooled_n = 0.0  # discounted sums: images above the threshold, images
         self._fallback_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def attach(self, adapted: AdaptedModel, source_model: nn.Module) -> None:
         """Keep a frozen copy of ``source_model`` (the model before adaptation) and calibrate on source data."""
+        from tta.methods.source import Source
+
         model = copy.deepcopy(source_model).eval().requires_grad_(False)
+        self._identity = isinstance(adapted, Source)
         source = self.source_data or adapted.source_data
-        self.stats = None if source is None else calibrate(model, source, self.config.calibration_images)
+        self.stats = self.adapted_stats = None
+        if source is not None:
+            self.stats = calibrate(model, source, self.config.calibration_images)
+            self.adapted_stats = self.stats if self._identity else calibrate_adapted(
+                adapted, model, source, self.config.calibration_images, self.config.calibration_batch)
         self.source_model = model
-        self.reset_model = None
-        if adapted.update != "none":
-            adapted.guard = None  # the copy must not carry a guard
-            self.reset_model = copy.deepcopy(adapted)
-            self.reset_model.reset()  # the state every update starts from
-            self.reset_model.requires_grad_(False)
         self._resets_seen = adapted.counters.resets
+        self._forget()
         adapted.guard = self
 
     # ------------------------------------------------------------------------------------------------ hooks
@@ -164,60 +174,27 @@ class Guard:
                       out: StepOutput) -> bool:
         """Read the batch's signals; act on an unhealthy batch. Returns whether the update may go ahead."""
         if adapted.counters.resets != self._resets_seen:  # reset since the last batch: history no longer applies
-            self._good, self._bad_run, self._probation = None, 0, 0
-            self.averages.clear()
+            self._forget()
             self._resets_seen = adapted.counters.resets
         if out.logits.ndim != 2 or out.logits.shape[0] != x.shape[0]:
             # The method predicts only after its update (MEMO): nothing to judge before it.
             self._fallback_logits = None
+            self.above, self.estimate_note = None, "the method predicts after its update"
             return True
         assert self.source_model is not None  # attach() ran
-        with torch.no_grad():
-            self.source_model.to(x.device)
-            src = self.source_model(x)
-            reset = None if self.reset_model is None else self.reset_model.to(x.device).predict(x, domain)
-        threshold = None if self.stats is None else self.stats.threshold
-        mine = batch_signals(out.logits, src, threshold)
-        theirs = batch_signals(src, None, threshold)
-        names = list(mine) + [f"source_{k}" for k in theirs]
-        tensors = [*mine.values(), *theirs.values()]
-        if reset is not None:
-            names.append("reset_marginal_entropy")
-            tensors.append(batch_signals(reset)["marginal_entropy"])
-            if threshold is not None:
-                names += ["reset_disagreement", "reset_confident", "reset_disagreement_se"]
-                tensors += list(confident_disagreement(out.logits, reset, threshold))
-        if threshold is not None:
-            names += ["estimated_gain", "estimated_gain_se"]
-            tensors += list(paired_gain(out.logits, src, threshold))
-        values = torch.stack(tensors).tolist()  # the one synchronisation of a batch
-        self.signals = dict(zip(names, values, strict=True))
-        self.averages.update(self.signals)
-        self.unhealthy = self._rules(self.signals)
-        cfg = self.config
-        if not self.unhealthy:
-            self._bad_run = 0
-            if cfg.rollback:
-                self._good = adapted._capture()  # the state that just produced a healthy batch
-            on_probation = cfg.fallback and self._probation > 0
-            self._probation = max(self._probation - 1, 0)
-            self._fallback_logits = src if on_probation else None
-            self.above = self._above(src if on_probation else out.logits, threshold)
-            return True
-        self._bad_run += 1
-        self._probation = cfg.probation
-        self._fallback_logits = src if cfg.fallback else None
-        self.above = self._above(src if cfg.fallback else out.logits, threshold)
-        if cfg.reset and self._bad_run >= cfg.reset_after:
-            adapted.reset()  # counted in adapted.counters.resets
-            self._good, self._bad_run = None, 0
-            self._resets_seen = adapted.counters.resets
-            return False
-        if cfg.rollback and self._good is not None:
-            adapted._load(self._good, True, False)
-            adapted.counters.rollbacks += 1
-            return False
-        return not cfg.skip
+        logits = out.logits.detach()
+        n = logits.shape[0]
+        if self._identity:
+            rows, src = torch.arange(n, device=logits.device), logits
+        else:
+            rows = _subsample(n, self.config.source_fraction, logits.device)
+            with torch.no_grad():
+                src = self.source_model.to(x.device)(x[rows])
+        values = self._measure(logits, src, rows)
+        self.signals = values
+        self.averages.update(values)
+        self.unhealthy = self._rules(values)
+        return self._act(adapted, x, logits, src, rows)
 
     def after_batch(self, adapted: AdaptedModel, out: StepOutput) -> StepOutput:
         """The batch's final output: the source model's prediction when the batch was unhealthy (``fallback``)."""
@@ -230,11 +207,13 @@ class Guard:
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """What the guard learned along the stream: its settings, the last healthy snapshot, the run of unhealthy
-        batches and the moving averages (``adapted.save`` includes it). The source copy and the calibration are
-        not saved: ``attach`` rebuilds them from the source model and source data."""
+        """What the guard learned along the stream: its settings, the last healthy snapshot (with ``rollback``),
+        the run of unhealthy batches, the reference and paired sums, and the moving averages (``adapted.save``
+        includes it). The source copy and the calibrations are not saved: ``attach`` rebuilds them."""
         return {"config": dataclasses.asdict(self.config), "good": copy.deepcopy(self._good),
-                "bad_run": self._bad_run, "probation": self._probation, "averages": dict(self.averages.values)}
+                "bad_run": self._bad_run, "probation": self._probation, "averages": dict(self.averages.values),
+                "reference": self._reference, "paired": list(self._paired),
+                "mass": None if self._mass is None else self._mass.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (after ``attach``); settings other than this guard's are an error."""
@@ -245,30 +224,141 @@ class Guard:
         self._bad_run = int(state["bad_run"])
         self._probation = int(state.get("probation", 0))
         self.averages.values = dict(state["averages"])
+        self._reference = state.get("reference")
+        self._paired = [float(v) for v in state.get("paired", [0.0] * 4)]
+        self._mass = state.get("mass")
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _forget(self) -> None:
+        self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
+        self._paired, self._mass = [0.0, 0.0, 0.0, 0.0], None
+        self._pooled_estimate = self._pooled_n = 0.0
+        self.averages.clear()
+
+    def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
+        """The batch's signals (one synchronisation), with the paired sums and the reference updated."""
+        mine = batch_signals(logits, None, None if self.adapted_stats is None else self.adapted_stats.threshold)
+        sub = batch_signals(logits[rows], src, None)
+        theirs = batch_signals(src, None, None if self.stats is None else self.stats.threshold)
+        names = [*mine, "agreement", "subsample_marginal_entropy", *(f"source_{k}" for k in theirs)]
+        tensors = [*mine.values(), sub["agreement"], sub["marginal_entropy"], *theirs.values()]
+        if self.stats is not None and self.adapted_stats is not None:
+            # per sample of the subsample: d = [source model above its threshold] - [adapted model above its own]
+            diff = _above(src, self.stats.threshold) - _above(logits[rows], self.adapted_stats.threshold)
+            probs = src.detach().float().softmax(1).sum(0)
+            self._mass = probs if self._mass is None else self.config.decay * self._mass.to(probs.device) + probs
+            names += ["paired_sum", "paired_square", "source_range"]
+            tensors += [diff.sum(), diff.square().sum(),
+                        batch_signals(self._mass[None].log())["marginal_entropy"] / max(self.stats.marginal_entropy,
+                                                                                         1e-12)]
+        values = dict(zip(names, torch.stack(tensors).tolist(), strict=True))
+        values["source_rows"] = float(rows.numel())
+        if self._reference is None:  # the first batch since a reset: the adapted model before any update
+            self._reference = values["marginal_entropy"]
+        values["reference_marginal_entropy"] = self._reference
+        if "paired_sum" in values:
+            decay, m = self.config.decay, values["source_rows"]
+            p = self._paired
+            self._paired = [decay * p[0] + m, decay * p[1] + values.pop("paired_sum"),
+                            decay * p[2] + values.pop("paired_square"), decay * p[3] + m * values["agreement"]]
+            n, total, square, agree = self._paired
+            mean = total / n
+            se = math.sqrt(max(square / n - mean * mean, 1.0 / n) / n)
+            values["estimated_loss"], values["estimated_loss_se"] = mean, se  # source minus adapted estimate
+            clean = self.adapted_stats.agreement  # type: ignore[union-attr]
+            values["relative_agreement"] = agree / n / max(clean, 1e-12)
+        return values
+
     def _rules(self, s: dict[str, float]) -> list[str]:
         cfg = self.config
         fired = []
-        reference = max(s["source_marginal_entropy"], s.get("reset_marginal_entropy", 0.0))
-        if s["marginal_entropy"] < cfg.collapse_ratio * reference:
-            fired.append("collapse")
-        if "estimated_gain" in s and s["estimated_gain"] < -cfg.atc_z * s["estimated_gain_se"]:
-            fired.append("atc")
-        if "reset_disagreement" in s:
-            expected = (1 - self.stats.precision) * s["reset_confident"]  # type: ignore[union-attr]
-            if s["reset_disagreement"] - expected > cfg.drift_z * s["reset_disagreement_se"]:
-                fired.append("drift")
+        if not self._identity:
+            ratio = cfg.collapse_ratio
+            if (s["subsample_marginal_entropy"] < ratio * s["source_marginal_entropy"]
+                    or s["marginal_entropy"] < ratio * s["reference_marginal_entropy"]):
+                fired.append("collapse")
+            if ("estimated_loss" in s and s["relative_agreement"] >= cfg.in_range
+                    and s["estimated_loss"] > cfg.harm_margin + cfg.harm_z * s["estimated_loss_se"]):
+                fired.append("harm")
         return fired
 
-    @staticmethod
-    def _above(logits: torch.Tensor, threshold: float | None) -> torch.Tensor | None:
-        if threshold is None:
-            return None
-        return (logits.detach().float().softmax(1).amax(1) > threshold).long()
+    def _act(self, adapted: AdaptedModel, x: torch.Tensor, logits: torch.Tensor, src: torch.Tensor,
+             rows: torch.Tensor) -> bool:
+        """Decide what the batch returns and whether its update goes ahead; sets ``above`` and the estimate."""
+        cfg = self.config
+        collapse = "collapse" in self.unhealthy
+        if collapse:
+            self._bad_run += 1
+            self._probation = cfg.probation
+        else:
+            self._bad_run = 0
+        use_source = cfg.fallback and (bool(self.unhealthy) or (self._probation > 0 and not collapse))
+        if not collapse and self._probation > 0:
+            self._probation -= 1
+        self._fallback_logits = None
+        if use_source:
+            self._fallback_logits = self._source_logits(x, src, rows)
+        self._estimate(self._fallback_logits if use_source else logits, use_source, collapse)
+        if not collapse:
+            if cfg.rollback:
+                self._good = adapted._capture()  # the state that just produced a healthy batch
+            return True
+        if cfg.reset and self._bad_run >= cfg.reset_after:
+            adapted.reset()  # counted in adapted.counters.resets
+            self._forget()
+            self._resets_seen = adapted.counters.resets
+            self._probation = cfg.probation
+            return False
+        if cfg.rollback and self._good is not None:
+            adapted._load(self._good, True, False)
+            adapted.counters.rollbacks += 1
+            return False
+        return not cfg.skip
+
+    def _source_logits(self, x: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The source model's logits on the whole batch (the subsample's are reused)."""
+        if rows.numel() == x.shape[0]:
+            return src
+        assert self.source_model is not None
+        with torch.no_grad():
+            return self.source_model(x)
+
+    def _estimate(self, returned: torch.Tensor, from_source: bool, collapse: bool) -> None:
+        stats = self.stats if from_source else self.adapted_stats
+        note = ""
+        if stats is None or self.stats is None:
+            note = "no calibration data"
+        elif collapse and not from_source:
+            note = "the adapted model collapsed"
+        elif self.signals.get("source_range", 1.0) < self.config.estimate_range:
+            note = "shift outside the calibrated range (the source model puts most images into a few classes)"
+        above = None if note or stats is None else _above(returned, stats.threshold)
+        if above is not None:
+            # An estimate far above the model's own clean accuracy, or every image above the threshold, means its
+            # confidence scale has moved away from the calibration (updates sharpen confidences): not quoted.
+            pooled = self._pooled_estimate = self.config.decay * self._pooled_estimate + float(above.sum())
+            self._pooled_n = self.config.decay * self._pooled_n + above.numel()
+            estimate = pooled / self._pooled_n
+            assert stats is not None
+            if estimate > stats.accuracy + 0.1 or (estimate >= 0.995 and stats.accuracy < 0.99):
+                note, above = "the confidence scale has drifted from the calibration (estimate saturated)", None
+        self.estimate_note = note
+        self.above = None if above is None else above.long()
+        self.signals["estimated_accuracy"] = float("nan") if above is None else float(above.mean())
 
     def __repr__(self) -> str:
         return f"Guard({self.config})"
+
+
+def _subsample(n: int, fraction: float, device: torch.device) -> torch.Tensor:
+    """Evenly spaced rows of a batch of ``n``: ``ceil(fraction * n)`` of them, at least 8 (or all)."""
+    m = min(n, max(8, math.ceil(fraction * n)))
+    return torch.linspace(0, n - 1, m, device=device).round().long()
+
+
+def _above(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per sample: 1.0 when the maximum softmax probability exceeds ``threshold`` (ATC), else 0.0."""
+    return (logits.detach().float().softmax(1).amax(1) > threshold).float()
 
 
 def make_guard(guard: Guard | GuardConfig | str | None, **overrides: Any) -> Guard | None:

@@ -8,12 +8,11 @@ All entropies are divided by ``ln(C)`` (C classes), so 0 is a one-hot prediction
   the signature of a collapsing adaptation);
 - ``agreement``: fraction of samples whose class equals the frozen source model's (when one is kept);
 - ``estimated_accuracy``: the ATC estimate, the fraction of samples whose confidence exceeds the threshold
-  calibrated on clean source data (see ``tta.monitor.calibrate``);
-- ``estimated_gain`` (guards only): the adapted estimate minus the source model's on the same batch, with
-  ``estimated_gain_se`` its standard error (paired over samples, at least that of one sample in n);
-- ``reset_disagreement`` (guards only): fraction of samples on which the reset model (the adapted model as it
-  was before any update) is above the threshold and the prediction differs from its class, with
-  ``reset_confident`` the fraction above the threshold and ``reset_disagreement_se`` the standard error.
+  calibrated on clean source data (see ``tta.monitor.calibrate``).
+
+A guard adds its own (``tta.monitor.guard``): the source model's signals on the subsample it reads
+(``source_*``), ``estimated_loss`` (source minus adapted ATC estimate, paired, averaged over recent batches) with
+its standard error, and ``source_range`` (the source model's marginal entropy relative to clean data).
 """
 
 from __future__ import annotations
@@ -49,37 +48,6 @@ def batch_signals(
     if threshold is not None:
         out["estimated_accuracy"] = (conf > threshold).float().mean()
     return out
-
-
-def paired_gain(
-    logits: torch.Tensor, source_logits: torch.Tensor, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ATC estimate of ``logits`` minus that of ``source_logits`` on the same samples, and its standard error.
-
-    Per sample the difference is 1, 0 or -1 (which of the two is above ``threshold``); the error is the sample
-    standard deviation of those differences over sqrt(n), never below 1/n (no spread seen is not certainty).
-    """
-    above = (logits.detach().float().softmax(1).amax(1) > threshold).float()
-    source_above = (source_logits.detach().float().softmax(1).amax(1) > threshold).float()
-    diff = above - source_above
-    n = diff.numel()
-    spread = diff.std() if n > 1 else diff.new_tensor(1.0)
-    return diff.mean(), torch.maximum(spread, diff.new_tensor(1.0 / math.sqrt(n))) / math.sqrt(n)
-
-
-def confident_disagreement(
-    logits: torch.Tensor, reference_logits: torch.Tensor, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fraction of samples on which ``reference_logits`` are confident (max probability above ``threshold``) and
-    ``logits`` predict another class; the fraction of confident samples; the binomial standard error of the first
-    (never below 1/n)."""
-    reference = reference_logits.detach().float().softmax(1)
-    confident = reference.amax(1) > threshold
-    changed = (confident & (logits.detach().argmax(1) != reference.argmax(1))).float()
-    n = changed.numel()
-    rate = changed.mean()
-    se = torch.clamp((rate * (1 - rate) / n).sqrt(), min=1.0 / n)
-    return rate, confident.float().mean(), se
 
 
 class MovingAverage:

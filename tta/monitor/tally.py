@@ -1,8 +1,11 @@
 """Per-domain tallies of what a guard saw and did, for the engine's result rows.
 
-``estimated_accuracy`` is the ATC estimate of the predictions returned (percent; NaN without a calibrated guard),
-accumulated per sample on the device like the engine's accuracy (no synchronisation of its own); ``skipped``,
-``rollbacks``, ``resets`` and ``fallbacks`` count batches, each credited to the domain of the batch's first image.
+``estimated_accuracy`` is the guard's estimate of the accuracy of the predictions returned (percent), accumulated per
+sample on the device like the engine's accuracy (no synchronisation of its own). "Not estimated" has one spelling,
+NaN (an empty cell in a CSV): without a guard, without calibration data, and for a domain any of whose batches the
+guard declined to estimate (``Guard.estimate_note`` says why: outside the calibrated range, a collapsed model).
+``skipped``, ``rollbacks``, ``resets`` and ``fallbacks`` count batches, each credited to the domain of the batch's
+first image.
 Resets the engine itself makes (its reset policy) are not counted: ``start()`` runs after them.
 """
 
@@ -26,6 +29,7 @@ class GuardTally:
         self.adapted = adapted
         self.above = torch.zeros(n_domains, dtype=torch.long, device=device)
         self.estimated = torch.zeros(n_domains, dtype=torch.long, device=device)
+        self.seen = torch.zeros(n_domains, dtype=torch.long, device=device)
         self.counts = [dict.fromkeys(COUNTS, 0) for _ in range(n_domains)]
         self._before: dict[str, int] = {}
 
@@ -45,6 +49,7 @@ class GuardTally:
                 self.counts[first][k] += delta
         guard = getattr(self.adapted, "guard", None)
         above = None if guard is None else guard.above
+        self.seen.index_add_(0, domain, torch.ones_like(domain))
         if above is not None and above.shape[0] == domain.shape[0]:
             self.above.index_add_(0, domain, above.to(domain.device))
             self.estimated.index_add_(0, domain, torch.ones_like(domain))
@@ -52,5 +57,5 @@ class GuardTally:
     def row(self, d: int) -> dict[str, Any]:
         """The guard columns of domain ``d``'s row."""
         n = int(self.estimated[d])
-        estimate = 100.0 * int(self.above[d]) / n if n else float("nan")
+        estimate = 100.0 * int(self.above[d]) / n if n and n == int(self.seen[d]) else float("nan")
         return {"estimated_accuracy": estimate, **self.counts[d]}
