@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from tta.methods import (  # noqa: F401  (registers them)
     adabn,
     afn,
+    cmf,
     context_norm,
     cotta,
     deyo,
@@ -18,6 +19,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     rdumb,
     roid,
     rotta,
+    rpl,
     sar,
     source,
     stream_stats,
