@@ -24,6 +24,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     source,
     stream_stats,
     tent,
+    ttaug,
 )
 from tta.registry import METHODS
 
