@@ -20,6 +20,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     roid,
     rotta,
     rpl,
+    santa,
     sar,
     source,
     stream_stats,
