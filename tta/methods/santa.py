@@ -21,6 +21,7 @@ the update. The augmentation is CoTTA's (``tta.core.augment.tta_augment``).
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -78,13 +79,13 @@ def source_prototypes(model: nn.Module, split: FeatureSplit, source: SourceData,
         images, labels = source.sample(None)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
         images, labels = images[order], labels[order]
-        bounds = list(range(0, len(images), batch_size)) + [len(images)]
+        bounds = [*range(0, len(images), batch_size), len(images)]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
             del bounds[-2]
         like = next(model.parameters())
         with torch.no_grad():
             feats = torch.cat([split(images[a:b].to(device=like.device, dtype=like.dtype))[0]
-                               for a, b in zip(bounds, bounds[1:], strict=False)]).cpu()
+                               for a, b in itertools.pairwise(bounds)]).cpu()
         protos = feats.mean(0).repeat(num_classes, 1)
         for c in labels.unique().tolist():
             if 0 <= c < num_classes:
