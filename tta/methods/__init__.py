@@ -17,6 +17,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     lame,
     memo,
     rdumb,
+    rmt,
     roid,
     rotta,
     rpl,
