@@ -1,4 +1,4 @@
-"""CMF: continual model fusion, ROID's objective with a Kalman-filtered fusion of source and adapted weights
+"""CMF: continual momentum filtering, ROID's objective with a Kalman-filtered fusion of source and adapted weights
 (Lee and Chang, ICLR 2024).
 
 The step is ROID's (see ``tta.methods.roid``): BatchNorm on batch statistics, the certainty x diversity weighted
