@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from tta.methods import (  # noqa: F401  (registers them)
     adabn,
     afn,
+    cmf,
     context_norm,
     cotta,
     deyo,
@@ -16,12 +17,16 @@ from tta.methods import (  # noqa: F401  (registers them)
     lame,
     memo,
     rdumb,
+    rmt,
     roid,
     rotta,
+    rpl,
+    santa,
     sar,
     source,
     stream_stats,
     tent,
+    ttaug,
 )
 from tta.registry import METHODS
 

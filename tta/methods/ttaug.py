@@ -1,0 +1,84 @@
+"""TTAug: test-time augmentation, the average prediction over AugMix views of each image (the reference benchmark's
+baseline, as in MEMO's paper).
+
+Per test image, as the reference benchmark runs it: the image itself and ``n_augmentations`` AugMix views of it
+(random crop and flip, then AugMix; see ``tta.core.augmix``) go through the model as one batch, and the prediction
+is the mean of their logits. BatchNorm layers normalise with BN-alpha statistics, (1 - ``bn_alpha``) source +
+``bn_alpha`` statistics of that batch of views. Nothing is learned: every image is predicted by the source model.
+
+A batch of N images is N such predictions. The views of an image are drawn from a ``torch.Generator`` seeded with
+``seed`` and the image's content (as MEMO's), so an image's prediction never depends on its batch-mates or on what
+came before. ``crop: resized`` gives the random resized crop the reference draws for ImageNet-sized images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tta.core.augmix import augmix_views
+from tta.core.base import AdaptedModel, StepOutput
+from tta.core.validate import check_range
+from tta.methods.memo import _content_seed
+from tta.norm.adaptive_bn import AdaptiveBN
+from tta.norm.convert import replace_batchnorms
+from tta.registry import register
+
+
+@dataclass(frozen=True)
+class TTAugConfig:
+    """Settings of ``ttaug`` (defaults: the reference benchmark's, 32 AugMix views and BN-alpha 0.1)."""
+
+    n_augmentations: int = 32
+    augmix_severity: float = 1.0
+    crop: Literal["pad", "resized"] = "pad"
+    bn_alpha: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.n_augmentations
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+            raise ValueError(f"n_augmentations must be an integer in [1, 1024], got {n!r}")
+        if self.crop not in ("pad", "resized"):
+            raise ValueError(f"crop must be pad or resized, got {self.crop!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
+            raise ValueError(f"seed must be an integer in [0, 2**62), got {self.seed!r}")
+        check_range("augmix_severity", self.augmix_severity, low=0.1, high=10.0)
+        check_range("bn_alpha", self.bn_alpha, low=0.0, high=1.0)
+
+
+@register("ttaug")
+class TTAug(AdaptedModel):
+    """The mean logits over each image and its AugMix views (BN-alpha statistics per image); nothing is learned."""
+
+    Config = TTAugConfig
+    update = "none"
+
+    def configure(self, model: nn.Module) -> nn.Module:
+        model.eval()
+        alpha = self.config.bn_alpha
+        replace_batchnorms(model, lambda bn: AdaptiveBN.from_bn(bn, mode="alpha", alpha=alpha),
+                           types=(nn.BatchNorm2d,))
+        model.requires_grad_(False)
+        return model
+
+    def setup(self) -> None:
+        self.window = 0  # each image is predicted from its own views: no sliding window of neighbours
+
+    def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
+        return StepOutput(self.predict(x, domain))
+
+    def predict(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.config
+        logits = []
+        for image in x.split(1):
+            generator = torch.Generator().manual_seed(_content_seed(image, cfg.seed))
+            views = augmix_views(image, cfg.n_augmentations, generator, severity=cfg.augmix_severity, crop=cfg.crop)
+            logits.append(self.model(torch.cat([image, views.to(image.dtype)])).mean(0))
+        return torch.stack(logits)
+
+
+__all__ = ["TTAug", "TTAugConfig"]
