@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 import tta
-from tta.core.augmix import _apply, augmix_views
-from tta.methods.memo import _content_seed
+from tta.core.augmix import _apply, augmix_views, content_seed
 
 VIEWS = 4  # fewer views than the default 32: the invariants do not depend on the count
 
@@ -48,7 +47,7 @@ def test_the_loss_is_the_marginal_entropy_of_the_views(bn_model: nn.Module) -> N
     adapted = tta.adapt(bn_model, "memo", n_augmentations=VIEWS)
     x = torch.rand(1, 3, 16, 16)
     adapted(x)  # afterwards, adapted.model is the source model again (with its BN-alpha layers)
-    views = augmix_views(x, VIEWS, torch.Generator().manual_seed(_content_seed(x, 0)))
+    views = augmix_views(x, VIEWS, torch.Generator().manual_seed(content_seed(x, 0)))
     with torch.no_grad():
         mean_probs = adapted.model(views).softmax(1).mean(0)
     expected = -(mean_probs * mean_probs.log()).sum()

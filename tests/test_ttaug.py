@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 import tta
-from tta.core.augmix import augmix_views
-from tta.methods.memo import _content_seed
+from tta.core.augmix import augmix_views, content_seed
 
 
 def _batch(seed: int = 1, n: int = 4) -> torch.Tensor:
@@ -22,7 +21,7 @@ def test_prediction_is_the_mean_over_the_image_and_its_views(bn_model: nn.Module
     out = adapted(x)
     for i in range(2):
         image = x[i:i + 1]
-        views = augmix_views(image, 6, torch.Generator().manual_seed(_content_seed(image, 0)))
+        views = augmix_views(image, 6, torch.Generator().manual_seed(content_seed(image, 0)))
         batch = torch.cat([image, views])
         # BN-alpha by hand: 0.9 source + 0.1 statistics of the 7 images, in the first BatchNorm's place
         model = copy.deepcopy(bn_model)

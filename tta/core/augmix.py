@@ -14,8 +14,9 @@ so the views are reproducible.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,36 @@ OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x",
 WIDTH = 3  # chains mixed per view
 MAX_DEPTH = 3  # operations per chain: uniform in 1..MAX_DEPTH
 PAD = 4  # the CIFAR crop's padding
+
+
+def content_seed(x: torch.Tensor, seed: int) -> int:
+    """A 63-bit seed from ``seed`` and the image's values: the same image always gets the same views."""
+    digest = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=8, key=seed.to_bytes(8, "little"))
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def check_view_settings(config: object) -> None:
+    """Check the view settings that MEMO and TTAug share (``n_augmentations``, ``augmix_severity``, ``crop``,
+    ``bn_alpha``, ``seed``) on a method's config; raises ``ValueError`` naming the setting."""
+    from tta.core.validate import check_range
+
+    n, seed = config.n_augmentations, config.seed  # type: ignore[attr-defined]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+        raise ValueError(f"n_augmentations must be an integer in [1, 1024], got {n!r}")
+    if config.crop not in ("pad", "resized"):  # type: ignore[attr-defined]
+        raise ValueError(f"crop must be pad or resized, got {config.crop!r}")  # type: ignore[attr-defined]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+        raise ValueError(f"seed must be an integer in [0, 2**62), got {seed!r}")
+    check_range("augmix_severity", config.augmix_severity, low=0.1, high=10.0)  # type: ignore[attr-defined]
+    check_range("bn_alpha", config.bn_alpha, low=0.0, high=1.0)  # type: ignore[attr-defined]
+
+
+def seeded_views(x: torch.Tensor, config: object) -> torch.Tensor:
+    """``config.n_augmentations`` AugMix views of ``x`` drawn from a generator seeded with ``config.seed`` and
+    ``x``'s content (``content_seed``), so the views never depend on what came before."""
+    cfg: Any = config
+    generator = torch.Generator().manual_seed(content_seed(x, cfg.seed))
+    return augmix_views(x, cfg.n_augmentations, generator, severity=cfg.augmix_severity, crop=cfg.crop)
 
 
 def augmix_views(x: torch.Tensor, n_views: int, generator: torch.Generator, *, severity: float = 1.0,

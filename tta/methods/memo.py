@@ -16,18 +16,16 @@ or a saved state resume exactly.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from tta.core.augmix import augmix_views
+from tta.core.augmix import check_view_settings, seeded_views
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import marginal_entropy
 from tta.core.params import IMAGENET_SGD, OptimizerConfig
-from tta.core.validate import check_range
 from tta.norm.adaptive_bn import AdaptiveBN
 from tta.norm.convert import replace_batchnorms
 from tta.registry import register
@@ -46,15 +44,7 @@ class MEMOConfig(OptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        n = self.n_augmentations
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
-            raise ValueError(f"n_augmentations must be an integer in [1, 1024], got {n!r}")
-        if self.crop not in ("pad", "resized"):
-            raise ValueError(f"crop must be pad or resized, got {self.crop!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
-            raise ValueError(f"seed must be an integer in [0, 2**62), got {self.seed!r}")
-        check_range("augmix_severity", self.augmix_severity, low=0.1, high=10.0)
-        check_range("bn_alpha", self.bn_alpha, low=0.0, high=1.0)
+        check_view_settings(self)
 
 
 @register("memo")
@@ -97,9 +87,7 @@ class MEMO(AdaptedModel):
 
     def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
         cfg = self.config
-        generator = torch.Generator().manual_seed(_content_seed(x, cfg.seed))
-        views = augmix_views(x, cfg.n_augmentations, generator, severity=cfg.augmix_severity, crop=cfg.crop)
-        loss = marginal_entropy(self.model(views))
+        loss = marginal_entropy(self.model(seeded_views(x, cfg)))
         return StepOutput(x.new_empty(0), loss, 1)
 
     def after_step(self, x: torch.Tensor, domain: torch.Tensor | None, out: StepOutput) -> StepOutput:
@@ -107,12 +95,6 @@ class MEMO(AdaptedModel):
             logits = self.model(x)
         loss = None if out.loss is None else out.loss.detach()
         return StepOutput(logits, loss, out.n_used, {} if loss is None else {"marginal_entropy": loss})
-
-
-def _content_seed(x: torch.Tensor, seed: int) -> int:
-    """A 63-bit seed from ``seed`` and the image's values: the same image always gets the same views."""
-    digest = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=8, key=seed.to_bytes(8, "little"))
-    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 __all__ = ["MEMO", "MEMOConfig"]

@@ -19,10 +19,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tta.core.augmix import augmix_views
+from tta.core.augmix import check_view_settings, seeded_views
 from tta.core.base import AdaptedModel, StepOutput
-from tta.core.validate import check_range
-from tta.methods.memo import _content_seed
 from tta.norm.adaptive_bn import AdaptiveBN
 from tta.norm.convert import replace_batchnorms
 from tta.registry import register
@@ -39,15 +37,7 @@ class TTAugConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        n = self.n_augmentations
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
-            raise ValueError(f"n_augmentations must be an integer in [1, 1024], got {n!r}")
-        if self.crop not in ("pad", "resized"):
-            raise ValueError(f"crop must be pad or resized, got {self.crop!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
-            raise ValueError(f"seed must be an integer in [0, 2**62), got {self.seed!r}")
-        check_range("augmix_severity", self.augmix_severity, low=0.1, high=10.0)
-        check_range("bn_alpha", self.bn_alpha, low=0.0, high=1.0)
+        check_view_settings(self)
 
 
 @register("ttaug")
@@ -75,8 +65,7 @@ class TTAug(AdaptedModel):
         cfg = self.config
         logits = []
         for image in x.split(1):
-            generator = torch.Generator().manual_seed(_content_seed(image, cfg.seed))
-            views = augmix_views(image, cfg.n_augmentations, generator, severity=cfg.augmix_severity, crop=cfg.crop)
+            views = seeded_views(image, cfg)
             logits.append(self.model(torch.cat([image, views.to(image.dtype)])).mean(0))
         return torch.stack(logits)
 
