@@ -4,7 +4,8 @@ Normalisation (mean/std) lives inside the models ``tta.models.load_model`` retur
 applied to decoded images before they become uint8 tensors: torchvision weights' ``transforms()`` (``resize_size``,
 ``crop_size``, ``interpolation``; e.g. ResNet-50's default weights: resize 232, crop 224, bilinear) and timm's
 pretrained config (``input_size``, ``crop_pct``, ``interpolation``: resize ``floor(size / crop_pct)``, crop ``size``).
-CIFAR-sized models (robustbench's CIFAR zoo, ``--checkpoint``, the digits demo model) take 32x32 images.
+CIFAR-sized models (robustbench's CIFAR zoo, ``--checkpoint``, the digits demo model) take 32x32 images; a
+``timm:NAME`` model takes its pretrained config's geometry whatever the benchmark.
 
 Every decoded image first becomes 8-bit RGB through ``to_rgb``: 16-bit images (PIL modes ``I;16*``, and ``I``
 holding values in 0..65535) are scaled from 0..65535 to 0..255 instead of being clipped at 255, float images
@@ -108,6 +109,9 @@ def timm_preprocess(name: str) -> Preprocess:
     """The geometry of timm's pretrained config for ``name``: resize ``floor(size / crop_pct)``, crop ``size``."""
     import timm
 
+    from tta.models.zoo import check_timm_name
+
+    check_timm_name(name)
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         raise ConfigError(f"timm has no pretrained config for {name!r}; pass a pretrained timm model name")
@@ -120,8 +124,11 @@ def preprocess_for(model: str | None, dataset: str) -> Preprocess:
     """The preprocessing ``load_model(model, dataset=dataset)``'s model expects (see the module docs).
 
     CIFAR-sized datasets (``cifar10``, ``cifar100`` and their ``-c`` benchmarks, ``digits``) and local checkpoints
-    (``model`` None) give 32x32; ImageNet models give their torchvision or timm geometry.
+    (``model`` None) give 32x32; ImageNet models give their torchvision or timm geometry, and ``timm:NAME`` models
+    their timm geometry for every dataset.
     """
+    if model is not None and model.startswith("timm:"):
+        return timm_preprocess(model.removeprefix("timm:"))
     if model is None or not dataset.startswith("imagenet"):
         return CIFAR
     import torchvision

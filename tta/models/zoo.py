@@ -2,8 +2,9 @@
 
 Sources, tried in this order for ``name``: robustbench's corruption model zoo for the dataset (``Standard``,
 ``Hendrycks2020AugMix_WRN``, ...; weights fetched by ``tta.data.download``), torchvision's ImageNet classifiers,
-timm's; ``digits-cnn`` is the offline demo model (``tta.models.digits``), trained at first use. With
-``checkpoint`` and ``arch``, a classic CIFAR ResNet from a local file (the akamaster/pytorch_resnet_cifar10
+timm's; ``timm:NAME`` goes to timm directly (with its pretrained configuration's mean/std, and weights from a local
+file given as ``checkpoint``); ``digits-cnn`` is the offline demo model (``tta.models.digits``), trained at first
+use. With ``checkpoint`` and ``arch``, a classic CIFAR ResNet from a local file (the akamaster/pytorch_resnet_cifar10
 format). Downloads go under ``<data_dir>/models``; offline, a ``DownloadError`` says what to fetch and where to put it.
 """
 
@@ -199,16 +200,80 @@ def _load_torchvision(name: str) -> nn.Module:
     return normalized(model, *IMAGENET_NORM)
 
 
-def _load_timm(name: str) -> nn.Module:
-    import timm
+TIMM_PREFIX = "timm:"
 
+
+def timm_name(name: str | None) -> str | None:
+    """The timm model name of a ``timm:NAME`` model (None for any other name)."""
+    if name is None or not name.startswith(TIMM_PREFIX):
+        return None
+    return name.removeprefix(TIMM_PREFIX)
+
+
+def check_timm_name(name: str) -> None:
+    """A ``ConfigError`` unless timm is installed and knows ``name`` (an architecture, optionally ``.tag``)."""
     try:
-        model = timm.create_model(name, pretrained=True)
-    except Exception as err:  # hub download errors when offline
-        raise DownloadError(f"could not fetch timm weights for {name!r} ({type(err).__name__}: {err}); download "
-                            "them with internet access (they are cached by huggingface_hub)") from None
-    cfg = model.pretrained_cfg
-    return normalized(model, cfg.get("mean", IMAGENET_NORM[0]), cfg.get("std", IMAGENET_NORM[1]))
+        import timm
+    except ImportError:
+        raise ConfigError(f"model timm:{name} needs timm; install it with pip install timm") from None
+    if not name or not timm.is_model(name):
+        raise ConfigError(f"unknown timm model {name!r}; pick a name from timm.list_models() (for example "
+                          "timm:vit_base_patch16_224.augreg_in21k_ft_in1k)")
+
+
+def _timm_weights(path: Path) -> dict[str, Any]:
+    """The state dict in a local timm weight file: ``.safetensors`` or a ``torch.save`` file (read weights-only)."""
+    if not path.is_file():
+        raise ModelError(f"checkpoint {str(path)!r} does not exist; check the path passed to --checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise ModelError(f"{str(path)!r} is not a readable safetensors file ({err}); fetch it again") from None
+    ckpt = _read_weights(path)
+    state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else ckpt
+    return _strip(state, ("module.",))
+
+
+def _load_timm(name: str, pretrained: bool = True, checkpoint: str | Path | None = None,
+               model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """timm's ``name`` with its pretrained configuration's mean/std inside, so that it takes [0, 1] images.
+
+    Weights: timm's download (``pretrained``), a local file (``checkpoint``: the hub's ``model.safetensors`` or
+    ``pytorch_model.bin``), or none (random initialisation, ``pretrained=False``). ``model_kwargs`` go to
+    ``timm.create_model`` (``num_classes``, ``img_size``, ...).
+    """
+    check_timm_name(name)
+    import timm
+    import timm.data
+
+    kwargs = dict(model_kwargs or {})
+    if checkpoint is not None:
+        state = _timm_weights(Path(checkpoint))
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # tensors of the wrong shape
+            missing, unexpected = [str(err).splitlines()[-1].strip()[:120]], []
+        if missing or unexpected:
+            raise ModelError(f"checkpoint {str(checkpoint)!r} does not fit timm:{name} ({len(missing)} missing keys "
+                             f"such as {missing[:2]}, {len(unexpected)} unexpected such as {unexpected[:2]}); pass "
+                             "the weights of this exact model")
+    else:
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except Exception as err:  # hub download errors when offline, or a missing/old huggingface_hub
+            cfg = timm.models.get_pretrained_cfg(name)
+            hub = getattr(cfg, "hf_hub_id", None)
+            where = f"https://huggingface.co/{hub} (model.safetensors)" if hub else getattr(cfg, "url", None) \
+                or "their source (timm knows no download for them)"
+            raise DownloadError(f"could not fetch timm weights for {name!r} ({type(err).__name__}: {str(err)[:200]}); "
+                                f"download them from {where} on a machine with internet and pass the file with "
+                                f"--model timm:{name} --checkpoint FILE") from None
+    config = timm.data.resolve_data_config({}, model=model)
+    return normalized(model, config["mean"], config["std"])
 
 
 def load_model(
@@ -218,13 +283,26 @@ def load_model(
     checkpoint: str | Path | None = None,
     arch: str | None = None,
     data_dir: str | Path = "data",
+    pretrained: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A pretrained model in eval mode that takes [0, 1] images.
 
     ``load_model(checkpoint="resnet20.th", arch="resnet20")`` reads a CIFAR ResNet checkpoint and
-    ``load_model(checkpoint="warm.pt")`` a self-describing one written by ``tta warmup``; otherwise ``name`` is
-    looked up in robustbench's corruption zoo for ``dataset`` (``cifar10``/``cifar100``), then torchvision, then timm.
+    ``load_model(checkpoint="warm.pt")`` a self-describing one written by ``tta warmup``; ``load_model("timm:NAME")``
+    builds timm's ``NAME`` with the mean/std of its pretrained configuration (its input size, interpolation and crop
+    set the resizing of images: ``tta.models.preprocess.preprocess_for``), its weights downloaded or, with
+    ``checkpoint``, read from a local file. For ``timm:`` names only, ``pretrained=False`` leaves the weights
+    randomly initialised (for tests) and ``model_kwargs`` go to ``timm.create_model``. Any other ``name`` is looked
+    up in robustbench's corruption zoo for ``dataset`` (``cifar10``/``cifar100``), then torchvision, then timm.
     """
+    timm_model = timm_name(name)
+    if timm_model is not None:
+        if arch is not None:
+            raise ConfigError(f"--arch {arch} is for CIFAR ResNet checkpoints; drop it for --model {name}")
+        return _load_timm(timm_model, pretrained, checkpoint, model_kwargs).eval()
+    if not pretrained or model_kwargs:
+        raise ConfigError("pretrained=False and model_kwargs apply to timm:NAME models only; name one as timm:NAME")
     if name == "digits-cnn" and checkpoint is None and arch is None:
         from tta.models.digits import load_digits_cnn
 

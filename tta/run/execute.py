@@ -59,7 +59,8 @@ def build_stream(spec: RunSpec, device: Any) -> Stream:
     from tta.data.sources import benchmark_stream, data_stream
 
     d, s = spec.data, spec.stream
-    model = None if spec.model.checkpoint is not None else spec.model_name
+    name = spec.model_name
+    model = None if spec.model.checkpoint is not None and not str(name).startswith("timm:") else name
     if d.data is None:
         return benchmark_stream(d, s, model=model, device=device)
     return data_stream(d.data, d.benchmark, model, d.n_examples, s.batch_size, setting=s.setting, seed=s.seed,
