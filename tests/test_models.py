@@ -110,3 +110,134 @@ def test_torchvision_name_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_public_loader_is_exported() -> None:
     assert tta.load_model is load_model
+
+
+# --- timm:NAME ---------------------------------------------------------------------------------------------------
+# timm's test_vit: a 0.4M-parameter ViT whose pretrained config (mean = std = 0.5, 160x160, crop 0.875, bicubic)
+# differs from ImageNet's defaults, built with random weights (nothing can be downloaded in tests).
+TIMM_VIT = "test_vit"
+
+
+def _timm_vit(**kwargs: object) -> torch.nn.Module:
+    return load_model(f"timm:{TIMM_VIT}", pretrained=False, model_kwargs=kwargs or None)
+
+
+def test_timm_model_takes_unit_images_with_its_own_normalisation() -> None:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(TIMM_VIT)
+    assert cfg.mean != zoo.IMAGENET_NORM[0] and cfg.std != zoo.IMAGENET_NORM[1]
+    torch.manual_seed(0)
+    model = _timm_vit()
+    assert not model.training and isinstance(model[1], timm.models.VisionTransformer)
+    x = torch.rand(2, 3, 160, 160)
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model[1]((x - mean) / std))
+
+
+def test_timm_geometry_comes_from_its_pretrained_config() -> None:
+    from tta.models.preprocess import CIFAR, Preprocess, preprocess_for
+
+    # 160 / 0.875 = 182.9: resized to 182, centre-cropped to 160, bicubic; for every benchmark, CIFAR's included
+    assert preprocess_for(f"timm:{TIMM_VIT}", "cifar10c") == preprocess_for(f"timm:{TIMM_VIT}", "imagenetc") \
+        == Preprocess(182, 160, "bicubic")
+    assert preprocess_for("timm:inception_v3", "cifar10c") == Preprocess(341, 299, "bicubic")
+    assert preprocess_for(TIMM_VIT, "cifar10c") == CIFAR  # a bare name on a CIFAR benchmark keeps 32x32
+
+
+def test_unknown_timm_name_is_one_sentence() -> None:
+    for name in ("timm:vit_tiny_patch16_2244", "timm:"):
+        with pytest.raises(ConfigError) as info:
+            load_model(name)
+        message = str(info.value)
+        assert message.startswith("unknown timm model") and message.count(". ") == 0 and "\n" not in message
+    with pytest.raises(ConfigError, match="unknown timm model 'vit_tiny_patch16_2244'"):
+        from tta.models.preprocess import preprocess_for
+
+        preprocess_for("timm:vit_tiny_patch16_2244", "imagenetc")
+
+
+def test_timm_only_options_are_refused_elsewhere() -> None:
+    with pytest.raises(ConfigError, match="apply to timm:NAME models only"):
+        load_model("resnet18", pretrained=False)
+    with pytest.raises(ConfigError, match="--arch resnet20 is for CIFAR ResNet checkpoints"):
+        load_model(f"timm:{TIMM_VIT}", arch="resnet20")
+
+
+def test_timm_offline_says_what_to_fetch_and_how_to_pass_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(DownloadError) as info:
+        load_model(f"timm:{TIMM_VIT}")
+    message = str(info.value)
+    assert "https://huggingface.co/timm/test_vit.r160_in1k" in message
+    assert f"--model timm:{TIMM_VIT} --checkpoint FILE" in message
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_local_weight_file(tmp_path: Path, suffix: str) -> None:
+    torch.manual_seed(1)
+    net = _timm_vit(num_classes=5)[1]
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(net.state_dict(), path)
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    model = load_model(f"timm:{TIMM_VIT}", checkpoint=path, model_kwargs={"num_classes": 5})
+    x = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net.eval()((x - 0.5) / 0.5))
+    with pytest.raises(ModelError, match=f"does not fit timm:{TIMM_VIT}"):
+        load_model(f"timm:{TIMM_VIT}", checkpoint=path)  # 1000 classes, the file has 5
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(f"timm:{TIMM_VIT}", checkpoint=tmp_path / "none.pth")
+
+
+@pytest.mark.parametrize("method", ["tent", "eta", "sar"])
+def test_timm_vit_layernorm_affine_is_what_adapts(method: str) -> None:
+    torch.manual_seed(2)
+    model = _timm_vit(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    margin = {} if method == "tent" else {"e_margin": 1.0}  # a random model is unsure: let every sample through
+    adapted = tta.adapt(model, method, lr=0.05, **margin)
+    x = torch.rand(8, 3, 160, 160)
+    adapted(x)
+    adapted(x)
+    after = adapted.model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    norms = {f"{n}.{p}" for n, m in adapted.model.named_modules() if isinstance(m, torch.nn.LayerNorm)
+             for p in ("weight", "bias")}
+    assert changed and changed <= norms, sorted(changed - norms)
+    assert any(".blocks.0.norm1." in k for k in changed)  # the first block's LayerNorm, which every method adapts
+
+
+def test_cli_timm_model_with_local_weights_resizes_user_images(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+    from click.testing import CliRunner
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from tta.cli import cli
+
+    rng = np.random.default_rng(0)
+    for label in ("0", "1"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for k in range(3):  # 40x36 images: only the model's own resize and crop make them fit its 160x160 input
+            pixels = rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{k}.png")
+    torch.manual_seed(3)
+    save_file(_timm_vit()[1].state_dict(), tmp_path / "w.safetensors")
+    out = tmp_path / "r.csv"
+    result = CliRunner().invoke(cli, ["adapt", "--method", "tent", "--model", f"timm:{TIMM_VIT}", "--checkpoint",
+                                      str(tmp_path / "w.safetensors"), "--data", f"folder:{tmp_path / 'imgs'}",
+                                      "--batch-size", "3", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out).n.tolist() == [6]
