@@ -190,12 +190,14 @@ def test_timm_local_weight_file(tmp_path: Path, suffix: str) -> None:
         save_file(net.state_dict(), path)
     else:
         torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
-    model = load_model(f"timm:{TIMM_VIT}", checkpoint=path, model_kwargs={"num_classes": 5})
+    model = load_model(f"timm:{TIMM_VIT}", checkpoint=path)  # 5 classes, read from the file's head
     x = torch.rand(2, 3, 160, 160)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net.eval()((x - 0.5) / 0.5))
-    with pytest.raises(ModelError, match=f"does not fit timm:{TIMM_VIT}"):
-        load_model(f"timm:{TIMM_VIT}", checkpoint=path)  # 1000 classes, the file has 5
+    with pytest.raises(ModelError, match=f"does not fit timm:{TIMM_VIT} .*size mismatch"):
+        load_model(f"timm:{TIMM_VIT}", checkpoint=path, model_kwargs={"num_classes": 7})
+    with pytest.raises(ModelError, match=r"does not fit timm:test_byobnet \(\d+ missing keys"):
+        load_model("timm:test_byobnet", checkpoint=path)
     with pytest.raises(ModelError, match="does not exist"):
         load_model(f"timm:{TIMM_VIT}", checkpoint=tmp_path / "none.pth")
 

@@ -242,8 +242,8 @@ def _load_timm(name: str, pretrained: bool = True, checkpoint: str | Path | None
     """timm's ``name`` with its pretrained configuration's mean/std inside, so that it takes [0, 1] images.
 
     Weights: timm's download (``pretrained``), a local file (``checkpoint``: the hub's ``model.safetensors`` or
-    ``pytorch_model.bin``), or none (random initialisation, ``pretrained=False``). ``model_kwargs`` go to
-    ``timm.create_model`` (``num_classes``, ``img_size``, ...).
+    ``pytorch_model.bin``; the number of classes is read from its classifier), or none (random initialisation,
+    ``pretrained=False``). ``model_kwargs`` go to ``timm.create_model`` (``num_classes``, ``img_size``, ...).
     """
     check_timm_name(name)
     import timm
@@ -252,11 +252,16 @@ def _load_timm(name: str, pretrained: bool = True, checkpoint: str | Path | None
     kwargs = dict(model_kwargs or {})
     if checkpoint is not None:
         state = _timm_weights(Path(checkpoint))
+        head = getattr(timm.models.get_pretrained_cfg(name), "classifier", None)
+        if isinstance(head, str) and isinstance(state.get(f"{head}.weight"), torch.Tensor):
+            kwargs.setdefault("num_classes", state[f"{head}.weight"].shape[0])  # a fine-tuned head keeps its size
         model = timm.create_model(name, pretrained=False, **kwargs)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # tensors of the wrong shape
-            missing, unexpected = [str(err).splitlines()[-1].strip()[:120]], []
+            raise ModelError(f"checkpoint {str(checkpoint)!r} does not fit timm:{name} "
+                             f"({str(err).splitlines()[-1].strip()[:160]}); pass the weights of this exact model") \
+                from None
         if missing or unexpected:
             raise ModelError(f"checkpoint {str(checkpoint)!r} does not fit timm:{name} ({len(missing)} missing keys "
                              f"such as {missing[:2]}, {len(unexpected)} unexpected such as {unexpected[:2]}); pass "
