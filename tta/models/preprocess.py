@@ -105,11 +105,30 @@ def torchvision_preprocess(name: str) -> Preprocess:
                       _interpolation(transforms.interpolation))
 
 
+TIMM_PREFIX = "timm:"
+
+
+def timm_name(name: str | None) -> str | None:
+    """The timm model name of a ``timm:NAME`` model (None for any other name)."""
+    if name is None or not name.startswith(TIMM_PREFIX):
+        return None
+    return name.removeprefix(TIMM_PREFIX)
+
+
+def check_timm_name(name: str) -> None:
+    """A ``ConfigError`` unless timm is installed and knows ``name`` (an architecture, optionally ``.tag``)."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model timm:{name} needs timm; install it with pip install timm") from None
+    if not name or not timm.is_model(name):
+        raise ConfigError(f"unknown timm model {name!r}; pick a name from timm.list_models() (for example "
+                          "timm:vit_base_patch16_224.augreg_in21k_ft_in1k)")
+
+
 def timm_preprocess(name: str) -> Preprocess:
     """The geometry of timm's pretrained config for ``name``: resize ``floor(size / crop_pct)``, crop ``size``."""
     import timm
-
-    from tta.models.zoo import check_timm_name
 
     check_timm_name(name)
     cfg = timm.models.get_pretrained_cfg(name)
@@ -127,8 +146,9 @@ def preprocess_for(model: str | None, dataset: str) -> Preprocess:
     (``model`` None) give 32x32; ImageNet models give their torchvision or timm geometry, and ``timm:NAME`` models
     their timm geometry for every dataset.
     """
-    if model is not None and model.startswith("timm:"):
-        return timm_preprocess(model.removeprefix("timm:"))
+    timm_model = timm_name(model)
+    if timm_model is not None:
+        return timm_preprocess(timm_model)
     if model is None or not dataset.startswith("imagenet"):
         return CIFAR
     import torchvision

@@ -19,6 +19,7 @@ from torch import nn
 
 from tta.errors import ConfigError, DownloadError, ModelError
 from tta.models.normalize import Normalize, normalized  # noqa: F401  (re-exported)
+from tta.models.preprocess import check_timm_name, timm_name
 from tta.models.resnet_cifar import DEPTHS, cifar_resnet
 from tta.models.saved import VERSION, convert, is_saved_model
 
@@ -198,27 +199,6 @@ def _load_torchvision(name: str) -> nn.Module:
                             "download them on a machine with internet into "
                             f"{torch.hub.get_dir()}/checkpoints") from None
     return normalized(model, *IMAGENET_NORM)
-
-
-TIMM_PREFIX = "timm:"
-
-
-def timm_name(name: str | None) -> str | None:
-    """The timm model name of a ``timm:NAME`` model (None for any other name)."""
-    if name is None or not name.startswith(TIMM_PREFIX):
-        return None
-    return name.removeprefix(TIMM_PREFIX)
-
-
-def check_timm_name(name: str) -> None:
-    """A ``ConfigError`` unless timm is installed and knows ``name`` (an architecture, optionally ``.tag``)."""
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError(f"model timm:{name} needs timm; install it with pip install timm") from None
-    if not name or not timm.is_model(name):
-        raise ConfigError(f"unknown timm model {name!r}; pick a name from timm.list_models() (for example "
-                          "timm:vit_base_patch16_224.augreg_in21k_ft_in1k)")
 
 
 def _timm_weights(path: Path) -> dict[str, Any]:
