@@ -1,4 +1,4 @@
-"""Model loading: CIFAR ResNet checkpoints, the robustbench zoo (offline), torchvision names, bad input."""
+"""Model loading: CIFAR ResNet checkpoints, the robustbench zoo (offline), torchvision names, timm:NAME, bad input."""
 
 from __future__ import annotations
 
@@ -202,13 +202,17 @@ def test_timm_local_weight_file(tmp_path: Path, suffix: str) -> None:
         load_model(f"timm:{TIMM_VIT}", checkpoint=tmp_path / "none.pth")
 
 
-@pytest.mark.parametrize("method", ["tent", "eta", "sar"])
+# Filters opened wide: a randomly initialised model is unsure of everything, so the defaults would skip every sample.
+OPEN_FILTERS: dict[str, dict[str, float]] = {"eta": {"e_margin": 1.0}, "sar": {"e_margin": 1.0},
+                                             "deyo": {"margin": 1.0, "plpd_threshold": -1.0}}
+
+
+@pytest.mark.parametrize("method", ["tent", "eta", "sar", "deyo", "roid"])
 def test_timm_vit_layernorm_affine_is_what_adapts(method: str) -> None:
     torch.manual_seed(2)
     model = _timm_vit(num_classes=10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    margin = {} if method == "tent" else {"e_margin": 1.0}  # a random model is unsure: let every sample through
-    adapted = tta.adapt(model, method, lr=0.05, **margin)
+    adapted = tta.adapt(model, method, lr=0.05, **OPEN_FILTERS.get(method, {}))
     x = torch.rand(8, 3, 160, 160)
     adapted(x)
     adapted(x)
