@@ -152,10 +152,12 @@ def test_unknown_timm_name_is_one_sentence() -> None:
             load_model(name)
         message = str(info.value)
         assert message.startswith("unknown timm model") and message.count(". ") == 0 and "\n" not in message
-    with pytest.raises(ConfigError, match="unknown timm model 'vit_tiny_patch16_2244'"):
-        from tta.models.preprocess import preprocess_for
+    from tta.models.preprocess import preprocess_for
 
+    with pytest.raises(ConfigError, match="unknown timm model 'vit_tiny_patch16_2244'"):
         preprocess_for("timm:vit_tiny_patch16_2244", "imagenetc")
+    with pytest.raises(ConfigError, match="unknown timm model 'vit_tiny_patch16_2244'"):  # before any data is read
+        tta.RunSpec.from_options({"method": "tent", "model": "timm:vit_tiny_patch16_2244"}, "the test")
 
 
 def test_timm_only_options_are_refused_elsewhere() -> None:

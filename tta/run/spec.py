@@ -395,6 +395,10 @@ class RunSpec:
         from tta.data.sources import check_benchmark, check_selection_for, parse_data
 
         check_benchmark(self.data.benchmark)
+        if self.model.name is not None and self.model.name.startswith("timm:"):
+            from tta.models.preprocess import check_timm_name
+
+            check_timm_name(self.model.name.removeprefix("timm:"))
         self.settings  # noqa: B018  (resolves and checks the method's settings; unknown method or key)
         if self.data.data is not None:
             parse_data(self.data.data)
