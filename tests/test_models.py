@@ -160,7 +160,9 @@ def test_unknown_timm_name_is_one_sentence() -> None:
         tta.RunSpec.from_options({"method": "tent", "model": "timm:vit_tiny_patch16_2244"}, "the test")
 
 
-def test_timm_only_options_are_refused_elsewhere() -> None:
+def test_timm_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="timm cannot build 'test_vit' with model_kwargs"):
+        _timm_vit(bogus=1)
     with pytest.raises(ConfigError, match="apply to timm:NAME models only"):
         load_model("resnet18", pretrained=False)
     with pytest.raises(ConfigError, match="--arch resnet20 is for CIFAR ResNet checkpoints"):

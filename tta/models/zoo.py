@@ -230,12 +230,28 @@ def _load_timm(name: str, pretrained: bool = True, checkpoint: str | Path | None
     import timm.data
 
     kwargs = dict(model_kwargs or {})
-    if checkpoint is not None:
-        state = _timm_weights(Path(checkpoint))
+    state = _timm_weights(Path(checkpoint)) if checkpoint is not None else None
+    if state is not None:
         head = getattr(timm.models.get_pretrained_cfg(name), "classifier", None)
         if isinstance(head, str) and isinstance(state.get(f"{head}.weight"), torch.Tensor):
             kwargs.setdefault("num_classes", state[f"{head}.weight"].shape[0])  # a fine-tuned head keeps its size
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    download = pretrained and state is None
+    try:
+        model = timm.create_model(name, pretrained=download, **kwargs)
+    except TypeError as err:  # a keyword the architecture does not take
+        raise ConfigError(f"timm cannot build {name!r} with model_kwargs {kwargs} ({err}); pass only keywords its "
+                          "constructor takes") from None
+    except Exception as err:  # hub download errors when offline, or a missing/old huggingface_hub
+        if not download:
+            raise
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub = getattr(cfg, "hf_hub_id", None)
+        where = f"https://huggingface.co/{hub} (model.safetensors)" if hub else getattr(cfg, "url", None) \
+            or "their source (timm knows no download for them)"
+        raise DownloadError(f"could not fetch timm weights for {name!r} ({type(err).__name__}: {str(err)[:200]}); "
+                            f"download them from {where} on a machine with internet and pass the file with "
+                            f"--model timm:{name} --checkpoint FILE") from None
+    if state is not None:
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # tensors of the wrong shape
@@ -246,17 +262,6 @@ def _load_timm(name: str, pretrained: bool = True, checkpoint: str | Path | None
             raise ModelError(f"checkpoint {str(checkpoint)!r} does not fit timm:{name} ({len(missing)} missing keys "
                              f"such as {missing[:2]}, {len(unexpected)} unexpected such as {unexpected[:2]}); pass "
                              "the weights of this exact model")
-    else:
-        try:
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except Exception as err:  # hub download errors when offline, or a missing/old huggingface_hub
-            cfg = timm.models.get_pretrained_cfg(name)
-            hub = getattr(cfg, "hf_hub_id", None)
-            where = f"https://huggingface.co/{hub} (model.safetensors)" if hub else getattr(cfg, "url", None) \
-                or "their source (timm knows no download for them)"
-            raise DownloadError(f"could not fetch timm weights for {name!r} ({type(err).__name__}: {str(err)[:200]}); "
-                                f"download them from {where} on a machine with internet and pass the file with "
-                                f"--model timm:{name} --checkpoint FILE") from None
     config = timm.data.resolve_data_config({}, model=model)
     return normalized(model, config["mean"], config["std"])
 
