@@ -118,8 +118,10 @@ def _deprecated(new: str) -> Callable[[click.Context, click.Parameter, Any], Any
               help="run the RunSpec of this YAML file (e.g. the .yaml written beside a run's results); options "
               "given too override its values")
 @click.option("--model", help="robustbench corruption-zoo name (Standard, Hendrycks2020AugMix_WRN, ...), torchvision "
-              "name (resnet50), timm name, or digits-cnn (default: the benchmark's model)")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="local CIFAR ResNet checkpoint (with --arch)")
+              "name (resnet50), timm name (timm:NAME: with timm's own preprocessing), or digits-cnn (default: the "
+              "benchmark's model)")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="local CIFAR ResNet checkpoint (with --arch), or the weight file of a --model timm:NAME")
 @click.option("--arch", help="architecture of --checkpoint: resnet20|resnet32|resnet44|resnet56|resnet110")
 @click.option("--benchmark", default="cifar10c", show_default=True,
               help="cifar10c | cifar100c | imagenetc | imagenet3dcc | digits (offline); with --data only the model "
