@@ -251,3 +251,15 @@ def test_cli_timm_model_with_local_weights_resizes_user_images(tmp_path: Path) -
                                       "--batch-size", "3", "--device", "cpu", "--no-progress", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert pd.read_csv(out).n.tolist() == [6]
+
+
+def test_images_of_another_size_than_a_timm_vit_takes_are_one_sentence(tmp_path: Path) -> None:
+    import numpy as np
+
+    from tta.data.sources import check_num_classes
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.arange(4))  # arrays are not resized
+    model = _timm_vit()
+    with pytest.raises(ConfigError, match=r"cannot take this stream's \(3, 32, 32\) images \(Input height \(32\)"):
+        check_num_classes(tta.npz_stream(tmp_path / "d.npz"), model)
+    assert not model.training

@@ -158,9 +158,17 @@ def check_num_classes(stream: Stream, model: nn.Module, benchmark: str | None = 
     x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
-    with torch.no_grad():
-        outputs = model.eval()(x.to(device)).shape[-1]
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            outputs = model.eval()(x.to(device)).shape[-1]
+    except torch.OutOfMemoryError:
+        raise
+    except (AssertionError, RuntimeError) as err:  # e.g. a ViT with a fixed input size given other images
+        raise ConfigError(f"the model cannot take this stream's {tuple(x.shape[1:])} images "
+                          f"({str(err).splitlines()[0][:160]}); use a model made for this input size, or data "
+                          "resized to the model's (a timm:NAME model resizes images read from files)") from None
+    finally:
+        model.train(was_training)
     if needed is not None and needed > outputs:
         raise DataError(f"the data has labels up to {needed - 1} ({needed} classes) but the model predicts "
                         f"{outputs} classes; use a model trained on these classes, or relabel the data (class "
