@@ -12,16 +12,16 @@ their pseudo-labels hold the contrastive memory; a bank of the key encoder's wea
 
 - pseudo-labels ``y``: the argmax of the model's probabilities on ``x_w`` during the first ``warmup_samples``
   images, then the argmax of the mean bank probabilities of the ``num_neighbors`` bank features nearest (cosine) to
-  the model's features of ``x_w``;
+  the model's features of ``x_w`` (the argmax again while the bank is empty);
 - the key encoder moves towards the model, and keys ``k`` are its normalised features of ``x_k``; the queue
   receives this batch's keys and pseudo-labels (first in, first out);
 - the loss ``alpha * CE(f(x_q), y) + beta * L_ins + eta * L_div``: ``L_ins`` is the InfoNCE of the normalised query
   ``q`` of ``x_q`` against its key (positive) and the queue as it was before this batch (negatives, temperature
   ``temperature``), leaving out the queue entries whose (updated) pseudo-label equals ``y``; ``L_div = -H(mean_i
   p(x_q,i))`` spreads the predictions over the classes;
-- after the update, the bank receives the key encoder's features and probabilities of ``x_w`` (replacing its
-  oldest entries once full), and the prediction returned is the updated model's on the image itself, BatchNorm
-  with its running statistics.
+- after the update, the bank receives the key encoder's features and probabilities of ``x_w`` (appended until it
+  holds ``queue_size``, then written over from its pointer), and the prediction returned is the updated model's on
+  the image itself, BatchNorm with its running statistics.
 
 Random draws (views, the initial random queue) come from the method's own generator, kept as state.
 """
@@ -184,7 +184,7 @@ class AdaContrast(AdaptedModel):
         self._views = x_w
         feats_w, logits_w = self.split(x_w)
         with torch.no_grad():
-            if self.seen >= cfg.warmup_samples:
+            if self.seen >= cfg.warmup_samples and len(self.bank_features):
                 pseudo = knn_pseudo_labels(feats_w, self.bank_features, self.bank_probs, cfg.num_neighbors)
             else:
                 pseudo = logits_w.argmax(1)
@@ -219,7 +219,8 @@ class AdaContrast(AdaptedModel):
         return StepOutput(logits, out.loss, diagnostics=out.diagnostics)
 
     def _bank_add(self, feats: torch.Tensor, probs: torch.Tensor, size: int) -> None:
-        """Append to the bank until it holds ``size`` entries, then replace the oldest (as the reference)."""
+        """Append to the bank until it holds ``size`` entries or more, then overwrite from the pointer (the end of the
+        last write modulo the bank's length, as the reference)."""
         start = self.bank_ptr
         if len(self.bank_features) < size:
             self.bank_features = torch.cat([self.bank_features, feats.to(self.bank_features)])
