@@ -23,7 +23,8 @@ their pseudo-labels hold the contrastive memory; a bank of the key encoder's wea
   holds ``queue_size``, then written over from its pointer), and the prediction returned is the updated model's on
   the image itself, BatchNorm with its running statistics.
 
-Random draws (views, the initial random queue) come from the method's own generator, kept as state.
+Random draws (views, the initial random queue) come from the method's own generator, kept as state. With several
+``steps`` per batch, the bank takes the batch once, after the last step.
 """
 
 from __future__ import annotations
