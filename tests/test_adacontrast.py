@@ -122,10 +122,11 @@ def test_prediction_is_the_updated_model_with_running_statistics(bn_model: nn.Mo
 
 
 def test_views_keep_shape_and_range_and_replay_after_reset(bn_model: nn.Module) -> None:
-    x = _batch(4)
+    x = (_batch(4) * 255).round() / 255
     gen = torch.Generator().manual_seed(0)
     s, w = ac.strong_view(x, gen), ac.weak_view(x, gen)
     assert s.shape == w.shape == x.shape and float(s.min()) >= 0 and float(s.max()) <= 1
+    torch.testing.assert_close(s * 255, (s * 255).round(), rtol=0, atol=1e-4)  # 8-bit values, as PIL's
     assert not torch.equal(s, x)
     torch.manual_seed(0)
     adapted = tta.adapt(bn_model, "adacontrast", queue_size=64)

@@ -5,9 +5,10 @@ As the reference benchmark runs it: every parameter of the model trains, BatchNo
 statistics, running statistics updated by every training forward), one SGD step per batch (lr 2e-4, Nesterov
 momentum 0.9, weight decay 1e-4 on CIFAR-10-C). Each batch gives three random views of every image: a weak one
 ``x_w`` (horizontal flip) and two strong ones ``x_q``, ``x_k`` (colour jitter 0.4/0.4/0.4/0.1 with probability 0.8,
-grayscale with 0.2, Gaussian blur of sigma in [0.1, 2] with 0.5, horizontal flip). A key encoder (a copy of the
-model, EMA momentum ``key_momentum`` over every parameter) and a MoCo queue of ``queue_size`` normalised keys with
-their pseudo-labels hold the contrastive memory; a bank of the key encoder's weak-view features and probabilities
+grayscale with 0.2, Gaussian blur of sigma in [0.1, 2] with 0.5, horizontal flip; 8-bit values after every
+operation, as the reference's PIL images). A key encoder (a copy of the model, EMA momentum ``key_momentum`` over
+every parameter) and a MoCo queue of ``queue_size`` normalised keys with their pseudo-labels hold the contrastive
+memory; a bank of the key encoder's weak-view features and probabilities
 (at most ``queue_size``) holds the neighbourhood. Per batch:
 
 - pseudo-labels ``y``: the argmax of the model's probabilities on ``x_w`` during the first ``warmup_samples``
@@ -79,6 +80,11 @@ class AdaContrastConfig(OptimizerConfig):
         _check_int("warmup_samples", self.warmup_samples, 0, 2**62)
 
 
+def _to_8_bits(img: torch.Tensor) -> torch.Tensor:
+    """Rounded to multiples of 1/255, as the reference's PIL images are after every operation."""
+    return (img * 255).round() / 255
+
+
 def strong_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """MoCo-v2-light per image: colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5), flip (p 0.5)."""
     out = []
@@ -95,12 +101,13 @@ def strong_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
                     img = TF.adjust_saturation(img, factors[2])
                 else:
                     img = TF.adjust_hue(img, factors[3])
+                img = _to_8_bits(img)
         if _uniform(gen, 0, 1) < 0.2:
-            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+            img = _to_8_bits(TF.rgb_to_grayscale(img, num_output_channels=3))
         if _uniform(gen, 0, 1) < 0.5:
             sigma = _uniform(gen, 0.1, 2.0)
             size = min(2 * math.ceil(3 * sigma) + 1, 2 * (min(img.shape[-2:]) // 2) - 1)
-            img = TF.gaussian_blur(img, [size, size], [sigma, sigma]) if size > 1 else img
+            img = _to_8_bits(TF.gaussian_blur(img, [size, size], [sigma, sigma])) if size > 1 else img
         if _uniform(gen, 0, 1) < 0.5:
             img = img.flip(-1)
         out.append(img)
