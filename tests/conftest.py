@@ -140,7 +140,8 @@ def one_thread() -> Iterator[None]:
 
 
 # Settings that keep a method's contract tests cheap without changing what they check (fewer augmented views).
-CHEAP = {"memo": {"n_augmentations": 4}, "ttaug": {"n_augmentations": 4}, "rmt": {"warmup_samples": 800}}
+CHEAP = {"memo": {"n_augmentations": 4}, "ttaug": {"n_augmentations": 4}, "rmt": {"warmup_samples": 800},
+         "adacontrast": {"queue_size": 64, "warmup_samples": 16}}
 # Methods that need clean source data for some models only (stream-stats: the statistics of GroupNorm layers).
 SOURCE_FOR_SOME_MODELS = {"stream-stats"}
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from tta.methods import (  # noqa: F401  (registers them)
     adabn,
+    adacontrast,
     afn,
     cmf,
     context_norm,
