@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from tta.errors import ConfigError
-from tta.run.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.schema import BATCH_COLUMNS, COLUMNS, REQUIRED_COLUMNS
 
 
 def default_output(method: str, model: str, results_dir: str | Path = "results") -> Path:
@@ -159,12 +159,17 @@ def open_results(out: Path, config_hash: str, n_domains: int, *, resume: bool,
         if not resume:
             raise ConfigError(f"{out} already holds rows of this very run (config hash {config_hash}); pass --resume "
                               f"to finish it, or choose another --out")
-        if len(done) >= n_domains and done[["corruption", "severity"]].drop_duplicates().shape[0] == n_domains:
+        if len(done) >= n_domains and done[domain_keys(done)].drop_duplicates().shape[0] == n_domains:
             return done.reset_index(drop=True), None, None
     replace = config_hash if resume else None
     writer = CsvWriter(out, replace_hash=replace)
     batch_writer = CsvWriter(batches_path(out), BATCH_COLUMNS, replace_hash=config_hash) if batches else None
     return None, writer, batch_writer
+
+
+def domain_keys(df: pd.DataFrame) -> list[str]:
+    """The columns that tell a run's rows apart: corruption and severity, and visit / window where present."""
+    return ["corruption", "severity", *(c for c in ("visit", "window", "step") if c in df and df[c].notna().any())]
 
 
 def accuracy_table(df: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
@@ -210,15 +215,16 @@ def load_results(inputs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFra
             df = pd.read_csv(path, dtype={"config_hash": str})
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
             raise ConfigError(f"{path} is not a results CSV; pass a tta sweep directory or a results CSV") from None
-        missing = [c for c in COLUMNS if c not in df.columns]
+        missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
         if missing:
             raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)} of a results file; pass a file written "
                               f"by tta adapt or tta sweep")
-        results.append(df[COLUMNS])
+        results.append(df.reindex(columns=COLUMNS))
         extra = item / "batches.csv" if item.is_dir() else batches_path(item)
         if extra.is_file():
             batches.append(pd.read_csv(extra, dtype={"config_hash": str})[BATCH_COLUMNS])
-    rows = pd.concat(results, ignore_index=True).drop_duplicates(["config_hash", "corruption", "severity"], keep="last")
+    rows = pd.concat(results, ignore_index=True)
+    rows = rows.drop_duplicates(["config_hash", *domain_keys(rows)], keep="last")
     if rows.empty:
         raise ConfigError(f"no result rows in {', '.join(map(str, inputs))}; run tta adapt or tta sweep first")
     stream = (pd.concat(batches, ignore_index=True).drop_duplicates(["config_hash", "batch"], keep="last")

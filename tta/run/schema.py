@@ -1,6 +1,7 @@
 """The columns of the results files: one neutral place that the engine, the writers and the report all read.
 
-``COLUMNS``: one row per (run, corruption, severity), what ``tta adapt`` and ``tta sweep`` write.
+``COLUMNS``: one row per (run, domain), what ``tta adapt`` and ``tta sweep`` write; a domain is a corruption and
+severity, plus a ``visit`` (recurring streams) or a ``window`` (long streams) where the stream has them.
 ``BATCH_COLUMNS``: one row per batch of a run, the accuracy along the stream (written when asked for).
 """
 
@@ -10,6 +11,15 @@ COLUMNS: list[str] = [
     "method", "model", "corruption", "severity", "n", "accuracy", "error", "seconds", "images_per_second", "data",
     "seed", "batch_size", "reset", "setting", "device", "config_hash",
     "estimated_accuracy", "skipped", "rollbacks", "resets", "fallbacks",  # guard columns (tta.monitor.tally)
+]
+# what files written before the evaluation columns hold; the report reads them with the newer columns empty
+REQUIRED_COLUMNS: list[str] = list(COLUMNS)
+COLUMNS += [
+    "visit", "window", "step",  # the domain's attributes where the stream has them
+    # cost (tta.run.cost): counted passes per image and their cost relative to plain inference; timings
+    "forward_passes", "backward_passes", "relative_cost", "reference_seconds", "time_relative_cost", "peak_memory_mb",
+    # the protocol (tta.run.online) and the source model on the same images, in the same pass
+    "protocol", "stream_speed", "cost", "batches", "adapted_batches", "source_accuracy", "collapse", "stream_id",
 ]
 BATCH_COLUMNS: list[str] = [
     "method", "model", "setting", "seed", "data", "reset", "batch_size", "config_hash", "batch", "segment",
