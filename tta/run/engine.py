@@ -242,7 +242,8 @@ def evaluate(
     if saver is not None:
         saver.finish()
     extra = [k for k in ("visit", "window", "step") if any(k in row for row in t.rows.values())]
-    columns = [*COLUMNS, *extra, *[k for k in common if k not in COLUMNS]]
+    columns = [*(c for c in COLUMNS if c not in ("visit", "window", "step") or c in extra),
+               *[k for k in common if k not in COLUMNS]]
     return pd.DataFrame([t.rows[d] for d in sorted(t.rows)], columns=columns)
 
 

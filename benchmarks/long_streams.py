@@ -1,0 +1,77 @@
+"""The measurements of docs/guides/long-streams.md: recurring, online and CCC-style runs on a CIFAR ResNet.
+
+Each run is one ``tta adapt`` with ``--resume`` into ``OUT/<part>/<run>.csv``, so the script can be killed and
+started again at any time: finished runs are skipped, a long run continues from its last checkpoint.
+
+    OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part recurring --out runs/long
+    OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part online --out runs/long
+    OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc --out runs/long
+
+``benchmarks/long_streams_tables.py`` then turns the results into the CSVs of docs/results and the tables of the
+page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+RECURRING = ["source", "adabn", "tent", "eta", "eata", "rdumb", "sar", "roid", "rotta", "tent+guard"]
+ONLINE = ["source", "adabn", "lame", "tent", "eta", "eata", "rdumb", "sar", "roid", "rotta", "cotta", "deyo",
+          "tent+guard"]
+CCC = ["source", "tent", "eta", "rdumb", "roid", "tent+guard"]
+
+
+def base(shared: Path) -> list[str]:
+    """Options shared by every run: ResNet-20, corruptions generated from the JPEG-decoded CIFAR-10 test set."""
+    return ["--checkpoint", str(shared / "models/cifar10_resnet20.th"), "--arch", "resnet20", "--generate",
+            "--clean", f"npz:{shared / 'data/cifar10/test_jpeg.npz'}", "--severities", "5", "--no-progress",
+            "--resume", "--source-data", f"npz:{shared / 'data/cifar10/train_jpeg_10k.npz'}"]
+
+
+def method_options(name: str) -> list[str]:
+    """``tent+guard`` is Tent with ``--guard default``."""
+    method, _, guard = name.partition("+")
+    return ["--method", method, *(["--guard", "default"] if guard else [])]
+
+
+def runs(part: str) -> list[tuple[str, list[str]]]:
+    """(run name, options) of one part."""
+    if part == "recurring":
+        return [(m, [*method_options(m), "--setting", "recurring", "--visits", "20", "--n-examples", "64",
+                     "--batch-size", "64"]) for m in RECURRING]
+    if part == "online":
+        return [(f"{m}_{setting}_{protocol}", [*method_options(m), "--setting", setting, "--protocol", protocol,
+                                               "--n-examples", "100", "--batch-size", "50",
+                                               *(["--reset", "never"] if setting == "continual" else [])])
+                for setting in ("per-domain", "continual") for m in ONLINE for protocol in ("offline", "online")]
+    if part == "ccc":
+        return [(m, [*method_options(m), "--setting", "ccc", "--baseline", "20", "--speed", "2000",
+                     "--length", "20000", "--accuracy-window", "1000", "--batch-size", "200"]) for m in CCC]
+    raise SystemExit(f"unknown part {part!r}: recurring, online or ccc")
+
+
+def main() -> None:
+    """Run one part's runs one after the other (see the module doc)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", required=True, choices=["recurring", "online", "ccc"])
+    parser.add_argument("--out", default="runs/long", type=Path)
+    parser.add_argument("--shared", default=SHARED, type=Path)
+    parser.add_argument("--only", nargs="*", help="run only these run names")
+    args = parser.parse_args()
+    folder = args.out / args.part
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, options in runs(args.part):
+        if args.only and name not in args.only:
+            continue
+        command = [sys.executable, "-m", "tta.cli", "adapt", *base(args.shared), *options,
+                   "--data-dir", str(args.out / "data"), "--out", str(folder / f"{name}.csv")]
+        print(" ".join(command[1:]), flush=True)
+        subprocess.run(command, check=False)
+
+
+if __name__ == "__main__":
+    main()
