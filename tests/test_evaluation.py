@@ -3,6 +3,7 @@ long runs that resume after a kill to exactly the rows of an uninterrupted run."
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -163,7 +164,7 @@ def test_ccc_walk_moves_one_step_at_a_time() -> None:
     grid = np.add.outer(np.linspace(90, 10, 21), -np.linspace(0, 80, 21))
     path = walk(grid, 12, 7, 20.0)
     assert path[0] == (12, 0) and path[-1] == (0, 7) and len(path) == 12 + 7 + 1
-    assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(path, path[1:], strict=False))
+    assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in itertools.pairwise(path))
 
 
 def test_ccc_rejects_bad_settings(bn_model: nn.Module) -> None:

@@ -30,7 +30,7 @@ def _lerp(low: Any, high: Any, t: float) -> Any:
         return tuple(_lerp(a, b, t) for a, b in zip(low, high, strict=True))
     value = low + (high - low) * t
     both_int = isinstance(low, int) and isinstance(high, int)
-    return int(round(value)) if both_int else float(value)
+    return round(value) if both_int else float(value)
 
 
 def params_at(name: str, severity: float) -> Any:
@@ -39,7 +39,7 @@ def params_at(name: str, severity: float) -> Any:
         raise InputError(f"unknown corruption {name!r}; choose one of: {', '.join(PARAMS)}")
     if not 1.0 <= severity <= MAX_SEVERITY:
         raise InputError(f"params_at needs a severity in [1, 5], got {severity}")
-    low = int(math.floor(severity))
+    low = math.floor(severity)
     t = severity - low
     if t == 0:
         return PARAMS[name][low - 1]
@@ -62,7 +62,7 @@ def corrupt_at(
     _check_images(images)
     if severity == 0:
         return images.clone()
-    op = CORRUPTIONS[name] if name in CORRUPTIONS else None
+    op = CORRUPTIONS.get(name)
     if op is None:
         raise InputError(f"unknown corruption {name!r}; choose one of: {', '.join(CORRUPTIONS)}")
     if name == "frost" and frost_images is not None:

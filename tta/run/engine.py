@@ -228,11 +228,8 @@ def evaluate(
                 t.batches[d] += 1
                 t.adapted[d] += int(adapts)
             if adapts:
-                if p.cost == "timed":
-                    k = spent / ref_spent if ref_spent > 0 else 1.0
-                else:
-                    k = counted_cost(fwd, bwd, n)
-                clock.stepped(k)
+                timed = spent / ref_spent if ref_spent > 0 else 1.0
+                clock.stepped(timed if p.cost == "timed" else counted_cost(fwd, bwd, n))
             if on_batches is not None:
                 t.batch_hits.append(hit.sum())
             t.correct.index_add_(0, batch.domain, hit)

@@ -242,8 +242,8 @@ def label_runs(df: pd.DataFrame) -> pd.DataFrame:
     """
     df = df.copy()
     df["label"] = df["method"].astype(str)
-    for col in ("reset", "batch_size"):
-        if df.groupby(["model", "setting", "method"])[col].nunique().max() > 1:
+    for col in ("reset", "batch_size", "protocol"):
+        if col in df and df.groupby(["model", "setting", "method"])[col].nunique(dropna=False).max() > 1:
             df["label"] += f" {col}=" + df[col].astype(str)
     df["replicate"] = df["seed"].astype(str) + "/" + df["data"].astype(str)
     clash = df.groupby(["model", "setting", "label", "replicate"])["config_hash"].transform("nunique") > 1
@@ -304,6 +304,42 @@ def markdown_table(table: pd.DataFrame, index: str = "method") -> str:
     return "\n".join(lines)
 
 
+COST_TABLE: dict[str, str] = {
+    "forward_passes": "forward / image", "backward_passes": "backward / image", "relative_cost": "counted cost",
+    "time_relative_cost": "timed cost", "images_per_second": "images / s", "peak_memory_mb": "peak memory (MiB)",
+}
+
+
+def cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per label: counted passes per image, counted and timed cost relative to plain inference, throughput and
+    peak memory, averaged over the label's rows (weighted by their images)."""
+    have = [c for c in COST_TABLE if c in df and df[c].notna().any()]
+    weights = df["n"].astype(float)
+    table = df.assign(**{c: df[c].astype(float) * weights for c in have}).groupby("label", sort=False)[have].sum()
+    table = table.div(df.groupby("label", sort=False)["n"].sum(), axis=0)
+    return table.rename(columns=COST_TABLE)
+
+
+def online_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Per method: error offline and online side by side, with the share of batches adapted online (None when the
+    rows hold no method run under both protocols)."""
+    if "protocol" not in df or df["protocol"].nunique() < 2:
+        return None
+    both = df.groupby("method")["protocol"].nunique()
+    df = df[df["method"].isin(both[both > 1].index)]
+    if df.empty:
+        return None
+    error = df.groupby(["method", "protocol"], sort=False)["error"].mean().unstack("protocol")
+    online = df[df["protocol"] == "online"].groupby("method", sort=False)[["adapted_batches", "batches"]].sum()
+    table = pd.DataFrame({"offline error": error.get("offline"), "online error": error.get("online")})
+    table["online - offline"] = table["online error"] - table["offline error"]
+    table["adapted batches (%)"] = 100.0 * online["adapted_batches"] / online["batches"]
+    return table.loc[[m for m in df["method"].unique() if m in table.index]]
+
+
+LONG_SETTINGS: tuple[str, ...] = ("recurring", "ccc")
+
+
 def _slug(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(map(str, parts)))
 
@@ -348,6 +384,11 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
             lines += [f"### {title} per {where}", "", markdown_table(corruption_table(group, value, top)), ""]
         over = "corruptions and severities" if has_severity else "domains"
         lines += [f"### Spread over seeds (error averaged over {over})", "", markdown_table(seed_table(group)), ""]
+        lines += ["### Cost (counted passes and cost relative to plain inference; timed columns from this machine)",
+                  "", markdown_table(cost_table(group), index="run"), ""]
+        online = online_table(group)
+        if online is not None:
+            lines += ["### Offline and online (error, %)", "", markdown_table(online), ""]
         name = _slug(model, setting) if has_severity else _slug(model, setting, "named")
         figures = [(f"error_vs_severity_{name}.png", "Error vs severity",
                     plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png"))] if has_severity else []
@@ -359,6 +400,9 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
             batches = batches.assign(label=batches["config_hash"].map(labels))
             figures.append((f"stream_{name}.png", "Accuracy along the stream",
                             plots.stream_accuracy(batches, out_dir / f"stream_{name}.png")))
+        if setting in LONG_SETTINGS:
+            figures.append((f"over_time_{name}.png", "Accuracy over time, the source model on the same images and "
+                            "collapse marks", plots.accuracy_over_time(group, out_dir / f"over_time_{name}.png")))
         for file, title, _ in figures:
             lines += [f"![{title}]({file})", ""]
     report = out_dir / "report.md"
