@@ -239,12 +239,6 @@ def adapt_command(ctx: click.Context, spec: str | None, **kwargs: Any) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="image i depends only on (seed, corruption, "
               "severity, i)")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
-@click.option("--protocol", default="offline", show_default=True, type=click.Choice(["offline", "online"]),
-              help="online: batches arriving while a step runs are predicted without adaptation (Alfarra et al.)")
-@click.option("--stream-speed", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="online: the stream's speed relative to plain inference (ETA)")
-@click.option("--cost", default="counted", show_default=True, type=click.Choice(["counted", "timed"]),
-              help="online: a step's cost from counted passes (a backward = 2 forwards) or from measured time")
 @click.option("--dataset", type=click.Choice(["cifar10c", "cifar100c"]),
               help="directory layout to write (default: cifar100c for --source cifar100, else cifar10c)")
 @click.option("--frost-images", type=click.Path(exists=True, file_okay=False),
@@ -252,8 +246,6 @@ def adapt_command(ctx: click.Context, spec: str | None, **kwargs: Any) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="where cifar10/cifar100 are looked for and downloaded (default: --out)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--checkpoint-every", default=60.0, show_default=True, type=click.FloatRange(min=0),
-              help="long streams (recurring, ccc): seconds between checkpoints that --resume continues from")
 def corrupt_command(out: str, severities: list[int] | None, device: str, clean: str | None, source: str | None,
                     **kwargs: Any) -> None:
     """Write corrupted copies of a clean image set in the CIFAR-10-C layout; a killed run resumes where it stopped."""
@@ -307,20 +299,12 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, clean: 
 @click.option("--calibrate", default=512, show_default=True, type=click.IntRange(min=0),
               help="proxy-norm: source images that initialise the converted layers to mimic BN (0: none)")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
-@click.option("--protocol", default="offline", show_default=True, type=click.Choice(["offline", "online"]),
-              help="online: batches arriving while a step runs are predicted without adaptation (Alfarra et al.)")
-@click.option("--stream-speed", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="online: the stream's speed relative to plain inference (ETA)")
-@click.option("--cost", default="counted", show_default=True, type=click.Choice(["counted", "timed"]),
-              help="online: a step's cost from counted passes (a backward = 2 forwards) or from measured time")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint file to write")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="continue an interrupted run with the same arguments from OUT.resume (written every epoch)")
 @click.option("--download/--no-download", default=True, show_default=True, help="download a missing training set")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--checkpoint-every", default=60.0, show_default=True, type=click.FloatRange(min=0),
-              help="long streams (recurring, ccc): seconds between checkpoints that --resume continues from")
 def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: str | None, groups: int | None,
                    **kwargs: Any) -> None:
     """Convert a BN model's normalisation layers (AFN or Proxy Normalization) and fine-tune them on clean data.
@@ -353,8 +337,6 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
 @click.option("--gpus-per-run", type=click.FloatRange(min=0),
               help="with --backend ray: GPUs each run asks for (default 1 when the cluster has GPUs, else 0)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--checkpoint-every", default=60.0, show_default=True, type=click.FloatRange(min=0),
-              help="long streams (recurring, ccc): seconds between checkpoints that --resume continues from")
 def sweep_command(grid: str, out: str, **kwargs: Any) -> None:
     """Run a grid of `tta adapt` runs (a YAML file with base: and grid: mappings); started again, it runs only the
     missing ones."""

@@ -21,6 +21,9 @@ COLUMNS += [
     # the protocol (tta.run.online) and the source model on the same images, in the same pass
     "protocol", "stream_speed", "cost", "batches", "adapted_batches", "source_accuracy", "collapse", "stream_id",
 ]
+# the columns that are measurements of time or memory on this machine (they differ from run to run)
+TIMED_COLUMNS: list[str] = ["seconds", "images_per_second", "reference_seconds", "time_relative_cost",
+                            "peak_memory_mb"]
 BATCH_COLUMNS: list[str] = [
     "method", "model", "setting", "seed", "data", "reset", "batch_size", "config_hash", "batch", "segment",
     "corruption", "severity", "n", "accuracy",
