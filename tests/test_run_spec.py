@@ -17,9 +17,9 @@ from click.testing import CliRunner
 import tta
 from tta.cli import adapt_command, cli
 from tta.errors import ConfigError
+from tta.run.schema import TIMED_COLUMNS
 from tta.run.spec import ALIASES, GRID_KEYS, INVOCATION_OPTIONS, OPTIONS, SECTIONS, RunSpec, options_table
 from tta.run.sweep import expand_grid, load_grid, run_sweep
-from tta.run.schema import TIMED_COLUMNS
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[1]
