@@ -10,6 +10,11 @@ corruption is drawn (seeded) from the others. Inside the path every image carrie
 the fixed order of ``corruptions``, at severities interpolated between the tabulated ones
 (``tta.corruptions.interpolate``).
 
+A transition ends on the new corruption alone, so only corruptions that can bring the source model within
+``TOLERANCE`` (5) points of the target on their own take part (``CCCStream.corruptions_used``; when fewer than
+``MIN_CORRUPTIONS`` can, the nearest ones: a hard target on a small model), and the source model's accuracy stays
+near the target at the transitions' ends as well as along their paths.
+
 The path needs the source model's accuracy for every corruption pair and severity pair. ``Calibration`` measures
 it on a small clean subset (``CALIBRATION_IMAGES`` images) on a coarse grid of severities (0, 1.25, 2.5, 3.75, 5
 for each corruption of a pair: 25 points, of which the single-corruption ones are shared by all pairs) and
@@ -50,6 +55,8 @@ STEP = 0.25
 LEVELS = 21  # severities 0, 0.25, ..., 5
 CALIBRATION_LEVELS: tuple[float, ...] = (0.0, 1.25, 2.5, 3.75, 5.0)
 CALIBRATION_IMAGES = 200
+TOLERANCE = 5.0  # points: a corruption joins the stream when, alone at some severity, it is this near the target
+MIN_CORRUPTIONS = 4  # when fewer are that near (a hard target), the stream uses the nearest this many
 FORMAT = "ccc/v1"
 
 
@@ -129,6 +136,11 @@ class Calibration:
 
         atomic_write(self.path, json.dumps(self.table, indent=0, sort_keys=True))
 
+    def single(self, name: str) -> np.ndarray:
+        """Accuracy (LEVELS) of corruption ``name`` alone at severities 0 to 5."""
+        coarse = [self._accuracy([(name, s)]) for s in CALIBRATION_LEVELS]
+        return np.interp(np.arange(LEVELS) * STEP, CALIBRATION_LEVELS, coarse)
+
     def grid(self, a: str, b: str) -> np.ndarray:
         """Accuracy (LEVELS x LEVELS) of the pair: rows the severity of ``a``, columns that of ``b`` (0 to 5)."""
         if (a, b) not in self._grids:
@@ -188,6 +200,7 @@ class CCCStream:
         subset.sort()
         self.calibration = Calibration(model, self.clean[torch.as_tensor(subset, device=self.device)],
                                        self.labels[torch.as_tensor(subset)], self.corruptions, cache, batch_size)
+        self.corruptions_used = self._usable()
         name = f"ccc-{BASELINES[baseline]}"
         self.domains = [Domain(name=name, window=w) for w in range(-(-length // window))]
         self.label = f"ccc:{seed}"
@@ -204,16 +217,25 @@ class CCCStream:
         """Clean images of the stream's first positions (for checks that read one image)."""
         return self.clean[torch.as_tensor(index, device=self.device)], self.labels[torch.as_tensor(index)]
 
+    def _usable(self) -> list[str]:
+        """The corruptions that can bring the source model near the target alone (see the module doc)."""
+        gap = {c: float(np.min(np.abs(self.calibration.single(c) - self.baseline))) for c in self.corruptions}
+        near = [c for c in self.corruptions if gap[c] <= TOLERANCE]
+        if len(near) < min(MIN_CORRUPTIONS, len(self.corruptions)):
+            nearest = sorted(self.corruptions, key=lambda c: gap[c])[:MIN_CORRUPTIONS]
+            near = [c for c in self.corruptions if c in nearest]
+        return near
+
     def _next_corruption(self, t: int, current: str) -> str:
-        others = [c for c in self.corruptions if c != current]
+        others = [c for c in self.corruptions_used if c != current]
         return others[int(np.random.default_rng(_seed(self.seed, "corruption", t)).integers(len(others)))]
 
     def transitions(self) -> Iterator[tuple[str, str, list[tuple[int, int]]]]:
         """Each transition's old corruption, new corruption and path of severity indices (0.25 each)."""
         target = float(self.baseline)
-        first = self.corruptions[int(np.random.default_rng(_seed(self.seed, "corruption", 0))
-                                     .integers(len(self.corruptions)))]
-        solo = self.calibration.grid(first, self._next_corruption(1, first))[:, 0]
+        first = self.corruptions_used[int(np.random.default_rng(_seed(self.seed, "corruption", 0))
+                                          .integers(len(self.corruptions_used)))]
+        solo = self.calibration.single(first)
         level, current = int(np.argmin(np.abs(solo - target))), first
         for t in range(1, -(-self.length // self.speed) + 1):
             new = self._next_corruption(t, current)
