@@ -1,8 +1,9 @@
 """The adaptation engine: run an adapted model over a stream and tally accuracy per domain.
 
 A row's ``corruption`` column is the domain's name (the corruption of a benchmark's domain, the folder of your own
-data's) and ``severity`` its severity (empty where the stream has none); domains with a ``visit``, ``window`` or
-``step`` add those columns to the returned table.
+data's) and ``severity`` its severity (empty where the stream has none); ``visit``, ``window`` and ``step`` are
+filled where the stream's domains have them. Every row also carries its cost (``tta.run.cost``), its protocol
+(``tta.run.online``) and, with a reference model, the source model's accuracy on the same images.
 
 Batches move to the device once; correct counts accumulate on the device and are read back once per segment
 (when timing needs a synchronisation anyway), so the loop adds no per-batch host-device synchronisation of its own.
@@ -192,8 +193,9 @@ def evaluate(
                     bar.set_postfix_str(str(domain))
             if reset == "batch":
                 adapted.reset()
-            present = batch.domain.unique().tolist()  # batch.domain is still on the host here
-            share = torch.bincount(batch.domain, minlength=n_domains).tolist()
+            ids, sizes = batch.domain.unique(return_counts=True)  # batch.domain is still on the host here
+            present = ids.tolist()
+            share = dict(zip(present, sizes.tolist(), strict=True))
             if on_batches is not None:
                 t.batch_info.append((index, batch.segment, [stream.domains[d] for d in present], len(batch.domain)))
             batch = batch.to(dev)
@@ -238,9 +240,7 @@ def evaluate(
     close_segment(segment, started, final=True)
     if saver is not None:
         saver.finish()
-    extra = [k for k in ("visit", "window", "step") if any(k in row for row in t.rows.values())]
-    columns = [*(c for c in COLUMNS if c not in ("visit", "window", "step") or c in extra),
-               *[k for k in common if k not in COLUMNS]]
+    columns = [*COLUMNS, *[k for k in common if k not in COLUMNS]]
     return pd.DataFrame([t.rows[d] for d in sorted(t.rows)], columns=columns)
 
 
@@ -269,11 +269,10 @@ class _Tallies:
         self.segment: int | None = None
 
     @staticmethod
-    def spread(into: list[Any], share: list[int], n: int, value: float) -> None:
+    def spread(into: list[Any], share: dict[int, int], n: int, value: float) -> None:
         """Credit ``value`` of a batch of ``n`` images to its domains in proportion to their images."""
-        for d, k in enumerate(share):
-            if k:
-                into[d] += value * k / n
+        for d, k in share.items():
+            into[d] += value * k / n
 
 def _row(common: Mapping[str, Any], domain: Any, n: int, hits: int, seconds: float) -> dict[str, Any]:
     accuracy = 100.0 * hits / n
