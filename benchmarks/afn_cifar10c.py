@@ -1,4 +1,4 @@
-"""AFN against source, AdaBN and Tent on ResNet-20: the README's AFN table.
+"""AFN against source, AdaBN and Tent on ResNet-20: the table in docs/methods/afn.md.
 
     python benchmarks/afn_cifar10c.py --shared ../shared [--epochs 5] [--n-examples 1000] [--warm FILE]
 

@@ -16,7 +16,7 @@ corruptions (the first ``--n`` images of the shared exact CIFAR-10 test head, ge
 
 The standardisation uses ``--source-n`` clean training images (the shared JPEG training subset): per dimension,
 subtract their mean and divide by their standard deviation; "whitened" further projects on their top principal
-directions divided by their standard deviations (``tta.norm.assign.calibrate``); "whitened, content removed"
+directions divided by their standard deviations (``tta.context.assign.calibrate``); "whitened, content removed"
 first removes the directions that tell apart the classes the model predicts for the clean images (what
 ``contexts=infer`` does).
 """
@@ -32,11 +32,11 @@ import torch
 from inferred_contexts import kmeans, purity  # the sibling benchmark (this folder is on the path when run)
 
 import tta
+from tta.context.assign import calibrate
+from tta.context.descriptors import DEPTHS, StyleProbe, describe, select_layers
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
 from tta.data.generated import GeneratedSource
 from tta.data.stream import Domain
-from tta.norm.assign import calibrate
-from tta.norm.descriptors import DEPTHS, StyleProbe, describe, select_layers
 
 
 def nearest_centroid(z: torch.Tensor, labels: torch.Tensor, train: torch.Tensor) -> float:

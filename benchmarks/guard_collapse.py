@@ -12,7 +12,7 @@ columns, including the guard's estimate and counts) plus a plot of accuracy alon
         --collapse lr=0.1 --out guard.csv --plot docs/guard_collapse.png
 
 ``--source-data`` should be held-out clean images (not the model's training images, nor the images the stream is
-made of): the README's run uses CIFAR-10 test images 1,017..9,999, the stream the first 1,017.
+made of): the run in docs/guides/deployed-models.md uses CIFAR-10 test images 1,017..9,999, the stream the first 1,017.
 """
 
 from __future__ import annotations

@@ -149,9 +149,9 @@ def kmeans(z: torch.Tensor, k: int, restarts: int = 10, iters: int = 50, seed: i
 def routing_ceilings(model: torch.nn.Module, make_stream: Callable[[], SettingStream], clean: np.ndarray,
                      k: int) -> None:
     """dsbn routed by the nearest true corruption centre and by offline k-means (see the module docstring)."""
-    from tta.norm.assign import ContextAssigner
-    from tta.norm.descriptors import StyleProbe
-    from tta.norm.domain import calibrate_contexts
+    from tta.context.assign import ContextAssigner
+    from tta.context.descriptors import StyleProbe
+    from tta.context.model import calibrate_contexts
 
     images = torch.from_numpy(clean).permute(0, 3, 1, 2).float() / 255
     assigner = ContextAssigner(calibrate_contexts(model, images))

@@ -1,15 +1,15 @@
-"""Proxy Normalization against BatchNorm on ResNet-20: the README's Proxy Normalization table.
+"""Proxy Normalization against BatchNorm on ResNet-20: the table in docs/methods/proxy-norm.md.
 
     python benchmarks/proxy_norm_cifar10c.py --shared ../shared --warm WARM.pt [--rows ...] [--out FILE]
 
-``WARM.pt`` is the checkpoint of ``tta warmup --method proxy-norm`` (see the README). The corruptions are generated
-once from the clean test head (``tta.data.generated``, the generator of ``tta adapt --generate``, data seed 0), so
-every row sees the same bytes. Rows (reset per corruption x severity): the BN model without adaptation, AdaBN with
-batches of 200, the BN model one image at a time (adabn's source prior, N = 16, and tent on the sliding window), the
-converted model one image at a time without adaptation and with tent (a step per image, or on a sliding window of the
-last 16 or 64 images: ``tta adapt --batch-size 1``'s default), with ETA on the windows, and with stream-stats (both
-models; its GroupNorm statistics from ``--source-data``); plus clean accuracy of both models. Prints one markdown
-table (accuracy in percent, mean over the corruptions per severity) and writes the tidy results to ``--out``.
+``WARM.pt`` is the checkpoint of ``tta warmup --method proxy-norm`` (docs/methods/proxy-norm.md). The corruptions are
+generated once from the clean test head (``tta.data.generated``, the generator of ``tta adapt --generate``, data seed
+0), so every row sees the same bytes. Rows (reset per corruption x severity): the BN model without adaptation, AdaBN
+with batches of 200, the BN model one image at a time (adabn's source prior, N = 16, and tent on the sliding window),
+the converted model one image at a time without adaptation and with tent (a step per image, or on a sliding window of
+the last 16 or 64 images: ``tta adapt --batch-size 1``'s default), with ETA on the windows, and with stream-stats (both
+models; its GroupNorm statistics from ``--source-data``); plus clean accuracy of both models. Prints one markdown table
+(accuracy in percent, mean over the corruptions per severity) and writes the tidy results to ``--out``.
 """
 
 from __future__ import annotations

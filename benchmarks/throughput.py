@@ -31,9 +31,9 @@ from torch import nn
 import tta
 import tta.methods
 from tta.data.arrays import array_stream
+from tta.devices import resolve_device
 from tta.models import cifar_resnet
 from tta.models.zoo import CIFAR_RESNET_NORM, normalized
-from tta.run.engine import resolve_device
 
 
 def hand_loop(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,

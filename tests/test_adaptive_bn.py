@@ -1,4 +1,4 @@
-"""AdaptiveBN and the adabn method: METHODS.md section 8, items 1 and 2, and the mode semantics."""
+"""AdaptiveBN and the adabn method: the prior's limits, exact cumulative pooling and the mode semantics."""
 
 from __future__ import annotations
 

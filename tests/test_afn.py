@@ -1,4 +1,4 @@
-"""AFN: the layer (METHODS.md 5 and 8.5), the BN-to-AFN converter, the ``afn`` method and the source warm-up."""
+"""AFN: the layer (docs/methods/afn.md), the BN-to-AFN converter, the ``afn`` method and the source warm-up."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from tta.errors import ConfigError, DownloadError, ModelError
 from tta.methods import get_method
 from tta.methods.afn import AFNConfig, AFNMethod
 from tta.models import cifar_resnet
+from tta.models.fingerprint import model_fingerprint
 from tta.norm.afn import AFN, afn_layers, afn_parameters, convert_to_afn
-from tta.warmup import _random_crop_flip, load_afn_checkpoint, load_source, model_fingerprint, warmup_afn
+from tta.warmup import load_afn_checkpoint, load_source, warmup_afn
+from tta.warmup.train import _random_crop_flip
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -66,7 +68,7 @@ def test_lambdas_zero_equal_train_mode_bn_up_to_eps_placement() -> None:
     _zero_lambdas(layer)
     x = _features().requires_grad_(True)
     y = layer.train()(x)
-    # Exactly METHODS.md 5 with l = 0: unbiased variance, eps 1e-6 added to the standard deviation.
+    # Exactly the AFN layer's definition with l = 0: unbiased variance, eps 1e-6 added to the standard deviation.
     var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
     ref = (x - mean[None, :, None, None]) / (var.sqrt() + 1e-6)[None, :, None, None]
     ref = ref * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]

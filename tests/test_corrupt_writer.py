@@ -167,7 +167,7 @@ def test_generated_source_does_not_depend_on_batch_size(tmp_path: Path) -> None:
 
 def test_temporary_names_never_look_like_dataset_files(tmp_path: Path) -> None:
     # the loader looks for <name>.npy; a temporary file is hidden and has another suffix
-    from tta.data.writer import _atomic_save
+    from tta.io import save_array
 
-    _atomic_save(tmp_path / "fog.npy", np.zeros(3, np.uint8))
+    save_array(tmp_path / "fog.npy", np.zeros(3, np.uint8))
     assert os.listdir(tmp_path) == ["fog.npy"]

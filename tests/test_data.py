@@ -1,4 +1,4 @@
-"""CIFAR-10-C files in the published layout: loading (METHODS.md section 8 item 7), selection and bad files."""
+"""CIFAR-10-C files in the published layout: loading, selection and bad files."""
 
 from __future__ import annotations
 

@@ -12,11 +12,12 @@ import yaml
 from torch import nn
 
 from tta.config import build_config, to_dict
+from tta.context.model import ContextNormModel, convert_context_norm
 from tta.core.base import AdaptedModel
 from tta.data.settings import SETTINGS, SettingStream
 from tta.errors import ConfigError, InputError, ModelError
 from tta.methods import get_method
-from tta.norm.domain import ContextNormModel, DomainContextNorm, convert_context_norm
+from tta.norm.context_norm import DomainContextNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,13 +50,13 @@ def layers(adapted: AdaptedModel) -> list[DomainContextNorm]:
     return adapted.model.layers()
 
 
-# ------------------------------------------------------------------------------ METHODS.md section 8 item 4
+# ------------------------------------------------------------------------------ per-domain statistics on a mixed batch
 @pytest.mark.parametrize(("name", "overrides", "adabn"), [
     ("context-norm", {"prior_n": 0.0}, {"mode": "cumulative"}),
     ("context-norm", {"prior_n": 16.0}, {"mode": "cumulative_prior", "prior_n": 16.0}),
-    ("context-norm", {"update": "ema"}, {"mode": "ema"}),
+    ("context-norm", {"stats_update": "ema"}, {"mode": "ema"}),
     ("dsbn", {}, {"mode": "cumulative"}),
-    ("dsbn", {"update": "ema", "stats_momentum": 0.3}, {"mode": "ema", "stats_momentum": 0.3}),
+    ("dsbn", {"stats_update": "ema", "stats_rate": 0.3}, {"mode": "ema", "stats_rate": 0.3}),
 ])
 def test_one_context_equals_adabn(bn_model: nn.Module, name: str, overrides: dict, adabn: dict) -> None:
     ours, reference = make(name, bn_model, **overrides), make("adabn", bn_model, **adabn)
@@ -445,7 +446,7 @@ def test_trained_contexts_and_their_optimizer_state_round_trip(bn_model: nn.Modu
 
 # ------------------------------------------------------------------------------ descriptors and assignment
 def test_descriptors_are_per_image_and_stop_at_the_deepest_layer_read(bn_model: nn.Module) -> None:
-    from tta.norm.descriptors import StyleProbe
+    from tta.context.descriptors import StyleProbe
 
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     full, first = StyleProbe(bn_model, "all"), StyleProbe(bn_model, "first")
@@ -470,7 +471,7 @@ def _clusters(centres: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, t
 
 
 def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate
+    from tta.context.assign import ContextAssigner, calibrate
 
     g = torch.Generator().manual_seed(0)
     source = torch.randn(800, 20, generator=g, dtype=torch.float64)
@@ -507,7 +508,7 @@ def test_assigner_splits_merges_and_forgets_with_source_calibrated_thresholds() 
 
 
 def test_split_share_measures_bimodality_whatever_the_spread() -> None:
-    from tta.norm.assign import split_share
+    from tta.context.assign import split_share
 
     g = torch.Generator().manual_seed(0)
     gaussian = torch.randn(4000, generator=g, dtype=torch.float64)
@@ -519,7 +520,7 @@ def test_split_share_measures_bimodality_whatever_the_spread() -> None:
 
 
 def test_a_stretched_target_cloud_is_not_split_but_two_groups_are() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate, held_out_bimodality, held_out_split
+    from tta.context.assign import ContextAssigner, calibrate, held_out_bimodality, held_out_split
 
     g = torch.Generator().manual_seed(0)
     cal = calibrate(torch.randn(800, 20, generator=g, dtype=torch.float64))
@@ -552,7 +553,7 @@ def test_a_stretched_target_cloud_is_not_split_but_two_groups_are() -> None:
 
 
 def test_calibration_removes_the_directions_that_tell_the_classes_apart_and_keeps_the_domains() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate
+    from tta.context.assign import ContextAssigner, calibrate
 
     g = torch.Generator().manual_seed(0)
     classes = torch.arange(10).repeat(40)
@@ -582,7 +583,7 @@ def test_calibration_removes_the_directions_that_tell_the_classes_apart_and_keep
 
 
 def test_a_shifted_group_hidden_in_the_source_context_gets_a_context_of_its_own() -> None:
-    from tta.norm.assign import ContextAssigner, calibrate
+    from tta.context.assign import ContextAssigner, calibrate
 
     g = torch.Generator().manual_seed(0)
     cal = calibrate(torch.randn(800, 20, generator=g, dtype=torch.float64))
@@ -611,8 +612,8 @@ def test_inferred_context_statistics_come_from_their_members_only(bn_model: nn.M
     x = domain_batch(0, 12, 0)
     router.begin(x, torch.zeros(12, dtype=torch.long), None)
     # soft responsibilities, as inferred contexts give: every image 0.6 with context 1, 0.4 with context 2
-    router.weights = torch.tensor([[0.0, 0.6, 0.4]], dtype=torch.float64).expand(12, -1)
-    router.members = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64).expand(12, -1)
+    router.routing.weights = torch.tensor([[0.0, 0.6, 0.4]], dtype=torch.float64).expand(12, -1)
+    router.routing.members = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64).expand(12, -1)
     out = wrapped.net(x)
     router.end()
     assert first.ctx_images.tolist() == [0.0, 12.0, 0.0]  # each image counts once, in its most responsible context
@@ -621,7 +622,7 @@ def test_inferred_context_statistics_come_from_their_members_only(bn_model: nn.M
 
 
 def test_a_context_in_use_is_never_forgotten_to_make_room() -> None:
-    from tta.norm.assign import BUFFER, ContextAssigner, calibrate
+    from tta.context.assign import BUFFER, ContextAssigner, calibrate
 
     cal = calibrate(torch.randn(800, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     shift = torch.zeros(3, 20, dtype=torch.float64)
@@ -646,8 +647,8 @@ def test_a_context_in_use_is_never_forgotten_to_make_room() -> None:
 
 
 def test_a_split_context_passes_its_statistics_and_half_its_evidence_to_both_halves(bn_model: nn.Module) -> None:
-    from tta.norm.assign import ContextAssigner, calibrate
-    from tta.norm.domain import OPS
+    from tta.context.assign import ContextAssigner, calibrate
+    from tta.context.router import OPS
 
     # the assigner: a target context that turns out to hold two domains is split, not restarted
     cal = calibrate(torch.randn(800, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
@@ -673,12 +674,40 @@ def test_a_split_context_passes_its_statistics_and_half_its_evidence_to_both_hal
     before = [(layer.ctx_mean[1].clone(), layer.ctx_var[1].clone(), float(layer.ctx_images[1]))
               for layer in wrapped.layers()]
     wrapped.router.pending = torch.tensor([[OPS.index("split"), 2, 1]])
-    wrapped.router._apply_pending()
+    wrapped.apply_pending()
     for layer, (mean, var, images) in zip(wrapped.layers(), before, strict=True):
         for k in (1, 2):
             torch.testing.assert_close(layer.ctx_mean[k], mean)
             torch.testing.assert_close(layer.ctx_var[k], var)
             assert float(layer.ctx_images[k]) == images / 2
     probe = domain_batch(1, 4, 1)
-    torch.testing.assert_close(wrapped(probe, domain=torch.zeros(4, dtype=torch.long), update=False),
-                               wrapped(probe, domain=torch.ones(4, dtype=torch.long), update=False))
+    torch.testing.assert_close(wrapped(probe, domain=torch.zeros(4, dtype=torch.long), store=False),
+                               wrapped(probe, domain=torch.ones(4, dtype=torch.long), store=False))
+
+
+def test_layers_read_the_routing_they_were_given_and_never_their_owner(bn_model: nn.Module) -> None:
+    wrapped = convert_context_norm(copy.deepcopy(bn_model), declared=1)
+    routing = wrapped.router.routing
+    assert all(layer.routing is routing for layer in wrapped.layers())
+    assert not any("router" in vars(layer) or "_router" in vars(layer) for layer in wrapped.layers())
+    twin = copy.deepcopy(wrapped)  # a copy shares one routing of its own among its router and layers
+    assert twin.router.routing is not routing and all(layer.routing is twin.router.routing for layer in twin.layers())
+    # a layer alone, given a routing by hand, normalises each sample with its context
+    layer = DomainContextNorm.from_bn(nn.BatchNorm2d(3).eval(), declared=1, prior_n=0.0)
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    source = layer(x)
+    layer.routing.weights = torch.tensor([[0.0, 1.0]], dtype=torch.float64).expand(4, -1)
+    adapted = layer(x)
+    layer.routing.clear()
+    assert not torch.allclose(adapted, source)
+    torch.testing.assert_close(adapted.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)  # the batch's own stats
+
+
+def test_a_forward_that_does_not_store_changes_no_statistics(bn_model: nn.Module) -> None:
+    wrapped = convert_context_norm(copy.deepcopy(bn_model), declared=1)
+    before = copy.deepcopy(wrapped.state_dict())
+    wrapped(domain_batch(1, 8, 0), domain=torch.zeros(8, dtype=torch.long), store=False)
+    after = wrapped.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    wrapped(domain_batch(1, 8, 0), domain=torch.zeros(8, dtype=torch.long))
+    assert float(wrapped.layers()[0].ctx_images[1]) == 8.0

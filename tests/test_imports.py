@@ -81,3 +81,44 @@ def test_import_tta_is_light() -> None:
            "print(','.join(heavy))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import tta loaded {out}"
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others (a package's ``__init__`` counts when a submodule
+    is imported, as Python runs it first)."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        node = todo.pop()
+        parents = [".".join(node.split(".")[:i]) for i in range(2, node.count(".") + 1)]
+        for nxt in [*graph.get(node, ()), *(p for p in parents if p in graph)]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_layers_point_one_way() -> None:
+    graph = _graph()
+    # reading an AFN warm-up never loads the training loop, and the loop never loads the run ring for a device
+    assert "tta.warmup.train" not in _reaches(graph, "tta.methods.afn")
+    assert not {m for m in _reaches(graph, "tta.warmup.train") if m == "tta.engine" or m.startswith("tta.run")}
+    # norm layers know nothing of context inference or methods; context inference knows nothing of methods
+    for name in (m for m in graph if m.startswith("tta.norm")):
+        assert not {m for m in graph[name] if m.startswith(("tta.context", "tta.methods", "tta.warmup"))}, name
+    for name in (m for m in graph if m.startswith("tta.context")):
+        assert not {m for m in graph[name] if m.startswith(("tta.methods", "tta.warmup"))}, name
+
+
+def test_no_function_takes_more_than_twelve_parameters() -> None:
+    # Anywhere in tta/; self/cls aside, *args and **kwargs count one each; dataclass constructors are generated, so
+    # they never appear. Many settings travel as one value (a dataclass, e.g. a RunSpec part).
+    over = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+                if len(names) + (a.vararg is not None) + (a.kwarg is not None) > 12:
+                    over.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name}")
+    assert not over, over

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import tta
-import tta.warmup as warmup_module
+import tta.warmup.train as warmup_module
 from tta.cli import cli
 from tta.errors import ConfigError, ModelError
 from tta.methods.tent import norm_affine_params
@@ -337,6 +337,8 @@ def test_cli_warmup_then_adapt_from_the_checkpoint_alone(
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert out.is_file() and not (tmp_path / "warm.pt.resume").exists()
+    hint = "--method afn" if method == "afn" else f"--method stream-stats --batch-size 1 --source-data npz:{source_npz}"
+    assert f"use it with: tta adapt --checkpoint {out} {hint}" in result.output
     saved = torch.load(out, weights_only=True)
     assert saved["method"] == method and saved["build"] == {"arch": "resnet20", "num_classes": 10}
     data_dir = fake_cifar_c(("fog",), per_severity=4)

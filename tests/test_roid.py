@@ -10,7 +10,7 @@ import tta
 from tta.core.losses import entropy, soft_likelihood_ratio
 from tta.core.params import norm_affine_params
 
-PLAIN = {"use_consistency": False, "use_prior_correction": False, "momentum_src": 1.0}
+PLAIN = {"use_consistency": False, "use_prior_correction": False, "src_momentum": 1.0}
 
 
 def _batch(seed: int = 1, n: int = 16) -> torch.Tensor:

@@ -262,7 +262,7 @@ def test_parallel_jobs_give_the_same_rows_as_one_job(tmp_path: Path, assets: dic
 
 @pytest.mark.slow
 def test_ray_backend_gives_the_same_accuracies_as_local(tmp_path: Path, assets: dict) -> None:
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'tta[ray]')")
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'tta-toolkit[ray]')")
     grid = _grid(tmp_path / "g.yaml", {**assets, "severities": 5}, {"method": ["source", "tent"], "seed": [1, 2]})
     local = run_sweep(grid, tmp_path / "local", progress=False).results
     ray = run_sweep(grid, tmp_path / "ray", backend="ray", progress=False).results
@@ -278,4 +278,4 @@ def test_ray_backend_without_ray_says_how_to_install_it(tmp_path: Path, assets: 
     grid = _grid(tmp_path / "g.yaml", {**assets, "severities": 5}, {"method": ["source"]})
     result = CliRunner().invoke(cli, ["sweep", str(grid), "--out", str(tmp_path / "o"), "--backend", "ray",
                                       "--no-progress"])
-    assert result.exit_code != 0 and "pip install 'tta[ray]'" in result.output
+    assert result.exit_code != 0 and "pip install 'tta-toolkit[ray]'" in result.output

@@ -1,4 +1,4 @@
-"""Tent: METHODS.md section 8 item 3 and the configuration of the official code."""
+"""Tent: trainable parameters, reset and pre-update logits (docs/methods/entropy.md), the official configuration."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 _EXPORTS: dict[str, str] = {
     "adapt": "tta.api",

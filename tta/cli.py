@@ -49,10 +49,13 @@ ADAPT_EXAMPLES = """\
 Examples:
 
 \b
-  tta adapt --method tent --benchmark digits                  # offline, about a minute on a CPU
-  tta adapt --method tent --benchmark cifar10c --model Standard   # the Tent paper's protocol
+  # offline, about a minute on a CPU:
+  tta adapt --method tent --benchmark digits
+  # the Tent paper's protocol (downloads CIFAR-10-C and the model):
+  tta adapt --method tent --benchmark cifar10c --model Standard
+  # your own images, with EATA (clean images for its Fisher) and a guard:
   tta adapt --method eata --data folder:my_images/ --model resnet50 --benchmark imagenetc \\
-      --source-data folder:my_clean_images/ --guard default        # your own images, with a guard
+      --source-data folder:my_clean_images/ --guard default
 """
 
 # help headings of `tta adapt`, by the RunSpec part an option sets
@@ -62,11 +65,11 @@ HEADINGS: dict[str, str] = {"model": "Model", "data": "Data", "stream": "Stream"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
-@click.version_option(package_name="tta")
+@click.version_option(package_name="tta-toolkit")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Test-time adaptation of pretrained classifiers on shifted data (CIFAR-10-C and your own)."""
-    if ctx.invoked_subcommand is None:
+    if ctx.invoked_subcommand is None:  # a bare `tta` says what to run first instead of printing its usage
         click.echo(FIRST_STEPS)
 
 
@@ -220,7 +223,7 @@ def adapt_command(ctx: click.Context, spec: str | None, **kwargs: Any) -> None:
     df = result.results
     click.echo(format_results(df))
     click.echo(f"\nmean accuracy {df['accuracy'].mean():.2f}% over {len(df)} domains; wrote {result.out} "
-               f"(+ {result.config.name}: re-run it with tta adapt --spec {result.config})")
+               f"(+ {result.config.name})")
     if result.report is not None:
         click.echo(f"report: {result.report}")
 
@@ -253,7 +256,7 @@ def corrupt_command(out: str, severities: list[int] | None, device: str, clean: 
         raise click.UsageError("pass the clean set once, with --clean (--source is its old name)")
     from tta.data.cifar_c import ALL_CORRUPTIONS
     from tta.data.writer import corrupt_dataset, missing_blocks
-    from tta.run.engine import resolve_device
+    from tta.devices import resolve_device
 
     root = corrupt_dataset(clean or str(source), out_dir=out, severities=severities or [1, 2, 3, 4, 5],
                            device=resolve_device(device), **kwargs)
@@ -311,7 +314,7 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
 
     Writes a self-describing checkpoint: `tta adapt --checkpoint OUT` loads it without --arch.
     """
-    from tta.warmup import run_warmup
+    from tta.warmup import get_conversion, run_warmup
 
     given = {"lambda_init": lambda_init, "identity_init": identity_init, "norm": norm, "groups": groups}
     warm, out = run_warmup(settings={k: v for k, v in given.items() if v is not None}, **kwargs)
@@ -319,8 +322,7 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
         click.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}, train accuracy {100 * h['train_accuracy']:.2f}%")
     click.echo(f"warmed up {warm.warmup['n_images']} images x {warm.warmup['epochs']} epochs in "
                f"{warm.warmup['seconds'] / 60:.1f} min on {warm.warmup['device']}; wrote {out}")
-    hint = ("--method afn" if warm.method == "afn"
-            else f"--method stream-stats --batch-size 1 --source-data {kwargs['source']}")
+    hint = get_conversion(warm.method).adapt_with.format(source=kwargs["source"])
     click.echo(f"use it with: tta adapt --checkpoint {out} {hint}")
 
 
@@ -331,7 +333,7 @@ def warmup_command(lambda_init: str | None, identity_init: bool | None, norm: st
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
               help="runs at once on this machine (spawned workers; with GPUs, worker i keeps GPU i mod their count)")
 @click.option("--backend", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="local processes, or one Ray task per run (pip install 'tta[ray]')")
+              help="local processes, or one Ray task per run (pip install 'tta-toolkit[ray]')")
 @click.option("--address", help="with --backend ray: the cluster to join (e.g. auto, or ray://host:10001); "
               "default: start a local Ray instance")
 @click.option("--gpus-per-run", type=click.FloatRange(min=0),

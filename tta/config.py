@@ -2,6 +2,8 @@
 
 Values come from the dataclass defaults, then an optional YAML file (``--config``), then ``key=value`` overrides
 (``--set``). Unknown keys and badly typed values are ``ConfigError``s naming the valid keys or the expected type.
+A config class may list renamed keys in a class-level ``renamed = {"old": "new"}``: the old spelling still works,
+with a deprecation warning (``FutureWarning``) naming the new one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import types
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -98,8 +101,25 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError
 
 
+def renamed_keys(config_cls: type, values: Mapping[str, Any], source: str = "settings") -> dict[str, Any]:
+    """``values`` with the old spellings of ``config_cls.renamed`` replaced by the new ones, each with a
+    deprecation warning; ``ConfigError`` when both spellings of one key are given."""
+    out = dict(values)
+    for old, new in getattr(config_cls, "renamed", {}).items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{source} sets both {old!r} and {new!r} for {config_cls.__name__}; {old!r} is the old "
+                              f"name of {new!r}: keep only {new!r}")
+        warnings.warn(f"{old!r} in {source} for {config_cls.__name__} is deprecated; it is now called {new!r}",
+                      FutureWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+
 def build_config(config_cls: type[C], values: Mapping[str, Any], *, source: str = "settings") -> C:
     """Instantiate ``config_cls`` from ``values`` (missing keys keep their defaults), checking keys and types."""
+    values = renamed_keys(config_cls, values, source)
     names = field_names(config_cls)
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -156,12 +176,13 @@ def resolve_config(
     base: Mapping[str, Any] | None = None,
 ) -> C:
     """Defaults, then ``base`` (a preset), then ``config_file``, then ``overrides``: the settings a run will use."""
-    values: dict[str, Any] = dict(base or {})
+    values: dict[str, Any] = renamed_keys(config_cls, base or {}, "the preset")
     if config_file is not None:
-        file_values = load_yaml(config_file)
-        build_config(config_cls, file_values, source=f"config file {str(config_file)!r}")  # report file errors first
+        source = f"config file {str(config_file)!r}"
+        file_values = renamed_keys(config_cls, load_yaml(config_file), source)
+        build_config(config_cls, file_values, source=source)  # report file errors first
         values.update(file_values)
-    values.update(overrides or {})
+    values.update(renamed_keys(config_cls, overrides or {}))
     return build_config(config_cls, values)
 
 

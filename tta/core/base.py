@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import hashlib
 import math
-import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from torch import nn
 
 from tta.core.requirements import Requirements, check_requirements
 from tta.errors import ConfigError, InputError, ModelError
+from tta.io import save_torch
 
 if TYPE_CHECKING:
     from tta.monitor.guard import Guard
@@ -296,16 +296,7 @@ class AdaptedModel(nn.Module):
                        "window": self.window, "source": self.snapshot_fingerprint(), "state_dict": self.state_dict()}
             if self.guard is not None:  # tta.monitor: the guard's snapshot, counters and averages
                 payload["guard"] = self.guard.state_dict()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return save_torch(payload, path)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """``.to()``, ``.double()``, ...: the optimizer's per-parameter moments follow their parameters."""

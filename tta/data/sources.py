@@ -73,8 +73,7 @@ def parse_data(spec: str) -> tuple[str, Path]:
 def data_stream(spec: str, benchmark: str, model: str | None, n_examples: int | None = None, batch_size: int = 200,
                 setting: str = "per-domain", seed: int = 0, dirichlet: float = 0.0) -> Stream:
     """A stream over your own data (see the module docs); images are resized to ``model``'s input (for a CIFAR
-    benchmark or a local checkpoint, ``model`` None: 32x32); ``seed`` is the run's seed (it shuffles the mixed
-    settings)."""
+    benchmark or a local checkpoint, ``model`` None: 32x32)."""
     from tta.data.arrays import npz_stream
     from tta.data.images import folder_stream
     from tta.models.preprocess import preprocess_for

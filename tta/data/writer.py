@@ -16,7 +16,6 @@ corruption file appears once all five blocks exist, which lets one split the wor
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from tta.corruptions import CHUNK, corrupt_indexed
 from tta.corruptions.names import check_selection
 from tta.errors import ConfigError, DataError
+from tta.io import STALE_GLOB, save_array, write_text
 
 MANIFEST = "tta-corrupt.json"
 
@@ -33,16 +33,6 @@ MANIFEST = "tta-corrupt.json"
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images in [0, 1] to uint8 by truncation, as the published files were stored."""
     return (x.clamp(0, 1) * 255).to(torch.uint8)
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """Save ``array`` as ``path`` through a temporary file in the same directory, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _complete(path: Path, shape: tuple[int, ...], dtype: type = np.uint8) -> bool:
@@ -68,9 +58,7 @@ def _check_manifest(root: Path, settings: dict) -> None:
                               f"choose another --out directory or delete {root} to start over")
     else:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def write_corruptions(
@@ -101,11 +89,11 @@ def write_corruptions(
     settings = {"source": source, "n_images": n, "image_shape": list(images.shape[1:]), "seed": seed,
                 "chunk": CHUNK, "frost_images": str(frost_images) if frost_images else None}
     _check_manifest(root, settings)
-    for stale in [*root.glob(".*.tmp-*"), *root.glob(".parts/.*.tmp-*")]:  # left by a killed run
+    for stale in [*root.glob(STALE_GLOB), *root.glob(f".parts/{STALE_GLOB}")]:  # left by a killed run
         stale.unlink()
     label_dtype = np.uint8 if labels.min() >= 0 and labels.max() < 256 else np.int64
     if not _complete(root / "labels.npy", (5 * n,), label_dtype):
-        _atomic_save(root / "labels.npy", np.tile(labels.astype(label_dtype), 5))
+        save_array(root / "labels.npy", np.tile(labels.astype(label_dtype), 5))
 
     parts = root / ".parts"
     full_shape = (5 * n, *images.shape[1:])
@@ -123,7 +111,7 @@ def write_corruptions(
             block[start:start + len(x)] = out.permute(0, 2, 3, 1).cpu().numpy()
             bar.update(len(x))
         parts.mkdir(exist_ok=True)
-        _atomic_save(parts / f"{name}.s{severity}.npy", block)
+        save_array(parts / f"{name}.s{severity}.npy", block)
     bar.close()
 
     for name in corruptions:
@@ -131,7 +119,7 @@ def write_corruptions(
         blocks = [parts / f"{name}.s{s}.npy" for s in range(1, 6)]
         if _complete(final, full_shape) or not all(_complete(b, images.shape) for b in blocks):
             continue
-        _atomic_save(final, np.concatenate([np.load(b, allow_pickle=False) for b in blocks]))
+        save_array(final, np.concatenate([np.load(b, allow_pickle=False) for b in blocks]))
         for b in blocks:
             b.unlink()
     if parts.is_dir() and not any(parts.iterdir()):

@@ -5,33 +5,36 @@ per-context parameters train by entropy minimisation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tta.context.assign import Calibration
+from tta.context.model import ContextInference, ContextNormModel, calibrate_contexts, convert_context_norm
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy_objective
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
 from tta.errors import ConfigError
 from tta.models.fingerprint import model_fingerprint
-from tta.norm.assign import Calibration
-from tta.norm.domain import ContextNormModel, calibrate_contexts, convert_context_norm
 from tta.source import derived
 
 
 @dataclass(frozen=True)
 class DomainNormConfig:
     """Settings shared by ``context-norm`` and ``dsbn``; the inference keys matter with ``contexts: infer`` (or
-    ``fallback: infer``), which need clean source data to calibrate on."""
+    ``fallback: infer``), which need clean source data to calibrate on. ``stats_update``: how a context's statistics
+    are estimated (``cumulative`` or ``ema``, with rate ``stats_rate``: r <- (1 - rate) r + rate b)."""
+
+    renamed: ClassVar[dict[str, str]] = {"update": "stats_update", "stats_momentum": "stats_rate"}
 
     contexts: Literal["oracle", "infer"] = "oracle"
     fallback: Literal["source", "infer"] = "source"
-    update: Literal["cumulative", "ema"] = "cumulative"
+    stats_update: Literal["cumulative", "ema"] = "cumulative"
     prior_n: float = 16.0
-    stats_momentum: float = 0.1
+    stats_rate: float = 0.1
     min_subset: int = 2
     declared_contexts: int = 0
     descriptor: Literal["first", "early", "half", "all"] = "half"
@@ -43,7 +46,7 @@ class DomainNormConfig:
 
     def __post_init__(self) -> None:
         check_range("prior_n", self.prior_n, low=0.0, allow_inf=True)
-        check_range("stats_momentum", self.stats_momentum, low=0.0, high=1.0, low_open=True)
+        check_range("stats_rate", self.stats_rate, low=0.0, high=1.0, low_open=True)
         if self.min_subset < 1:
             raise ValueError(f"min_subset must be >= 1, got {self.min_subset}")
         if self.declared_contexts < 0:
@@ -79,12 +82,12 @@ class DomainNormMethod(AdaptedModel):
     def configure(self, model: nn.Module) -> nn.Module:
         model = super().configure(model)
         cfg = self.config
+        inference = ContextInference(self._calibration(model), cfg.descriptor, cfg.min_spawn, cfg.max_contexts) \
+            if cfg.infers else None
         wrapped = convert_context_norm(
-            model, update=cfg.update, prior_n=cfg.prior_n, momentum=cfg.stats_momentum, min_subset=cfg.min_subset,
-            per_context_affine=self.per_context_affine, learned=getattr(cfg, "learned", False),
-            declared=cfg.declared_contexts, fallback="infer" if cfg.infers else "source",
-            calibration=self._calibration(model) if cfg.infers else None, descriptor=cfg.descriptor,
-            min_spawn=cfg.min_spawn, max_contexts=cfg.max_contexts)
+            model, stats_update=cfg.stats_update, prior_n=cfg.prior_n, momentum=cfg.stats_rate,
+            min_subset=cfg.min_subset, per_context_affine=self.per_context_affine,
+            learned=getattr(cfg, "learned", False), declared=cfg.declared_contexts, inference=inference)
         for layer in wrapped.layers():
             layer.set_trainable(self.trains_affine())
         self.update = "gradient" if self.trains() else "none"
@@ -127,7 +130,7 @@ class DomainNormMethod(AdaptedModel):
 
     def predict(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
         """The sliding window's in-between prediction: routed as ``loss`` routes, storing nothing."""
-        return self.model(x, domain=self._ids(domain), update=False)
+        return self.model(x, domain=self._ids(domain), store=False)
 
     def _ids(self, domain: torch.Tensor | None) -> torch.Tensor | None:
         return domain if self.config.contexts == "oracle" else None  # infer: ids are never looked at

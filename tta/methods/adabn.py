@@ -27,18 +27,20 @@ from tta.registry import register
 @dataclass(frozen=True)
 class AdaBNConfig:
     """Settings of ``adabn``: ``prior_n`` is the source pseudo-count of the prior modes, ``alpha`` the batch weight
-    of the ``alpha`` mode, ``stats_momentum`` the EMA rate of the ``ema`` mode (r <- (1 - m) r + m b)."""
+    of the ``alpha`` mode, ``stats_rate`` the EMA rate of the ``ema`` mode (r <- (1 - rate) r + rate b)."""
+
+    renamed: ClassVar[dict[str, str]] = {"stats_momentum": "stats_rate"}  # old spelling: new one
 
     mode: Literal["batch", "prior", "alpha", "ema", "cumulative", "cumulative_prior"] = "batch"
     prior_n: float = 16.0
     alpha: float = 0.1
-    stats_momentum: float = 0.1
+    stats_rate: float = 0.1
     exact_prior: bool = False
 
     def __post_init__(self) -> None:
         check_range("prior_n", self.prior_n, low=0.0, allow_inf=True)
         check_range("alpha", self.alpha, low=0.0, high=1.0)
-        check_range("stats_momentum", self.stats_momentum, low=0.0, high=1.0, low_open=True)
+        check_range("stats_rate", self.stats_rate, low=0.0, high=1.0, low_open=True)
 
 
 @register("adabn")
@@ -53,7 +55,7 @@ class AdaBN(AdaptedModel):
         model = super().configure(model)
         cfg = self.config
         replace_batchnorms(model, lambda bn: AdaptiveBN.from_bn(
-            bn, mode=cfg.mode, prior_n=cfg.prior_n, momentum=cfg.stats_momentum, exact_prior=cfg.exact_prior,
+            bn, mode=cfg.mode, prior_n=cfg.prior_n, momentum=cfg.stats_rate, exact_prior=cfg.exact_prior,
             alpha=cfg.alpha))
         return model
 

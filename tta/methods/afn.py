@@ -4,7 +4,7 @@ Every BatchNorm2d is converted to an AFN layer (gamma/beta copied into gamma_bia
 the AFN layers is frozen, and each batch takes Tent's step (Adam 1e-3, one step, mean softmax entropy), returning
 the logits computed before the update. ``trainable`` chooses the AFN parameters that train: ``affine``
 (gamma_bias, beta_bias and the lambdas) or ``all`` (also the encoders and decoders). ``afn_checkpoint`` loads a
-source warm-up made by ``tta.warmup.warmup_afn`` (``tta warmup``) instead of starting from the identity init; a
+source warm-up made by ``tta.warmup_afn`` (``tta warmup``) instead of starting from the identity init; a
 model loaded from such a warm-up's checkpoint (``load_model(checkpoint=FILE)``) already has its AFN layers and is
 used as it is.
 The model stays in eval mode: AFN always normalises with batch statistics, and eval only switches off dropout,
@@ -27,7 +27,7 @@ from tta.core.validate import check_range
 from tta.errors import ModelError
 from tta.norm.afn import afn_layers, afn_parameters, convert_to_afn
 from tta.registry import register
-from tta.warmup import apply_afn_checkpoint
+from tta.warmup.checkpoint import apply_afn_checkpoint
 
 
 @dataclass(frozen=True)

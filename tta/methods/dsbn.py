@@ -1,10 +1,10 @@
-"""Domain-specific BatchNorm (Chang et al., CVPR 2019) for test-time adaptation (METHODS.md section 3).
+"""Domain-specific BatchNorm (Chang et al., CVPR 2019) for test-time adaptation (docs/methods/contexts.md).
 
 Every BN becomes per-domain branches with their own statistics and affine (branch 0 = the source BN, a branch per
 domain created on first sight or declared up front, initialised from the source BN); samples are routed by their
-domain id, split by domain and scattered back. Branch statistics update by ``ema`` or ``cumulative`` (``prior_n``
-blends with the source as in context-norm; the default 0 is plain per-domain AdaBN); ``tent=True`` adds branch-local
-Tent: one Adam step per batch on the mean entropy, over the affine parameters of the branches in use.
+domain id, split by domain and scattered back. Branch statistics follow ``stats_update``: ``ema`` or ``cumulative``
+(``prior_n`` blends with the source as in context-norm; the default 0 is plain per-domain AdaBN); ``tent=True`` adds
+branch-local Tent: one Adam step per batch on the mean entropy, over the affine parameters of the branches in use.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ IMAGENET = {**IMAGENET_SGD, "d_margin": 0.05}
 @dataclass(frozen=True)
 class ETAConfig(OptimizerConfig):
     """Settings of ``eta``: the optimiser's (Adam 1e-3), the reliability margin ``e_margin`` (a fraction of
-    ln C), the redundancy margin ``d_margin`` (a cosine similarity) and the EMA rate of the mean probabilities."""
+    ln C), the redundancy margin ``d_margin`` (a cosine similarity) and the EMA momentum of the mean probabilities
+    (the weight kept on the running mean: p <- m p + (1 - m) batch mean)."""
 
     e_margin: float = 0.4
     d_margin: float = 0.4

@@ -10,7 +10,7 @@ Affinities, as the reference benchmark offers them: ``rbf`` (its default) exp(-d
 mean distance to the ``knn``-th nearest feature (the image itself counting as the first), ``knn`` (1 for the
 ``knn`` nearest other images, 0 elsewhere) and ``linear`` (feature dot products). On small CIFAR ResNets the RBF
 default can pull a whole batch into one class (ResNet-20 on CIFAR-10-C: 10 % accuracy); ``affinity: knn`` does
-not (see the README).
+not (see docs/methods/teachers.md).
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@
 One gradient step per batch on the affine parameters of the norm layers (BatchNorm always on batch statistics):
 
 - the soft likelihood ratio loss of every sample, weighted by certainty (low entropy) times diversity (a prediction
-  far, in cosine distance, from the running mean of the batch mean predictions, EMA ``momentum_probs``); both are
+  far, in cosine distance, from the running mean of the batch mean predictions, EMA ``probs_momentum``); both are
   min-max normalised over the batch, the weight is ``exp(certainty * diversity / temperature)`` and samples whose
   diversity is below the batch mean get weight 0;
 - plus a symmetric cross-entropy between the prediction on each kept image and on a random colour/affine view of
   it, with the same weights; both sums are divided by the batch size;
-- after the step, weight ensembling with the source model: ``theta <- momentum_src * theta + (1 - momentum_src) *
+- after the step, weight ensembling with the source model: ``theta <- src_momentum * theta + (1 - src_momentum) *
   theta_source`` for every adapted parameter;
 - the returned logits (computed before the update) are multiplied per class by the smoothed batch prior
   ``(p + s) / (1 + s C)``, ``p`` the batch mean prediction, ``s = max(1/N, 1/C) / max(p)``.
@@ -43,17 +43,19 @@ from tta.registry import register
 class RoidConfig(OptimizerConfig):
     """Settings of ``roid`` (defaults: the reference benchmark's CIFAR-10-C configuration, Adam 1e-3)."""
 
+    renamed: ClassVar[dict[str, str]] = {"momentum_src": "src_momentum", "momentum_probs": "probs_momentum"}
+
     use_weighting: bool = True
     use_consistency: bool = True
     use_prior_correction: bool = True
-    momentum_src: float = 0.99
-    momentum_probs: float = 0.9
+    src_momentum: float = 0.99
+    probs_momentum: float = 0.9
     temperature: float = 1 / 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("momentum_src", self.momentum_src, low=0.0, high=1.0)
-        check_range("momentum_probs", self.momentum_probs, low=0.0, high=1.0)
+        check_range("src_momentum", self.src_momentum, low=0.0, high=1.0)
+        check_range("probs_momentum", self.probs_momentum, low=0.0, high=1.0)
         check_range("temperature", self.temperature, low=0.0, low_open=True)
 
 
@@ -104,7 +106,7 @@ class Roid(AdaptedModel):
                 keep = diversity >= diversity.mean()
                 certainty = _min_max(-entropy(logits))
                 weights = torch.exp(diversity * certainty / cfg.temperature) * keep
-                self.class_probs_ema.mul_(cfg.momentum_probs).add_(probs.mean(0), alpha=1 - cfg.momentum_probs)
+                self.class_probs_ema.mul_(cfg.probs_momentum).add_(probs.mean(0), alpha=1 - cfg.probs_momentum)
         slr = soft_likelihood_ratio(logits)
         loss = (slr * weights)[keep].sum() / n
         # A one-image subset cannot take batch statistics in a BatchNorm1d (min_batch 2): no consistency term then.
@@ -118,11 +120,11 @@ class Roid(AdaptedModel):
 
     def after_step(self, x: torch.Tensor, domain: torch.Tensor | None, out: StepOutput) -> StepOutput:
         cfg = self.config
-        if cfg.momentum_src < 1.0:
+        if cfg.src_momentum < 1.0:
             with torch.no_grad():
                 adapted, source = self.params(), norm_affine_params(self.source)
-                torch._foreach_mul_(adapted, cfg.momentum_src)
-                torch._foreach_add_(adapted, source, alpha=1 - cfg.momentum_src)
+                torch._foreach_mul_(adapted, cfg.src_momentum)
+                torch._foreach_add_(adapted, source, alpha=1 - cfg.src_momentum)
         if cfg.use_prior_correction:
             out.logits = out.logits * _smoothed_prior(out.logits)
         return out

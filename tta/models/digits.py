@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tta.io import save_torch
 from tta.models.normalize import normalized
 
 NAME = "digits-cnn"
@@ -71,8 +72,5 @@ def load_digits_cnn(data_dir: str | Path = "data") -> nn.Module:
     x, y = load_digits_split(train=True)
     with one_thread():
         model = train_digits_cnn(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"recipe": RECIPE, "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)
+    save_torch({"recipe": RECIPE, "state_dict": model.state_dict()}, path)
     return model

@@ -28,21 +28,13 @@ VERSION = 1
 
 
 def convert(method: str, model: nn.Module, settings: dict[str, Any]) -> nn.Module:
-    """``model`` with the normalisation layers of ``method`` (``afn`` or ``proxy-norm``) built from ``settings``.
+    """``model`` with the normalisation layers of the warm-up conversion ``method`` (``tta.warmup.registry``: ``afn``,
+    ``proxy-norm``) built from ``settings``; AFN converts in place, Proxy Normalization returns a converted copy."""
+    from tta.warmup.registry import CONVERSIONS
 
-    AFN converts in place and returns ``model``; Proxy Normalization returns a converted copy.
-    """
-    if method == "afn":
-        from tta.norm.afn import convert_to_afn
-
-        convert_to_afn(model, lambda_init=settings["lambda_init"], identity_init=settings["identity_init"],
-                       p_drop=settings["p_drop"])
-        return model
-    if method == "proxy-norm":
-        from tta.norm.proxy_norm import convert_to_proxy_norm
-
-        return convert_to_proxy_norm(model, norm=settings["norm"], groups=settings["groups"], eps=settings["eps"])
-    raise ModelError(f"this tta cannot rebuild a model converted by {method!r}; use the tta version that wrote it")
+    if method not in CONVERSIONS:
+        raise ModelError(f"this tta cannot rebuild a model converted by {method!r}; use the tta version that wrote it")
+    return CONVERSIONS[method].convert(model, settings)
 
 
 def is_saved_model(ckpt: object) -> bool:

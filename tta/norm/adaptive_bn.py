@@ -1,4 +1,4 @@
-"""AdaptiveBN: one layer for source, batch, prior, EMA and cumulative BN statistics (METHODS.md section 1.4).
+"""AdaptiveBN: one layer for source, batch, prior, EMA and cumulative BN statistics (docs/methods/statistics.md).
 
 Statistics are per channel over every dimension but the channel one. ``batch`` normalises with the batch mean
 and biased variance (prediction-time BN, Tent's "norm" baseline); ``prior`` blends the source statistics with
@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.norm.convert import Float64State
+from tta.norm.moments import merge_moments
 
 Mode = Literal["source", "batch", "prior", "alpha", "ema", "cumulative", "cumulative_prior"]
 MODES: tuple[str, ...] = ("source", "batch", "prior", "alpha", "ema", "cumulative", "cumulative_prior")
@@ -141,13 +142,12 @@ class AdaptiveBN(Float64State):
         return self._normalise(x, mean, var)
 
     def _pool(self, mean: torch.Tensor, var: torch.Tensor, count: int, images: int) -> None:
-        """Chan et al.'s merge of (count, mean, M2) with a new batch: exact, order-independent pooling."""
-        n_a, n_b = self.pool_count, float(count)
-        n = n_a + n_b
-        delta = mean - self.pool_mean
-        self.pool_mean.add_(delta * (n_b / n))
-        self.pool_m2.add_(var * n_b + delta.square() * (n_a * n_b / n))
-        self.pool_count.add_(n_b)
+        """Merge a new batch into the pool (count, mean, M2): exact, order-independent pooling (``merge_moments``)."""
+        n, pool_mean, pool_m2 = merge_moments(self.pool_count, self.pool_mean, self.pool_m2, float(count), mean,
+                                              var * count)
+        self.pool_mean.copy_(pool_mean)
+        self.pool_m2.copy_(pool_m2)
+        self.pool_count.copy_(n)
         self.pool_images.add_(images)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""AFN, Adaptive Fusion Normalization (Zhou & Chen 2023; METHODS.md section 5), and a BN-to-AFN converter.
+"""AFN, Adaptive Fusion Normalization (Zhou & Chen 2023; docs/methods/afn.md), and a BN-to-AFN converter.
 
 AFN normalises with the batch statistics fused with an encoder-decoder estimate of them, then rescales with the
 pretrained affine parameters plus a learned, statistics-dependent correction. It keeps no running statistics:
@@ -39,7 +39,8 @@ class AFN(nn.Module):
     forward pass (l ~ 0.512 at initialisation). ``identity_init`` zero-initialises the last layer of every decoder,
     so the estimates start at mu_hat = beta_hat = 0, gamma_hat = 0.5 and sigma_hat = 1e-3 (the sigma decoder's
     bias is not 0 exactly, or its final ReLU would block every gradient to it). ``source_prior_n`` (N) blends
-    the batch statistics with the source statistics (METHODS.md 1.3) before anything else; None uses the batch only.
+    the batch statistics with the source statistics (the source prior of docs/methods/statistics.md) before
+    anything else; None uses the batch only.
     """
 
     def __init__(

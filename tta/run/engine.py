@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tta.data.stream import Stream
+from tta.devices import resolve_device  # re-exported: tta.run.engine.resolve_device is public
 from tta.errors import ConfigError
 from tta.run.schema import BATCH_COLUMNS, COLUMNS
 
@@ -31,20 +32,6 @@ if TYPE_CHECKING:
 
 ResetPolicy = Literal["domain", "batch", "never"]
 RESET_POLICIES: tuple[str, ...] = ("domain", "batch", "never")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is a ``ConfigError``."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device auto or cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def _sync(device: torch.device) -> None:

@@ -51,7 +51,7 @@ def provenance(data_dir: str | Path, checkpoint: str | Path | None) -> dict[str,
                 h.update(block)
         digest = h.hexdigest()
     return {"data_dir": str(Path(data_dir).resolve()), "checkpoint_sha256": digest,
-            "versions": {"tta": installed("tta"), "torch": str(torch.__version__),
+            "versions": {"tta": installed("tta-toolkit"), "torch": str(torch.__version__),
                          "robustbench": installed("robustbench")}}
 
 
@@ -155,9 +155,10 @@ def run(spec: RunSpec) -> RunResult:
     """
     from tta.config import config_hash
     from tta.data.sources import check_num_classes
+    from tta.devices import resolve_device
     from tta.methods import get_method
     from tta.models import load_model
-    from tta.run.engine import evaluate, resolve_device
+    from tta.run.engine import evaluate
     from tta.run.report import check_output, config_path, default_output, open_results, write_config, write_report
 
     d, o = spec.data, spec.output

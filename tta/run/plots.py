@@ -28,6 +28,18 @@ def _save(fig: object, path: Path) -> Path:
     return path
 
 
+def title(rows: pd.DataFrame, what: str, severities: list[int] | None = None) -> str:
+    """A plot's title: the model and setting of ``rows`` (every value present), what is plotted, and the severities
+    (those of ``rows`` unless given), e.g. ``resnet20, mixed: error per corruption, severity 5``."""
+    parts = [", ".join(map(str, rows[c].dropna().unique())) for c in ("model", "setting") if c in rows]
+    levels = sorted({int(s) for s in (rows["severity"].dropna() if severities is None else severities)
+                     if s is not None})
+    if not levels:  # domains without severities (your own data)
+        return f"{', '.join(p for p in parts if p)}: {what}"
+    severity = f"severity {levels[0]}" if len(levels) == 1 else f"severities {', '.join(map(str, levels))}"
+    return f"{', '.join(p for p in parts if p)}: {what}, {severity}"
+
+
 def error_vs_severity(rows: pd.DataFrame, path: str | Path) -> Path:
     """Mean error over corruptions per severity, one line per label, error bars = std over replicates."""
     plt = _pyplot()
@@ -36,6 +48,7 @@ def error_vs_severity(rows: pd.DataFrame, path: str | Path) -> Path:
     for label in rows["label"].unique():
         stats = per[per["label"] == label].groupby("severity")["error"].agg(["mean", "std"]).sort_index()
         ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=label)
+    ax.set_title(title(rows, "mean error over corruptions"), fontsize=10)
     ax.set_xlabel("severity")
     ax.set_ylabel("error (%)")
     ax.set_xticks(sorted(rows["severity"].unique()))
@@ -61,6 +74,8 @@ def heatmap(table: pd.DataFrame, rows: pd.DataFrame, severity: int | None, path:
             colour = "w" if v > np.nanmean(values) else "k"
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(image, ax=ax, label=f"error (%) at severity {severity}" if severity is not None else "error (%)")
+    ax.set_title(title(rows, "error per corruption" if severity is not None else "error per domain", [severity]),
+                 fontsize=10)
     return _save(fig, Path(path))
 
 
@@ -88,6 +103,7 @@ def stream_accuracy(batches: pd.DataFrame, path: str | Path, points: int = 60) -
             middle = (part["end"].iloc[0] - part["n"].iloc[0] + part["end"].iloc[-1]) / 2
             ax.annotate(name, (middle, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
                         fontsize=8, color="grey")
+    ax.set_title(title(batches, "accuracy along the stream"), fontsize=10, pad=16)
     ax.set_xlabel("images seen")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)

@@ -7,7 +7,6 @@ import csv
 import datetime as dt
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pandas as pd
 import yaml
 
 from tta.errors import ConfigError
+from tta.io import write_text
 from tta.run.schema import BATCH_COLUMNS, COLUMNS, REQUIRED_COLUMNS
 
 
@@ -45,25 +45,6 @@ def check_output(out: str | Path) -> Path:
     return out
 
 
-def atomic_write(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode a plain open() would
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class CsvWriter:
     """Appends rows to a CSV as they arrive and flushes each one, so an interrupted run loses no finished row.
 
@@ -86,9 +67,9 @@ class CsvWriter:
             if replace_hash is not None:
                 df = pd.read_csv(self.path, dtype={"config_hash": str})
                 if (df.config_hash == replace_hash).any():
-                    atomic_write(self.path, df[df.config_hash != replace_hash].to_csv(index=False))
+                    write_text(self.path, df[df.config_hash != replace_hash].to_csv(index=False))
         else:
-            atomic_write(self.path, ",".join(self.columns) + "\n")
+            write_text(self.path, ",".join(self.columns) + "\n")
 
     def __call__(self, row: Mapping[str, Any]) -> None:
         self.write_rows([row])
@@ -128,7 +109,7 @@ def config_path(path: str | Path, config_hash: str) -> Path:
 def write_config(path: str | Path, resolved: Mapping[str, Any]) -> Path:
     """Write the resolved run configuration as YAML next to the CSV (see ``config_path``); returns its path."""
     out = config_path(path, str(resolved.get("config_hash")))
-    atomic_write(out, yaml.safe_dump(dict(resolved), sort_keys=False))
+    write_text(out, yaml.safe_dump(dict(resolved), sort_keys=False))
     return out
 
 
@@ -406,5 +387,5 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
         for file, title, _ in figures:
             lines += [f"![{title}]({file})", ""]
     report = out_dir / "report.md"
-    atomic_write(report, "\n".join(lines))
+    write_text(report, "\n".join(lines))
     return report

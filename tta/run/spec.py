@@ -14,6 +14,7 @@ is checked once, when the spec is built, with errors that name the field and the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -121,10 +122,15 @@ class MethodSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", dict(self.settings))
+        if not all(isinstance(k, str) for k in self.settings):
+            raise ValueError("settings must be a mapping of setting name: value")
         if self.window is not None and not 0 <= self.window <= 4096:
             raise ValueError(f"window must be from 0 to 4096, got {self.window}")
         if self.guard is not None and self.guard not in GUARDS:
             raise ValueError(f"guard must be one of {', '.join(GUARDS)}, got {self.guard!r}")
+
+    def __hash__(self) -> int:  # settings is a dict: hash its content
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,9 @@ class RunSpec:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
 
+    def __hash__(self) -> int:
+        return hash((self.key, self.model, self.evaluation, self.output))
+
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
@@ -268,6 +277,8 @@ class RunSpec:
                 settings[key[4:]] = value
                 continue
             if key == "set":
+                if value is None:
+                    value = {}
                 if isinstance(value, (list, tuple)):
                     value = parse_overrides(map(str, value))
                 if not isinstance(value, Mapping):
@@ -350,9 +361,9 @@ class RunSpec:
         """The spec as YAML (written to ``path`` atomically when given); ``tta adapt --spec`` reads it back."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            from tta.run.report import atomic_write
+            from tta.io import write_text
 
-            atomic_write(path, text)
+            write_text(path, text)
         return text
 
     @cached_property

@@ -202,7 +202,7 @@ class _Store:
         os.replace(tmp, final)
 
     def merge(self, runs: Sequence[Run]) -> pd.DataFrame:
-        from tta.run.report import atomic_write
+        from tta.io import write_text
 
         tables = {}
         for name, columns in (("results", COLUMNS), ("batches", BATCH_COLUMNS)):
@@ -212,7 +212,7 @@ class _Store:
                     self.tables[r.key, name] = pd.read_csv(path, dtype={"config_hash": str})
             parts = [self.tables[r.key, name] for r in runs if len(self.tables.get((r.key, name), ()))]
             tables[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-            atomic_write(self.out / f"{name}.csv", tables[name][columns].to_csv(index=False))
+            write_text(self.out / f"{name}.csv", tables[name][columns].to_csv(index=False))
         return tables["results"]
 
 
@@ -336,7 +336,7 @@ def _ray_outputs(runs: Sequence[Run], *, address: str | None, gpus_per_run: floa
     try:
         import ray
     except ImportError:
-        raise ConfigError("--backend ray needs Ray, which is not installed; pip install 'tta[ray]'") from None
+        raise ConfigError("--backend ray needs Ray, which is not installed; pip install 'tta-toolkit[ray]'") from None
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)

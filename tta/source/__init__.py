@@ -9,6 +9,7 @@ matrix) are computed once per (model weights, source data, settings) and cached 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from tta.errors import ConfigError, DataError
+from tta.io import save_torch
 
 T = TypeVar("T")
 
@@ -125,13 +127,8 @@ def derived(name: str, model_fingerprint: str, source: SourceData, settings: str
             value = None
     if value is None:
         value = compute()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(value, tmp)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache only costs the recomputation next time
+        with contextlib.suppress(OSError):  # a read-only cache only costs the recomputation next time
+            save_torch(value, path)
     _MEMORY[key] = value
     return value
 

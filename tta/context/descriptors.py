@@ -13,7 +13,7 @@ state nor on the other images of the batch. The forward stops after the deepest 
 ``benchmarks/context_descriptors.py`` scores layer choices by how well they separate the generated corruptions and
 how much they say about the images' classes; ``DEPTHS`` are the choices offered. ``DEFAULT_DEPTH`` reads the first
 half of the layers: the deeper half adds little about the domain and much about what the image shows, and
-contexts that group images by class normalise the class away (measured in the README's inferred-contexts
+contexts that group images by class normalise the class away (measured in docs/methods/contexts.md's inferred-contexts
 section).
 """
 

@@ -1,10 +1,10 @@
 """Online assignment of images to domain contexts from their style descriptors, calibrated on clean source data.
 
-Descriptors (``tta.norm.descriptors``) are whitened with the statistics of clean source images' descriptors: each
+Descriptors (``tta.context.descriptors``) are whitened with the statistics of clean source images' descriptors: each
 dimension standardised, then projected on the top ``RANK`` principal directions of the source cloud, each divided
 by its standard deviation, so the source images form an isotropic cloud of unit spread around 0 and distances are
 Mahalanobis distances under the source covariance (this separates the generated corruptions far better than
-per-dimension scaling alone: nearest-centroid accuracy 82 % against 69 % on ResNet-20, see the README). Domain
+per-dimension scaling alone: nearest-centroid accuracy 82 % against 69 % on ResNet-20, docs/methods/contexts.md). Domain
 centres lie closer together than the spread of single images, so single images are rarely outliers, and domains
 are found as *groups*. Distances are mean squared z-scores, D(a, b) = mean_j
 (a_j - b_j)^2. Every threshold comes from the source images (``calibrate``), never from test data:
