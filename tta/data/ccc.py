@@ -132,9 +132,9 @@ class Calibration:
     def _save(self) -> None:
         if self.path is None:
             return
-        from tta.run.report import atomic_write
+        from tta.io import write_text
 
-        atomic_write(self.path, json.dumps(self.table, indent=0, sort_keys=True))
+        write_text(self.path, json.dumps(self.table, indent=0, sort_keys=True))
 
     def single(self, name: str) -> np.ndarray:
         """Accuracy (LEVELS) of corruption ``name`` alone at severities 0 to 5."""

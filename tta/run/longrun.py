@@ -13,13 +13,14 @@ removes it.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from tta.io import save_torch
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel
@@ -106,16 +107,7 @@ class Checkpointer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "batch_rows": self.batch_rows,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_torch(state, self.path)
         self.last = time.monotonic()
 
     def finish(self) -> None:
