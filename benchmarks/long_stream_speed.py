@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--cache", type=Path, default=Path("data"))
+    parser.add_argument("--csv", type=Path, help="append the result as a row to this CSV")
     args = parser.parse_args()
     device = tta.run.engine.resolve_device(args.device)
     net = tta.load_model(None, dataset="cifar10c", checkpoint=str(args.shared / "models/cifar10_resnet20.th"),
@@ -66,8 +67,16 @@ def main() -> None:
         evaluate(tta.adapt(net, method=args.method), stream, "never", device=device, seed=0)
         speeds[name] = args.images / (time.perf_counter() - started)
         print(f"{name:9s} {speeds[name]:8.1f} images/s")
-    print(f"ratio generated / stored: {speeds['generated'] / speeds['stored']:.3f} ({args.method}, "
-          f"{args.images} images, batch {args.batch_size}, {device})")
+    ratio = speeds["generated"] / speeds["stored"]
+    print(f"ratio generated / stored: {ratio:.3f} ({args.method}, {args.images} images, batch {args.batch_size}, "
+          f"{device})")
+    if args.csv is not None:
+        import pandas as pd
+
+        row = pd.DataFrame([{"method": args.method, "images": args.images, "batch_size": args.batch_size,
+                             "device": str(device), "stored_images_per_second": round(speeds["stored"], 1),
+                             "generated_images_per_second": round(speeds["generated"], 1), "ratio": round(ratio, 3)}])
+        row.to_csv(args.csv, mode="a", header=not args.csv.is_file(), index=False)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Turn the runs of benchmarks/long_streams.py into the small CSVs of docs/results and the tables of
-docs/guides/long-streams.md (each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->``).
+"""Turn the runs of benchmarks/long_streams.py into the small CSVs of docs/results, the tables of
+docs/guides/long-streams.md (each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->``) and its two
+figures (accuracy over time, from the same CSVs).
 
     python benchmarks/long_streams_tables.py --runs runs/long            # writes the CSVs, then the tables
     python benchmarks/long_streams_tables.py                             # only re-renders the tables from the CSVs
@@ -103,6 +104,22 @@ def tables() -> dict[str, str]:
     return out
 
 
+def figures() -> None:
+    """docs/results/long_recurring.png and long_ccc.png: accuracy over time per run with the source model's on the
+    same images and the collapse marks (``tta.run.plots.accuracy_over_time``)."""
+    from tta.run.plots import accuracy_over_time
+
+    if (RESULTS / "long_recurring.csv").is_file():
+        rec = pd.read_csv(RESULTS / "long_recurring.csv")
+        rows = rec.assign(label=rec["run"], config_hash=rec["run"], accuracy=100 - rec["error"],
+                          source_accuracy=100 - rec["source_error"],
+                          collapse=rec["error"] > rec["source_error"] + 1.0)
+        accuracy_over_time(rows, RESULTS / "long_recurring.png")
+    if (RESULTS / "long_ccc.csv").is_file():
+        ccc = pd.read_csv(RESULTS / "long_ccc.csv")
+        accuracy_over_time(ccc.assign(label=ccc["run"], config_hash=ccc["run"]), RESULTS / "long_ccc.png")
+
+
 def render() -> None:
     """Replace each table of the page by the one rendered from the CSVs."""
     text = PAGE.read_text()
@@ -119,6 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs is not None:
         collect(args.runs)
+    figures()
     render()
 
 
