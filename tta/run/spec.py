@@ -73,7 +73,9 @@ class DataSpec:
 class StreamSpec:
     """The order of the stream: its ``setting`` (``tta.data.settings``), batch size, the run's ``seed`` (it shuffles
     the mixed settings and seeds torch), the label-shift ``dirichlet`` and, for your own data, ``order``
-    (``shuffle`` or ``file``)."""
+    (``shuffle`` or ``file``). ``recurring`` visits the continual stream ``visits`` times (``tta.data.recurring``);
+    ``ccc`` is a CCC-style stream of ``length`` images near the source accuracy ``baseline``, a new corruption
+    every ``speed`` images, one result row per ``accuracy_window`` images (``tta.data.ccc``)."""
 
     setting: str = "per-domain"
     batch_size: int = 200
