@@ -7,19 +7,20 @@ severity, plus a ``visit`` (recurring streams) or a ``window`` (long streams) wh
 
 from __future__ import annotations
 
-COLUMNS: list[str] = [
-    "method", "model", "corruption", "severity", "n", "accuracy", "error", "seconds", "images_per_second", "data",
-    "seed", "batch_size", "reset", "setting", "device", "config_hash",
-    "estimated_accuracy", "skipped", "rollbacks", "resets", "fallbacks",  # guard columns (tta.monitor.tally)
-]
+_GUARD: list[str] = ["estimated_accuracy", "skipped", "rollbacks", "resets", "fallbacks"]  # tta.monitor.tally
 # what files written before the evaluation columns hold; the report reads them with the newer columns empty
-REQUIRED_COLUMNS: list[str] = list(COLUMNS)
-COLUMNS += [
+REQUIRED_COLUMNS: list[str] = [
+    "method", "model", "corruption", "severity", "n", "accuracy", "error", "seconds", "images_per_second", "data",
+    "seed", "batch_size", "reset", "setting", "device", "config_hash", *_GUARD,
+]
+COLUMNS: list[str] = [
+    *REQUIRED_COLUMNS[:-len(_GUARD)],
     "visit", "window", "step",  # the domain's attributes where the stream has them
     # cost (tta.run.cost): counted passes per image and their cost relative to plain inference; timings
     "forward_passes", "backward_passes", "relative_cost", "reference_seconds", "time_relative_cost", "peak_memory_mb",
     # the protocol (tta.run.online) and the source model on the same images, in the same pass
     "protocol", "stream_speed", "cost", "batches", "adapted_batches", "source_accuracy", "collapse", "stream_id",
+    *_GUARD,  # last, as before the evaluation columns
 ]
 # the columns that are measurements of time or memory on this machine (they differ from run to run)
 TIMED_COLUMNS: list[str] = ["seconds", "images_per_second", "reference_seconds", "time_relative_cost",
