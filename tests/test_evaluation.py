@@ -258,3 +258,19 @@ def test_batches_of_a_stream_stay_on_their_window(bn_model: nn.Module, tmp_path:
                   protocol=Protocol(reference=bn_model))
     assert df["window"].tolist() == [0, 1, 2, 3] and (df["n"] == 100).all()
     assert (df["stream_id"] == stream.identity).all() and set(df["reset"]) == {"never"}
+
+
+def test_report_shows_costs_visits_online_and_accuracy_over_time(bn_model: nn.Module, tmp_path: Path) -> None:
+    from tta.run.report import write_report
+
+    stream = RecurringStream(_stream(n=16, batch_size=8), visits=2)
+    for protocol in ("offline", "online"):
+        df = evaluate(tta.adapt(bn_model, method="tent"), stream, device="cpu", seed=0, model_name="tiny",
+                      metadata={"config_hash": protocol}, protocol=Protocol(protocol, reference=bn_model))
+        df.to_csv(tmp_path / f"{protocol}.csv", index=False)
+    report = write_report([tmp_path / "offline.csv", tmp_path / "online.csv"], tmp_path / "report")
+    text = report.read_text()
+    for heading in ("### Error per visit", "### Cost", "### Offline and online"):
+        assert heading in text
+    assert "| tent protocol=online | 1.0 | 0.4 | 1.8 |" in text  # 3 of 8 batches adapted: 1 + 2 x 3 / 8
+    assert (tmp_path / "report" / "over_time_tiny_recurring_named.png").is_file()

@@ -365,6 +365,9 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
             lines += [f"### {title} per {where}", "", markdown_table(corruption_table(group, value, top)), ""]
         over = "corruptions and severities" if has_severity else "domains"
         lines += [f"### Spread over seeds (error averaged over {over})", "", markdown_table(seed_table(group)), ""]
+        if group["visit"].notna().any():  # recurring streams: the error of every visit
+            visits = group[group["visit"].notna()].assign(visit=lambda g: g["visit"].astype(int))
+            lines += ["### Error per visit", "", markdown_table(_by_replicate(visits, "visit", "error")), ""]
         lines += ["### Cost (counted passes and cost relative to plain inference; timed columns from this machine)",
                   "", markdown_table(cost_table(group), index="run"), ""]
         online = online_table(group)
