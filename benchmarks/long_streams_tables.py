@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from long_streams import CCC, ONLINE, RECURRING
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -58,7 +59,9 @@ def collect(runs: Path) -> None:
 
 def _markdown(df: pd.DataFrame) -> str:
     def cell(v: object) -> str:
-        return f"{v:.1f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "–" if pd.isna(v) else f"{v:.1f}"
+        return str(v)
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.astype(object).to_numpy()]
@@ -71,6 +74,7 @@ def tables() -> dict[str, str]:
     if (RESULTS / "long_recurring.csv").is_file():
         rec = pd.read_csv(RESULTS / "long_recurring.csv")
         wide = rec.pivot_table(index="run", columns="visit", values="error", sort=False)
+        wide = wide.loc[[r for r in RECURRING if r in wide.index]]
         shown = [v for v in wide.columns if v in (1, 2, 5, 10, 15, 20)]
         table = wide[shown].rename(columns=lambda v: f"visit {v}")
         table["mean"] = wide.mean(axis=1)
@@ -87,7 +91,7 @@ def tables() -> dict[str, str]:
                                   "online error": wide.get("online"),
                                   "adapted (%)": 100 * online["adapted_batches"] / online["batches"],
                                   "counted cost": cost["relative_cost"], "timed cost": cost["time_relative_cost"]})
-            parts.append(table.reset_index())
+            parts.append(table.loc[[r for r in ONLINE if r in table.index]].reset_index())
         out["online"] = _markdown(pd.concat(parts, ignore_index=True))
     if (RESULTS / "long_ccc.csv").is_file():
         ccc = pd.read_csv(RESULTS / "long_ccc.csv")
@@ -100,7 +104,11 @@ def tables() -> dict[str, str]:
                          "first below source (images)": int(collapsed["window"].min() + 1) * int(group["n"].iloc[0])
                          if len(collapsed) else "never",
                          "last window": group["accuracy"].iloc[-1]})
-        out["ccc"] = _markdown(pd.DataFrame(rows))
+        out["ccc"] = _markdown(pd.DataFrame(rows).set_index("run").loc[[r for r in CCC if r in set(ccc["run"])]]
+                               .reset_index())
+    if (RESULTS / "long_stream_speed.csv").is_file():
+        speed = pd.read_csv(RESULTS / "long_stream_speed.csv")
+        out["speed"] = _markdown(speed.rename(columns=lambda c: c.replace("_", " ")))
     return out
 
 
