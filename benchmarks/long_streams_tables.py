@@ -108,6 +108,7 @@ def tables() -> dict[str, str]:
                                .reset_index())
     if (RESULTS / "long_stream_speed.csv").is_file():
         speed = pd.read_csv(RESULTS / "long_stream_speed.csv")
+        speed["ratio"] = speed["ratio"].map("{:.3f}".format)
         out["speed"] = _markdown(speed.rename(columns=lambda c: c.replace("_", " ")))
     return out
 

@@ -9,8 +9,9 @@ update.
 
 ``counted_cost`` weighs a backward pass as two forward passes, the standard estimate of its arithmetic (the
 gradients with respect to the activations and to the weights each cost about one forward pass), so Tent costs 3
-times plain inference and SAR 5; ``time_relative_cost`` is the method's measured time over the time of the source
-model's forward on the same batches, in the same run (the ``reference``), so it depends on the machine.
+times plain inference and SAR (two forward and two backward passes) 6. ``time_relative_cost`` is the method's
+measured time over the time of the source model's forward on the same batches, in the same run (the
+``reference``), so it depends on the machine.
 """
 
 from __future__ import annotations
