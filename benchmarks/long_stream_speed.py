@@ -78,7 +78,11 @@ def main() -> None:
         row = pd.DataFrame([{"method": args.method, "images": args.images, "batch_size": args.batch_size,
                              "device": str(device), "stored_images_per_second": round(speeds["stored"], 1),
                              "generated_images_per_second": round(speeds["generated"], 1), "ratio": round(ratio, 3)}])
-        row.to_csv(args.csv, mode="a", header=not args.csv.is_file(), index=False)
+        new = not args.csv.is_file()
+        if new:
+            args.csv.write_text(f"# command: OMP_NUM_THREADS=1 python benchmarks/long_stream_speed.py --images "
+                                f"{args.images} --method {args.method} --csv {args.csv}\n")
+        row.to_csv(args.csv, mode="a", header=new, index=False)
 
 
 if __name__ == "__main__":

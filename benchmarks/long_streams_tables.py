@@ -1,15 +1,16 @@
-"""Turn the runs of benchmarks/long_streams.py into the small CSVs of docs/results, the tables of
-docs/guides/long-streams.md (each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->``) and its two
-figures (accuracy over time, from the same CSVs).
+"""Turn the runs of benchmarks/long_streams.py into the CSVs of docs/results that docs/guides/long-streams.md shows
+(``python docs/gen_tables.py`` renders its tables from them) and its two figures.
 
-    python benchmarks/long_streams_tables.py --runs runs/long            # writes the CSVs, then the tables
-    python benchmarks/long_streams_tables.py                             # only re-renders the tables from the CSVs
+    python benchmarks/long_streams_tables.py --runs runs/long    # the CSVs and figures
+    python docs/gen_tables.py                                    # the page's tables
+
+Each CSV starts with the ``# command:`` that produced it; the figures are drawn from the CSVs alone, so
+``python benchmarks/long_streams_tables.py`` without ``--runs`` redraws them.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +18,7 @@ from long_streams import CCC, ONLINE, RECURRING
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-PAGE = ROOT / "docs" / "guides" / "long-streams.md"
+COMMAND = "OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part {part} --out runs/long"
 
 
 def _label(df: pd.DataFrame) -> pd.Series:
@@ -30,123 +31,109 @@ def _read(folder: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _write(table: pd.DataFrame, name: str, part: str) -> None:
+    path = RESULTS / name
+    text = table.to_csv(index=False, float_format="%.1f")
+    path.write_text(f"# command: {COMMAND.format(part=part)}; python benchmarks/long_streams_tables.py "
+                    f"--runs runs/long\n{text}")
+
+
+def _order(index: pd.Index, order: list[str]) -> list[str]:
+    return [r for r in order if r in index]
+
+
 def collect(runs: Path) -> None:
-    """Write docs/results/long_recurring.csv, online_cifar10.csv and long_ccc.csv from the runs' rows."""
+    """Write the long_*.csv and online_cifar10.csv tables of docs/results from the runs' rows."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     rec = _read(runs / "recurring")
     if len(rec):
         rec = rec.assign(run=_label(rec))
-        per_visit = rec.groupby(["run", "visit"], sort=False).agg(
-            error=("error", "mean"), source_error=("source_accuracy", lambda s: 100 - s.mean()),
-            n=("n", "sum"), relative_cost=("relative_cost", "mean"),
-            time_relative_cost=("time_relative_cost", "mean")).reset_index()
-        per_visit.round(2).to_csv(RESULTS / "long_recurring.csv", index=False)
+        wide = rec.pivot_table(index="run", columns="visit", values="error", aggfunc="mean")
+        wide = wide.loc[_order(wide.index, RECURRING)]
+        table = wide.rename(columns=lambda v: f"visit {int(v)}")
+        table["mean"] = wide.mean(axis=1)
+        table["visits run"] = wide.notna().sum(axis=1)
+        table["images / visit"] = rec.groupby(["run", "visit"])["n"].sum().groupby("run").first()
+        _write(table.reset_index(), "long_recurring.csv", "recurring")
     online = _read(runs / "online")
     if len(online):
         online = online.assign(run=_label(online))
-        keys = ["run", "setting", "protocol"]
-        table = online.groupby(keys, sort=False).agg(
-            error=("error", "mean"), batches=("batches", "sum"), adapted_batches=("adapted_batches", "sum"),
-            relative_cost=("relative_cost", "mean"), time_relative_cost=("time_relative_cost", "mean"),
-            images_per_second=("images_per_second", "mean")).reset_index()
-        table.round(3).to_csv(RESULTS / "online_cifar10.csv", index=False)
+        parts = []
+        for setting, group in online.groupby("setting", sort=False):
+            error = group.pivot_table(index="run", columns="protocol", values="error", aggfunc="mean")
+            offline = group[group["protocol"] == "offline"].groupby("run")[["relative_cost", "time_relative_cost"]]
+            on = group[group["protocol"] == "online"].groupby("run")[["adapted_batches", "batches"]].sum()
+            table = pd.DataFrame({"setting": setting, "offline error": error.get("offline"),
+                                  "online error": error.get("online"),
+                                  "adapted online (%)": 100 * on["adapted_batches"] / on["batches"],
+                                  "counted cost": offline.mean()["relative_cost"],
+                                  "timed cost": offline.mean()["time_relative_cost"]})
+            parts.append(table.loc[_order(table.index, ONLINE)].rename_axis("run").reset_index())
+        _write(pd.concat(parts, ignore_index=True), "online_cifar10.csv", "online")
     ccc = _read(runs / "ccc")
     if len(ccc):
         ccc = ccc.assign(run=_label(ccc))
-        ccc[["run", "window", "n", "accuracy", "source_accuracy", "collapse", "relative_cost", "time_relative_cost",
-             "stream_id"]].round(3).to_csv(RESULTS / "long_ccc.csv", index=False)
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return "–" if pd.isna(v) else f"{v:.1f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.astype(object).to_numpy()]
-    return "\n".join(lines)
-
-
-def tables() -> dict[str, str]:
-    """The page's tables, rendered from the CSVs in docs/results."""
-    out = {}
-    if (RESULTS / "long_recurring.csv").is_file():
-        rec = pd.read_csv(RESULTS / "long_recurring.csv")
-        wide = rec.pivot_table(index="run", columns="visit", values="error", sort=False)
-        wide = wide.loc[[r for r in RECURRING if r in wide.index]]
-        shown = [v for v in wide.columns if v in (1, 2, 5, 10, 15, 20)]
-        table = wide[shown].rename(columns=lambda v: f"visit {v}")
-        table["mean"] = wide.mean(axis=1)
-        table["visits run"] = wide.notna().sum(axis=1)
-        out["recurring"] = _markdown(table.reset_index())
-    if (RESULTS / "online_cifar10.csv").is_file():
-        on = pd.read_csv(RESULTS / "online_cifar10.csv")
-        parts = []
-        for setting, group in on.groupby("setting", sort=False):
-            wide = group.pivot_table(index="run", columns="protocol", values="error", sort=False)
-            cost = group[group["protocol"] == "offline"].set_index("run")
-            online = group[group["protocol"] == "online"].set_index("run")
-            table = pd.DataFrame({"setting": setting, "offline error": wide.get("offline"),
-                                  "online error": wide.get("online"),
-                                  "adapted (%)": 100 * online["adapted_batches"] / online["batches"],
-                                  "counted cost": cost["relative_cost"], "timed cost": cost["time_relative_cost"]})
-            parts.append(table.loc[[r for r in ONLINE if r in table.index]].reset_index())
-        out["online"] = _markdown(pd.concat(parts, ignore_index=True))
-    if (RESULTS / "long_ccc.csv").is_file():
-        ccc = pd.read_csv(RESULTS / "long_ccc.csv")
+        runs_in = _order(pd.Index(ccc["run"].unique()), CCC)
+        wide = ccc.pivot_table(index="window", columns="run", values="accuracy", aggfunc="mean")[runs_in]
+        marks = ccc.pivot_table(index="window", columns="run", values="collapse",
+                                aggfunc=lambda v: str(v.iloc[0]).lower() == "true")[runs_in]
+        source = ccc.groupby("window")["source_accuracy"].first()
+        windows = pd.DataFrame({"images": (wide.index + 1) * int(ccc["n"].iloc[0]),
+                                "source (same images)": source}, index=wide.index)
+        for run in runs_in:
+            windows[run] = [("" if pd.isna(a) else f"{a:.1f}" + (" ↓" if m is True else ""))
+                            for a, m in zip(wide[run], marks[run], strict=True)]
+        _write(windows.reset_index(), "long_ccc.csv", "ccc")
         rows = []
-        for run, group in ccc.groupby("run", sort=False):
-            collapsed = group[group["collapse"].astype(str).str.lower() == "true"]
+        for run in runs_in:
+            group = ccc[ccc["run"] == run]
+            below = group[group["collapse"].astype(str).str.lower() == "true"]
             rows.append({"run": run, "images": int(group["n"].sum()), "accuracy": group["accuracy"].mean(),
                          "source accuracy": group["source_accuracy"].mean(),
-                         "windows below source": f"{len(collapsed)} / {len(group)}",
-                         "first below source (images)": int(collapsed["window"].min() + 1) * int(group["n"].iloc[0])
-                         if len(collapsed) else "never",
-                         "last window": group["accuracy"].iloc[-1]})
-        out["ccc"] = _markdown(pd.DataFrame(rows).set_index("run").loc[[r for r in CCC if r in set(ccc["run"])]]
-                               .reset_index())
-    if (RESULTS / "long_stream_speed.csv").is_file():
-        speed = pd.read_csv(RESULTS / "long_stream_speed.csv")
-        speed["ratio"] = speed["ratio"].map("{:.3f}".format)
-        out["speed"] = _markdown(speed.rename(columns=lambda c: c.replace("_", " ")))
-    return out
+                         "windows below source": f"{len(below)} / {len(group)}",
+                         "first window below source": int(below["window"].min()) if len(below) else "never"})
+        _write(pd.DataFrame(rows), "long_ccc_summary.csv", "ccc")
 
 
 def figures() -> None:
-    """docs/results/long_recurring.png and long_ccc.png: accuracy over time per run with the source model's on the
-    same images and the collapse marks (``tta.run.plots.accuracy_over_time``)."""
+    """docs/results/long_recurring.png and long_ccc.png: accuracy over time per run, with the source model's on the
+    same images and the collapse marks (``tta.run.plots.accuracy_over_time``), drawn from the CSVs."""
     from tta.run.plots import accuracy_over_time
 
     if (RESULTS / "long_recurring.csv").is_file():
-        rec = pd.read_csv(RESULTS / "long_recurring.csv")
-        rows = rec.assign(label=rec["run"], config_hash=rec["run"], accuracy=100 - rec["error"],
-                          source_accuracy=100 - rec["source_error"],
-                          collapse=rec["error"] > rec["source_error"] + 1.0)
+        wide = pd.read_csv(RESULTS / "long_recurring.csv", comment="#").set_index("run")
+        visits = [c for c in wide.columns if c.startswith("visit ") and c != "visits run"]
+        long = wide[visits].rename(columns=lambda c: int(c.split()[1])).stack().rename("error").reset_index()
+        long.columns = ["run", "visit", "error"]
+        source = long[long["run"] == "source"].set_index("visit")["error"]
+        rows = long.assign(label=long["run"], config_hash=long["run"], n=long["run"].map(wide["images / visit"]),
+                           accuracy=100 - long["error"],
+                           source_accuracy=100 - long["visit"].map(source),
+                           collapse=long["error"] > long["visit"].map(source) + 1.0)
         accuracy_over_time(rows, RESULTS / "long_recurring.png")
     if (RESULTS / "long_ccc.csv").is_file():
-        ccc = pd.read_csv(RESULTS / "long_ccc.csv")
-        accuracy_over_time(ccc.assign(label=ccc["run"], config_hash=ccc["run"]), RESULTS / "long_ccc.png")
-
-
-def render() -> None:
-    """Replace each table of the page by the one rendered from the CSVs."""
-    text = PAGE.read_text()
-    for name, table in tables().items():
-        pattern = rf"(<!-- table:{name} -->\n).*?(<!-- /table -->)"
-        text = re.sub(pattern, lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text, flags=re.S)
-    PAGE.write_text(text)
+        wide = pd.read_csv(RESULTS / "long_ccc.csv", comment="#", dtype=str)
+        runs = [c for c in wide.columns if c not in ("window", "images", "source (same images)")]
+        parts = []
+        for run in runs:
+            cells = wide[run].fillna("")
+            keep = cells != ""
+            parts.append(pd.DataFrame({
+                "label": run, "config_hash": run, "n": 1000,
+                "accuracy": cells[keep].str.replace(" ↓", "").astype(float),
+                "source_accuracy": wide.loc[keep, "source (same images)"].astype(float),
+                "collapse": cells[keep].str.endswith("↓")}))
+        accuracy_over_time(pd.concat(parts, ignore_index=True), RESULTS / "long_ccc.png")
 
 
 def main() -> None:
-    """Collect (when ``--runs`` is given), then render."""
+    """Collect (when ``--runs`` is given), then draw the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path)
     args = parser.parse_args()
     if args.runs is not None:
         collect(args.runs)
     figures()
-    render()
 
 
 if __name__ == "__main__":
