@@ -6,6 +6,7 @@ started again at any time: finished runs are skipped, a long run continues from 
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part recurring --out runs/long
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part online --out runs/long
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc --out runs/long
+    OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc-long --out runs/long   # Tent, 300,000 images
 
 ``benchmarks/long_streams_tables.py`` then turns the results into the CSVs of docs/results and the tables of the
 page.
@@ -49,16 +50,18 @@ def runs(part: str) -> list[tuple[str, list[str]]]:
                                                "--n-examples", "100", "--batch-size", "20",
                                                *(["--reset", "never"] if setting == "continual" else [])])
                 for m in ONLINE for setting in ("per-domain", "continual") for protocol in ("offline", "online")]
-    if part == "ccc":
+    if part in ("ccc", "ccc-long"):
+        length = "20000" if part == "ccc" else "300000"
         return [(m, [*method_options(m), "--setting", "ccc", "--baseline", "20", "--speed", "2000",
-                     "--length", "20000", "--accuracy-window", "1000", "--batch-size", "200"]) for m in CCC]
-    raise SystemExit(f"unknown part {part!r}: recurring, online or ccc")
+                     "--length", length, "--accuracy-window", "1000", "--batch-size", "200"])
+                for m in (CCC if part == "ccc" else ["tent"])]
+    raise SystemExit(f"unknown part {part!r}: recurring, online, ccc or ccc-long")
 
 
 def main() -> None:
     """Run one part's runs one after the other (see the module doc)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", required=True, choices=["recurring", "online", "ccc"])
+    parser.add_argument("--part", required=True, choices=["recurring", "online", "ccc", "ccc-long"])
     parser.add_argument("--out", default="runs/long", type=Path)
     parser.add_argument("--shared", default=SHARED, type=Path)
     parser.add_argument("--only", nargs="*", help="run only these run names")

@@ -93,6 +93,17 @@ def collect(runs: Path) -> None:
                          "windows below source": f"{len(below)} / {len(group)}",
                          "first window below source": int(below["window"].min()) if len(below) else "never"})
         _write(pd.DataFrame(rows), "long_ccc_summary.csv", "ccc")
+    longer = _read(runs / "ccc-long")
+    if len(longer):
+        block = longer["window"] // 5  # 5 windows of 1,000 images
+        flags = longer["collapse"].astype(str).str.lower() == "true"
+        table = pd.DataFrame({
+            "images": (block.groupby(block).max() + 1) * 1000,
+            "tent accuracy": longer.groupby(block)["accuracy"].mean(),
+            "source accuracy (same images)": longer.groupby(block)["source_accuracy"].mean(),
+            "windows below source": flags.groupby(block).sum().astype(int).astype(str) + " / "
+            + block.groupby(block).size().astype(str)})
+        _write(table, "long_ccc_tent.csv", "ccc-long")
 
 
 def figures() -> None:
