@@ -274,3 +274,13 @@ def test_report_shows_costs_visits_online_and_accuracy_over_time(bn_model: nn.Mo
         assert heading in text
     assert "| tent protocol=online | 1.0 | 0.4 | 1.8 |" in text  # 3 of 8 batches adapted: 1 + 2 x 3 / 8
     assert (tmp_path / "report" / "over_time_tiny_recurring_named.png").is_file()
+
+
+def test_online_single_images_on_a_sliding_window(bn_model: nn.Module) -> None:
+    """A window step costs its whole window: the images that arrive meanwhile pass unadapted, predicted with the
+    window as context (the tiny model's BatchNorm1d cannot normalise a single image on its own)."""
+    adapted = tta.adapt(bn_model, method="tent", window=4)
+    df = evaluate(adapted, _stream(n=20, batch_size=1), "never", device="cpu", seed=0,
+                  protocol=Protocol("online", 1.0, reference=bn_model))
+    assert df["batches"].sum() == 40 and 0 < df["adapted_batches"].sum() < 40
+    assert adapted.counters.updates >= 1

@@ -349,6 +349,11 @@ class AdaptedModel(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 if x.is_inference():
                     x = x.clone()
+                if self.window > 1 and x.shape[0] == 1 and self._window_x.numel() and not self._predict_alone:
+                    # a single image is predicted with the sliding window's images as context, as between steps
+                    context = torch.cat([self._window_x.to(x), x])
+                    context_ids = None if ids is None else torch.cat([self._window_ids.to(ids.device), ids])
+                    return self.predict(context, context_ids)[-1:]
                 return self.predict(x, ids)
 
     def step(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
