@@ -4,6 +4,7 @@ Each run is one ``tta adapt`` with ``--resume`` into ``OUT/<part>/<run>.csv``, s
 started again at any time: finished runs are skipped, a long run continues from its last checkpoint.
 
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part recurring --out runs/long
+    OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part recurring-192 --out runs/long   # Tent, 192 / corruption
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part online --out runs/long
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc --out runs/long
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc-long --out runs/long   # Tent, 300,000 images
@@ -45,6 +46,9 @@ def runs(part: str) -> list[tuple[str, list[str]]]:
     if part == "recurring":
         return [(m, [*method_options(m), "--setting", "recurring", "--visits", "20", "--n-examples", "32",
                      "--batch-size", "32"]) for m in RECURRING]
+    if part == "recurring-192":  # Tent with 6 times the images, at PeTTA's batch size
+        return [("tent", [*method_options("tent"), "--setting", "recurring", "--visits", "20", "--n-examples",
+                          "192", "--batch-size", "64"])]
     if part == "online":
         return [(f"{m}_{setting}_{protocol}", [*method_options(m), "--setting", setting, "--protocol", protocol,
                                                "--n-examples", "100", "--batch-size", "20",
@@ -55,13 +59,13 @@ def runs(part: str) -> list[tuple[str, list[str]]]:
         return [(m, [*method_options(m), "--setting", "ccc", "--baseline", "20", "--speed", "2000",
                      "--length", length, "--accuracy-window", "1000", "--batch-size", "200"])
                 for m in (CCC if part == "ccc" else ["tent"])]
-    raise SystemExit(f"unknown part {part!r}: recurring, online, ccc or ccc-long")
+    raise SystemExit(f"unknown part {part!r}: recurring, recurring-192, online, ccc or ccc-long")
 
 
 def main() -> None:
     """Run one part's runs one after the other (see the module doc)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", required=True, choices=["recurring", "online", "ccc", "ccc-long"])
+    parser.add_argument("--part", required=True, choices=["recurring", "recurring-192", "online", "ccc", "ccc-long"])
     parser.add_argument("--out", default="runs/long", type=Path)
     parser.add_argument("--shared", default=SHARED, type=Path)
     parser.add_argument("--only", nargs="*", help="run only these run names")
