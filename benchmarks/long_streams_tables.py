@@ -19,6 +19,7 @@ from long_streams import CCC, ONLINE, RECURRING
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 COMMAND = "OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part {part} --out runs/long"
+LARGER = "192 / corruption"  # the recurring-192 part's runs
 
 
 def _label(df: pd.DataFrame) -> pd.Series:
@@ -46,15 +47,19 @@ def collect(runs: Path) -> None:
     """Write the long_*.csv and online_cifar10.csv tables of docs/results from the runs' rows."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     rec = _read(runs / "recurring")
-    if len(rec):
+    more = _read(runs / "recurring-192")
+    if len(rec) and len(more):  # Tent with 192 images per corruption, and the source model on the same images
+        source = more.assign(error=100 - more["source_accuracy"], run=f"source ({LARGER})")
+        rec = pd.concat([rec.assign(run=_label(rec)), more.assign(run=f"tent ({LARGER})"), source])
+    elif len(rec):
         rec = rec.assign(run=_label(rec))
         wide = rec.pivot_table(index="run", columns="visit", values="error", aggfunc="mean")
-        wide = wide.loc[_order(wide.index, RECURRING)]
+        wide = wide.loc[_order(wide.index, [*RECURRING, f"tent ({LARGER})", f"source ({LARGER})"])]
         table = wide.rename(columns=lambda v: f"visit {int(v)}")
         table["mean"] = wide.mean(axis=1)
         table["visits run"] = wide.notna().sum(axis=1)
         table["images / visit"] = rec.groupby(["run", "visit"])["n"].sum().groupby("run").first()
-        _write(table.reset_index(), "long_recurring.csv", "recurring")
+        _write(table.reset_index(), "long_recurring.csv", "recurring and --part recurring-192")
     online = _read(runs / "online")
     if len(online):
         online = online.assign(run=_label(online))
@@ -116,12 +121,15 @@ def figures() -> None:
         visits = [c for c in wide.columns if c.startswith("visit ") and c != "visits run"]
         long = wide[visits].rename(columns=lambda c: int(c.split()[1])).stack().rename("error").reset_index()
         long.columns = ["run", "visit", "error"]
-        source = long[long["run"] == "source"].set_index("visit")["error"]
-        rows = long.assign(label=long["run"], config_hash=long["run"], n=long["run"].map(wide["images / visit"]),
-                           accuracy=100 - long["error"],
-                           source_accuracy=100 - long["visit"].map(source),
-                           collapse=long["error"] > long["visit"].map(source) + 1.0)
-        accuracy_over_time(rows, RESULTS / "long_recurring.png")
+        source = long.set_index(["run", "visit"])["error"]
+        rows = long[~long["run"].str.startswith("source (")]
+        own = [source.get((f"source ({LARGER})" if LARGER in r else "source", v), float("nan"))
+               for r, v in zip(rows["run"], rows["visit"], strict=True)]
+        rows = rows.assign(source_error=own)
+        rows = rows.assign(label=rows["run"], config_hash=rows["run"], n=1, accuracy=100 - rows["error"],
+                           source_accuracy=100 - rows["source_error"],
+                           collapse=rows["error"] > rows["source_error"] + 1.0)
+        accuracy_over_time(rows, RESULTS / "long_recurring.png", xlabel="visit")
     if (RESULTS / "long_ccc.csv").is_file():
         wide = pd.read_csv(RESULTS / "long_ccc.csv", comment="#", dtype=str)
         runs = [c for c in wide.columns if c not in ("window", "images", "source (same images)")]

@@ -111,10 +111,11 @@ def stream_accuracy(batches: pd.DataFrame, path: str | Path, points: int = 60) -
     return _save(fig, Path(path))
 
 
-def accuracy_over_time(rows: pd.DataFrame, path: str | Path) -> Path:
+def accuracy_over_time(rows: pd.DataFrame, path: str | Path, xlabel: str = "images seen") -> Path:
     """A long stream's accuracy over time (x: images seen; one point per row: a window of a CCC-style stream, a
     domain and visit of a recurring one), one line per label, the source model's accuracy on the same images as a
-    black line, and the rows where a method stays more than 1 point below the source marked with a red cross."""
+    black line, and the rows where a method stays more than 1 point below the source marked with a red cross.
+    The x axis counts the rows' ``n`` (images); ``xlabel`` names it (rows of ``n=1``: one step per row)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     source = None
@@ -131,7 +132,7 @@ def accuracy_over_time(rows: pd.DataFrame, path: str | Path) -> Path:
     if source is not None:
         ax.plot(*source, color="black", linewidth=1.5, label="source (same images)")
     ax.plot([], [], "x", color="red", label="collapse: > 1 point below source")
-    ax.set_xlabel("images seen")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
