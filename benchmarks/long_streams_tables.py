@@ -103,7 +103,7 @@ def collect(runs: Path) -> None:
         block = longer["window"] // 5  # 5 windows of 1,000 images
         flags = longer["collapse"].astype(str).str.lower() == "true"
         table = pd.DataFrame({
-            "images": (block.groupby(block).max() + 1) * 1000,
+            "images": (longer["window"].groupby(block).max() + 1) * 1000,
             "tent accuracy": longer.groupby(block)["accuracy"].mean(),
             "source accuracy (same images)": longer.groupby(block)["source_accuracy"].mean(),
             "windows below source": flags.groupby(block).sum().astype(int).astype(str) + " / "
