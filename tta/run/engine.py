@@ -129,7 +129,6 @@ def evaluate(
             batch_rows = [_batch_row(common, info, hits) for info, hits in
                           zip(t.batch_info, torch.stack(t.batch_hits).tolist(), strict=True)]
             on_batches(batch_rows)
-            t.batch_rows_written += len(batch_rows)
             if saver is not None:
                 saver.record_batches(batch_rows)
             t.batch_hits.clear()
@@ -250,7 +249,6 @@ class _Tallies:
         self.guard = guard
         self.batch_hits: list[torch.Tensor] = []  # per batch of the current segment, on the device
         self.batch_info: list[tuple[int, int, list[Any], int]] = []  # (batch index, segment, its domains, size)
-        self.batch_rows_written = 0
         self.reference_pending = 0.0  # reference time of the open segment, taken out of its wall time
         self.position = 0  # the next batch to run (a resumed run starts there)
         self.segment: int | None = None

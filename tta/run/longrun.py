@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 FORMAT = "tta.long-run-checkpoint"
 _TALLY_TENSORS = ("correct", "counts", "ref_correct")
 _TALLY_VALUES = ("seconds", "method_seconds", "reference_seconds", "forward", "backward", "batches", "adapted",
-                 "seen", "rows", "batch_rows_written", "position", "segment")
+                 "seen", "rows", "position", "segment")
 
 
 def checkpoint_path(out: str | Path, config_hash: str) -> Path:
