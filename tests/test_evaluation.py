@@ -67,6 +67,11 @@ def test_counted_cost_weighs_a_backward_pass_as_two_forward_passes(bn_model: nn.
     with counter.attached(source, source.num_classes):
         source(torch.rand(8, 3, 8, 8))
     assert (counter.forward, counter.backward) == (8, 0)
+    guarded = tta.adapt(bn_model, method="tent", guard="monitor")
+    counter = PassCounter()
+    with counter.attached(guarded, guarded.num_classes):
+        guarded(torch.rand(8, 3, 8, 8))
+    assert counter.forward > 8 and counter.backward == 8  # the guard's source model predicts too
 
 
 @pytest.mark.parametrize(("speed", "adapted_batches"), [(1.0, [0, 3, 6, 9]), (2.0, [0, 6]), (0.5, [0, 2, 4, 6, 8]),

@@ -2,7 +2,7 @@
 
 Counted quantities are the same on every machine. A *forward pass* is one image through a classifier: every call of
 a linear layer with one output per class (the model's head, a teacher's, an anchor's, a guard's source model's)
-counts the rows it receives; a *backward pass* is one image's gradient reaching such a head (a tensor hook on its
+counts the rows it returns; a *backward pass* is one image's gradient reaching such a head (a tensor hook on its
 output). Per image of the stream, ``forward_passes`` is 1 for plain inference, 2 for a method that also predicts
 with a teacher, 1 + the number of augmentations for MEMO; ``backward_passes`` 1 for Tent, 2 for SAR's two-step
 update.
@@ -39,9 +39,16 @@ def counted_cost(forward_rows: float, backward_rows: float, images: float) -> fl
 
 
 def heads(module: nn.Module, num_classes: int | None) -> list[nn.Module]:
-    """The classifier heads inside ``module``: linear layers with ``num_classes`` outputs (else ``module``)."""
-    found = [m for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    return found or [module]
+    """The classifier heads inside ``module`` and the models its guard holds (``tta.monitor``: the source model it
+    predicts with): linear layers with ``num_classes`` outputs (else ``module`` itself)."""
+    guard = getattr(module, "guard", None)
+    roots = [module, *(v for v in vars(guard).values() if isinstance(v, nn.Module))] if guard is not None else [module]
+    found: dict[int, nn.Module] = {}
+    for root in roots:
+        for m in root.modules():
+            if isinstance(m, nn.Linear) and m.out_features == num_classes:
+                found.setdefault(id(m), m)
+    return list(found.values()) or [module]
 
 
 class PassCounter:
