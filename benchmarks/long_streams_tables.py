@@ -53,6 +53,7 @@ def collect(runs: Path) -> None:
         rec = pd.concat([rec.assign(run=_label(rec)), more.assign(run=f"tent ({LARGER})"), source])
     elif len(rec):
         rec = rec.assign(run=_label(rec))
+    if len(rec):
         wide = rec.pivot_table(index="run", columns="visit", values="error", aggfunc="mean")
         wide = wide.loc[_order(wide.index, [*RECURRING, f"tent ({LARGER})", f"source ({LARGER})"])]
         table = wide.rename(columns=lambda v: f"visit {int(v)}")
