@@ -8,6 +8,7 @@ started again at any time: finished runs are skipped, a long run continues from 
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part online --out runs/long
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc --out runs/long
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc-long --out runs/long   # Tent, 300,000 images
+    OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc-baselines --out runs/long
 
 ``benchmarks/long_streams_tables.py`` then turns the results into the CSVs of docs/results and the tables of the
 page.
@@ -59,13 +60,18 @@ def runs(part: str) -> list[tuple[str, list[str]]]:
         return [(m, [*method_options(m), "--setting", "ccc", "--baseline", "20", "--speed", "2000",
                      "--length", length, "--accuracy-window", "1000", "--batch-size", "200"])
                 for m in (CCC if part == "ccc" else ["tent"])]
-    raise SystemExit(f"unknown part {part!r}: recurring, recurring-192, online, ccc or ccc-long")
+    if part == "ccc-baselines":  # the source model alone on the three difficulties
+        return [(f"source_{b}", ["--method", "source", "--setting", "ccc", "--baseline", b, "--speed", "2000",
+                                 "--length", "10000", "--accuracy-window", "1000", "--batch-size", "200"])
+                for b in ("40", "20", "0")]
+    raise SystemExit(f"unknown part {part!r}: recurring, recurring-192, online, ccc, ccc-long or ccc-baselines")
 
 
 def main() -> None:
     """Run one part's runs one after the other (see the module doc)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", required=True, choices=["recurring", "recurring-192", "online", "ccc", "ccc-long"])
+    parser.add_argument("--part", required=True,
+                        choices=["recurring", "recurring-192", "online", "ccc", "ccc-long", "ccc-baselines"])
     parser.add_argument("--out", default="runs/long", type=Path)
     parser.add_argument("--shared", default=SHARED, type=Path)
     parser.add_argument("--only", nargs="*", help="run only these run names")

@@ -99,6 +99,15 @@ def collect(runs: Path) -> None:
                          "windows below source": f"{len(below)} / {len(group)}",
                          "first window below source": int(below["window"].min()) if len(below) else "never"})
         _write(pd.DataFrame(rows), "long_ccc_summary.csv", "ccc")
+    baselines = _read(runs / "ccc-baselines")
+    if len(baselines):
+        per = baselines.groupby("corruption", sort=False)  # the domains are named ccc-easy, ccc-medium, ccc-hard
+        table = pd.DataFrame({"images": per["n"].sum(), "source accuracy (%)": per["accuracy"].mean(),
+                              "lowest window": per["accuracy"].min(), "highest window": per["accuracy"].max()})
+        table.index = table.index.str.replace("ccc-", "")
+        table.insert(0, "target (%)", table.index.map({"easy": 40, "medium": 20, "hard": 0}))
+        table = table.rename_axis("difficulty").reset_index()
+        _write(table, "long_ccc_baselines.csv", "ccc-baselines")
     longer = _read(runs / "ccc-long")
     if len(longer):
         block = longer["window"] // 5  # 5 windows of 1,000 images
