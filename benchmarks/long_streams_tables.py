@@ -106,7 +106,7 @@ def collect(runs: Path) -> None:
                               "lowest window": per["accuracy"].min(), "highest window": per["accuracy"].max()})
         table.index = table.index.str.replace("ccc-", "")
         table.insert(0, "target (%)", table.index.map({"easy": 40, "medium": 20, "hard": 0}))
-        table = table.rename_axis("difficulty").reset_index()
+        table = table.rename_axis("difficulty").sort_values("target (%)", ascending=False).reset_index()
         _write(table, "long_ccc_baselines.csv", "ccc-baselines")
     longer = _read(runs / "ccc-long")
     if len(longer):
