@@ -25,7 +25,7 @@ from tta.errors import ConfigError
 from tta.models import cifar_resnet
 from tta.run.report import CsvWriter, load_results, open_results
 from tta.run.resultfile import complete, read_rows
-from tta.run.schema import COLUMNS
+from tta.run.schema import COLUMNS, TIMED_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,8 +137,8 @@ def test_a_broken_run_store_is_run_again(tmp_path: Path, assets: dict) -> None:
     (second / "results.csv").write_text("".join(lines[:2]) + lines[2][:30])  # cut short
     result = CliRunner().invoke(cli, ["sweep", str(grid), "--out", str(out), "--no-progress"])
     assert result.exit_code == 0 and "2 run(s) done now, 0 found done" in result.output
-    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv").drop(columns=["seconds", "images_per_second"]),
-                                  full.drop(columns=["seconds", "images_per_second"]))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv").drop(columns=TIMED_COLUMNS),
+                                  full.drop(columns=TIMED_COLUMNS))
 
 
 def test_a_sweep_never_replaces_a_file_it_did_not_write(tmp_path: Path, assets: dict) -> None:

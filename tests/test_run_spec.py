@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import tta
 from tta.cli import adapt_command, cli
 from tta.errors import ConfigError
+from tta.run.schema import TIMED_COLUMNS
 from tta.run.spec import ALIASES, GRID_KEYS, INVOCATION_OPTIONS, OPTIONS, SECTIONS, RunSpec, options_table
 from tta.run.sweep import expand_grid, load_grid, run_sweep
 
@@ -210,8 +211,7 @@ def test_a_grid_mixing_source_data_methods_a_guard_digits_and_a_folder_runs_and_
     resumed = run_sweep(grid, out, progress=False)  # only the missing run runs again, to the same rows
     assert resumed.ran == [lost.name] and len(resumed.skipped) == 7
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv", dtype={"config_hash": str})
-                                  .drop(columns=["seconds", "images_per_second"]),
-                                  df.drop(columns=["seconds", "images_per_second"]))
+                                  .drop(columns=TIMED_COLUMNS), df.drop(columns=TIMED_COLUMNS))
     report = CliRunner().invoke(cli, ["report", str(out), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
     text = (tmp_path / "report" / "report.md").read_text()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tta.data import SETTINGS, Domain, Stream, cifar_c_stream
-from tta.data.settings import SettingStream, gradual_severities
+from tta.data.settings import LONG_SETTINGS, SettingStream, gradual_severities
 from tta.errors import ConfigError
 
 CORRUPTIONS = ("gaussian_noise", "fog", "snow")
@@ -224,7 +224,7 @@ def test_cli_contexts_is_refused_for_methods_without_contexts(cli_args: list[str
                                       "--out", str(tmp_path / "r.csv")])
     assert result.exit_code != 0 and "--contexts only applies to methods that route samples by domain" in result.output
     choices = next(p for p in adapt_command.params if p.name == "setting").type.choices
-    assert tuple(choices) == SETTINGS
+    assert tuple(choices) == (*SETTINGS, *LONG_SETTINGS)  # the long streams are built around the others
 
 
 def test_generated_mixed_stream_generates_each_domain_once_with_the_same_bytes(tmp_path: Path) -> None:

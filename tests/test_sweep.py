@@ -225,7 +225,7 @@ def test_report_has_every_table_and_plot(tmp_path: Path, assets: dict) -> None:
             assert f"### {value} per method x severity\n\n| method | sev 5 | sev 3 | mean |" in section
             assert f"### {value} per corruption at severity 5\n\n| method | gaussian_noise | fog | mean |" in section
         assert "| method | seeds | mean error | std | min | max |" in section
-        assert section.count("\n| source |") == 5 and section.count("\n| tent |") == 5
+        assert section.count("\n| source |") == 6 and section.count("\n| tent |") == 6  # 5 tables and the cost
         assert " ± " in section
         plots = [f"error_vs_severity_r20_{setting}.png", f"heatmap_r20_{setting}.png"]
         plots += [f"stream_r20_{setting}.png"] if setting == "continual" else []

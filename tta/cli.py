@@ -146,10 +146,24 @@ def _deprecated(new: str) -> Callable[[click.Context, click.Parameter, Any], Any
               help="folder of frost photographs for --generate (default: a procedural frost texture)")
 @click.option("--download/--no-download", default=True, show_default=True, help="download missing dataset files")
 @click.option("--setting", default="per-domain", show_default=True,
-              type=click.Choice(["per-domain", "continual", "mixed", "gradual", "correlated", "mixed-correlated"]),
+              type=click.Choice(["per-domain", "continual", "mixed", "gradual", "correlated", "mixed-correlated",
+                                 "recurring", "ccc"]),
               help="stream order: one corruption x severity at a time, corruptions back to back per severity, all "
-                   "corruptions of a severity shuffled together (--seed), severities 1..5..1 per corruption, or the "
-                   "continual/mixed streams ordered by class label (correlated, mixed-correlated)")
+                   "corruptions of a severity shuffled together (--seed), severities 1..5..1 per corruption, the "
+                   "continual/mixed streams ordered by class label (correlated, mixed-correlated), the continual "
+                   "stream visited --visits times without reset (recurring), or a CCC-style long stream of two "
+                   "corruptions per image at walking severities (ccc)")
+@click.option("--visits", default=20, show_default=True, type=click.IntRange(min=1),
+              help="recurring: how many times the continual stream is visited")
+@click.option("--baseline", default=20, show_default=True, type=click.Choice(["40", "20", "0"]),
+              callback=lambda _c, _p, v: int(v),
+              help="ccc: the source model's accuracy the severities keep the stream near (easy 40, medium 20, hard 0)")
+@click.option("--speed", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="ccc: images per transition from one corruption to the next (a multiple of --batch-size)")
+@click.option("--length", default=300_000, show_default=True, type=click.IntRange(min=1),
+              help="ccc: images in the stream")
+@click.option("--accuracy-window", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="ccc: images per accuracy window (a row each, with the source model's accuracy on it)")
 @click.option("--batch-size", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=1, show_default=True, type=int,
               help="the run's seed: it shuffles the mixed settings and seeds torch")
@@ -178,6 +192,12 @@ def _deprecated(new: str) -> Callable[[click.Context, click.Parameter, Any], Any
 @click.option("--reset", default="domain", show_default=True, type=click.Choice(["domain", "batch", "never"]),
               help="reset before each corruption x severity, before every batch (episodic), or never (continual)")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N")
+@click.option("--protocol", default="offline", show_default=True, type=click.Choice(["offline", "online"]),
+              help="online: batches arriving while a step runs are predicted without adaptation (Alfarra et al.)")
+@click.option("--stream-speed", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="online: the stream's speed relative to plain inference (ETA)")
+@click.option("--cost", default="counted", show_default=True, type=click.Choice(["counted", "timed"]),
+              help="online: a step's cost from counted passes (a backward = 2 forwards) or from measured time")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="CSV to write (default: results/<method>_<model>_<time>.csv)")
 @click.option("--resume", is_flag=True,
@@ -187,6 +207,8 @@ def _deprecated(new: str) -> Callable[[click.Context, click.Parameter, Any], Any
 @click.option("--report", type=click.Path(file_okay=False),
               help="also write a markdown report with plots of this run to this directory (see `tta report`)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--checkpoint-every", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="long streams (recurring, ccc): seconds between checkpoints that --resume continues from")
 @click.pass_context
 def adapt_command(ctx: click.Context, spec: str | None, **kwargs: Any) -> None:
     """Adapt a model over a corruption benchmark (or your own data) and report accuracy per domain."""

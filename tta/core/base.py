@@ -341,6 +341,21 @@ class AdaptedModel(nn.Module):
                                      "sliding window of recent single images")
                 return self.step(x, ids).logits
 
+    def infer(self, x: torch.Tensor, domain: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Predict ``x`` with the model as it is now, without adapting (the method's ``predict``, no gradients):
+        the batches the online protocol (``tta.run.online``) passes while a step is still running."""
+        with self._lock:
+            x, ids = self.check_input(x, domain)
+            with torch.inference_mode(False), torch.no_grad():
+                if x.is_inference():
+                    x = x.clone()
+                if self.window > 1 and x.shape[0] == 1 and self._window_x.numel() and not self._predict_alone:
+                    # a single image is predicted with the sliding window's images as context, as between steps
+                    context = torch.cat([self._window_x.to(x), x])
+                    context_ids = None if ids is None else torch.cat([self._window_ids.to(ids.device), ids])
+                    return self.predict(context, context_ids)[-1:]
+                return self.predict(x, ids)
+
     def step(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
         """One batch: loss, update(s), ``after_step``; the output is also left in ``self.last``.
 

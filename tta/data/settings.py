@@ -38,6 +38,8 @@ from tta.data.stream import Batch, Domain, DomainSource, Stream
 from tta.errors import ConfigError
 
 SETTINGS: tuple[str, ...] = ("per-domain", "continual", "mixed", "gradual", "correlated", "mixed-correlated")
+# long streams, built around the settings above by the run (``tta.data.recurring``, ``tta.data.ccc``)
+LONG_SETTINGS: tuple[str, ...] = ("recurring", "ccc")
 
 
 def check_setting(setting: str) -> str:

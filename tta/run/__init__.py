@@ -1,5 +1,6 @@
 """The run-and-report ring: a run's description (``spec``), its execution (``execute``), the batch loop
-(``engine``), the results files (``schema``, ``report``, ``plots``) and grids of runs (``sweep``).
+(``engine``) with its cost accounting (``cost``), online protocol (``online``) and long-run checkpoints
+(``longrun``), the results files (``schema``, ``report``, ``plots``) and grids of runs (``sweep``).
 
 The package itself is callable: ``tta.run(spec)`` is ``tta.run.execute.run(spec)``.
 """

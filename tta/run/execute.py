@@ -54,16 +54,31 @@ def provenance(data_dir: str | Path, checkpoint: str | Path | None) -> dict[str,
                          "robustbench": installed("robustbench")}}
 
 
-def build_stream(spec: RunSpec, device: Any) -> Stream:
-    """The stream a spec describes: your own data, or the benchmark's (from files or generated on ``device``)."""
+def build_stream(spec: RunSpec, device: Any, model: Any = None) -> Stream:
+    """The stream a spec describes: your own data, or the benchmark's (from files or generated on ``device``);
+    ``recurring`` is the ``continual`` stream visited ``visits`` times, ``ccc`` a CCC-style stream generated from
+    the clean set (its path calibrated on the source ``model``)."""
     from tta.data.sources import benchmark_stream, data_stream
 
     d, s = spec.data, spec.stream
-    name = spec.model_name
-    model = None if spec.model.checkpoint is not None and not str(name).startswith("timm:") else name
+    if s.setting == "ccc":
+        from tta.data.ccc import ccc_stream
+        from tta.data.generated import CLEAN_SOURCES
+
+        clean = d.clean or (d.data if d.data is not None else CLEAN_SOURCES.get(d.benchmark, d.benchmark))
+        return ccc_stream(clean, model, d.data_dir, download=d.download, length=s.length,  # type: ignore[return-value]
+                          baseline=s.baseline, speed=s.speed, batch_size=s.batch_size, window=s.accuracy_window,
+                          seed=d.data_seed, corruptions=d.corruptions or _corruptions(spec), device=device)
+    if s.setting == "recurring":
+        from tta.data.recurring import RecurringStream
+
+        base = spec.replace(stream={"setting": "continual"})
+        return RecurringStream(build_stream(base, device), s.visits)
+    name = spec.model_name  # decides the image size: a local checkpoint reads 32x32, a timm:NAME its own size
+    named = None if spec.model.checkpoint is not None and not str(name).startswith("timm:") else name
     if d.data is None:
-        return benchmark_stream(d, s, model=model, device=device)
-    return data_stream(d.data, d.benchmark, model, d.n_examples, s.batch_size, setting=s.setting, seed=s.seed,
+        return benchmark_stream(d, s, model=named, device=device)
+    return data_stream(d.data, d.benchmark, named, d.n_examples, s.batch_size, setting=s.setting, seed=s.seed,
                        dirichlet=s.dirichlet, order=s.order)
 
 
@@ -92,10 +107,25 @@ def resolved_config(spec: RunSpec, stream: Stream, window: int) -> dict[str, Any
         "corruptions": _corruptions(spec), "severities": _severities(spec), "n_examples": d.n_examples,
         "batch_size": s.batch_size, "seed": s.seed, "reset": spec.evaluation.reset, "setting": s.setting,
         "dirichlet": s.dirichlet, "source_data": spec.source.data, "window": window, "preset": m.preset,
+        **_evaluation_config(spec),
         **provenance(d.data_dir, checkpoint),
         **({"user_data": d.data, "order": s.order} if d.data is not None else {}),
         **({"guard": m.guard} if m.guard is not None else {}),
     }
+
+
+def _evaluation_config(spec: RunSpec) -> dict[str, Any]:
+    """The protocol and long-stream settings of a run, where they differ from the defaults (so the config hashes
+    of runs that use none of them stay as they were)."""
+    e, s = spec.evaluation, spec.stream
+    out: dict[str, Any] = {}
+    if e.protocol != "offline":
+        out.update(protocol=e.protocol, stream_speed=e.stream_speed, cost=e.cost)
+    if s.setting == "recurring":
+        out.update(visits=s.visits)
+    if s.setting == "ccc":
+        out.update(baseline=s.baseline, speed=s.speed, length=s.length, accuracy_window=s.accuracy_window)
+    return out
 
 
 def _model_label(spec: RunSpec) -> str:
@@ -134,9 +164,9 @@ def run(spec: RunSpec) -> RunResult:
     out = check_output(o.out if o.out is not None else default_output(spec.method.name, _model_label(spec)))
     window = window_of(spec)
     dev = resolve_device(spec.evaluation.device)
-    stream = build_stream(spec, dev)
     net = load_model(spec.model_name, dataset=d.benchmark, checkpoint=spec.model.checkpoint, arch=spec.model.arch,
                      data_dir=d.data_dir)
+    stream = build_stream(spec, dev, net.to(dev).eval())
     check_num_classes(stream, net, None if d.data is not None else d.benchmark)
     clean = _source_data(spec)
     adapted = get_method(spec.method.name)(net, spec.settings, source_data=clean, window=window)
@@ -149,6 +179,16 @@ def run(spec: RunSpec) -> RunResult:
     digest = config_hash(resolved)
     batches = o.batches or o.report is not None
     done, writer, batch_writer = open_results(out, digest, len(stream.domains), resume=o.resume, batches=batches)
+    from tta.run.engine import Protocol
+    from tta.run.longrun import checkpoint_path
+
+    e = spec.evaluation
+    long = spec.stream.setting in ("recurring", "ccc")
+    checkpoint = checkpoint_path(out, digest) if long else None
+    if checkpoint is not None and not o.resume:
+        checkpoint.unlink(missing_ok=True)  # a fresh run never continues an old attempt's checkpoint
+    protocol = Protocol(e.protocol, e.stream_speed, e.cost, reference=net, checkpoint=checkpoint,
+                        checkpoint_every=o.checkpoint_every)
     if done is not None:
         df = done
     else:
@@ -158,7 +198,7 @@ def run(spec: RunSpec) -> RunResult:
         df = evaluate(adapted, stream, spec.evaluation.reset, device=dev,  # type: ignore[arg-type]
                       model_name=_model_label(spec), seed=spec.stream.seed, progress=o.progress, on_result=writer,
                       metadata={"config_hash": digest},
-                      on_batches=batch_writer.write_rows if batch_writer is not None else None)
+                      on_batches=batch_writer.write_rows if batch_writer is not None else None, protocol=protocol)
     report = write_report([out], o.report) if o.report is not None else None
     return RunResult(df, out, config_path(out, digest), digest, report)
 

@@ -109,3 +109,31 @@ def stream_accuracy(batches: pd.DataFrame, path: str | Path, points: int = 60) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, Path(path))
+
+
+def accuracy_over_time(rows: pd.DataFrame, path: str | Path, xlabel: str = "images seen") -> Path:
+    """A long stream's accuracy over time (x: images seen; one point per row: a window of a CCC-style stream, a
+    domain and visit of a recurring one), one line per label, the source model's accuracy on the same images as a
+    black line, and the rows where a method stays more than 1 point below the source marked with a red cross.
+    The x axis counts the rows' ``n`` (images); ``xlabel`` names it (rows of ``n=1``: one step per row)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    source = None
+    for label in rows["label"].unique():
+        run = rows[rows["label"] == label]
+        run = run[run["config_hash"] == run["config_hash"].iloc[0]]  # one replicate
+        seen = np.cumsum(run["n"].to_numpy())
+        ax.plot(seen, run["accuracy"].to_numpy(), label=label, linewidth=1)
+        collapse = run["collapse"].astype(str).str.lower().eq("true").to_numpy()
+        if collapse.any():
+            ax.plot(seen[collapse], run["accuracy"].to_numpy()[collapse], "x", color="red", markersize=4)
+        if source is None and run["source_accuracy"].notna().any():
+            source = (seen, run["source_accuracy"].to_numpy())
+    if source is not None:
+        ax.plot(*source, color="black", linewidth=1.5, label="source (same images)")
+    ax.plot([], [], "x", color="red", label="collapse: > 1 point below source")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, Path(path))

@@ -18,7 +18,7 @@ import yaml
 from tta.errors import ConfigError
 from tta.io import write_text
 from tta.run.resultfile import check_target, claim, complete, locked, read_rows
-from tta.run.schema import BATCH_COLUMNS, COLUMNS
+from tta.run.schema import BATCH_COLUMNS, COLUMNS, REQUIRED_COLUMNS, domain_keys
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _open_results(out: Path, config_hash: str, n_domains: int, *, resume: bool,
         if not resume:
             raise ConfigError(f"{out} already holds rows of this very run (config hash {config_hash}); pass --resume "
                               f"to finish it, or choose another --out")
-        if complete(done.drop_duplicates(["corruption", "severity"], keep="last"), n_domains):
+        if complete(done.drop_duplicates(domain_keys(done), keep="last"), n_domains):
             return done.reset_index(drop=True), None, None
     replace = config_hash if resume else None
     writer = CsvWriter(out, replace_hash=replace)
@@ -215,14 +215,15 @@ def load_results(inputs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFra
         path = item / "results.csv" if item.is_dir() else item
         if not path.is_file():
             raise ConfigError(f"{item} holds no results.csv; pass a tta sweep directory or a results CSV")
-        df, incomplete = read_rows(path)
+        df, incomplete = read_rows(path, REQUIRED_COLUMNS)  # files written before the evaluation columns too
         if incomplete:
             log.warning("left out %d incomplete row(s) of %s (cut short by an interrupted writer)", incomplete, path)
-        results.append(df[COLUMNS])
+        results.append(df.reindex(columns=COLUMNS))
         extra = item / "batches.csv" if item.is_dir() else batches_path(item)
         if extra.is_file():
             batches.append(pd.read_csv(extra, dtype={"config_hash": str})[BATCH_COLUMNS])
-    rows = pd.concat(results, ignore_index=True).drop_duplicates(["config_hash", "corruption", "severity"], keep="last")
+    rows = pd.concat(results, ignore_index=True)
+    rows = rows.drop_duplicates(["config_hash", *domain_keys(rows)], keep="last")
     if rows.empty:
         raise ConfigError(f"no result rows in {', '.join(map(str, inputs))}; run tta adapt or tta sweep first")
     stream = (pd.concat(batches, ignore_index=True).drop_duplicates(["config_hash", "batch"], keep="last")
@@ -240,8 +241,8 @@ def label_runs(df: pd.DataFrame) -> pd.DataFrame:
     """
     df = df.copy()
     df["label"] = df["method"].astype(str)
-    for col in ("reset", "batch_size"):
-        if df.groupby(["model", "setting", "method"])[col].nunique().max() > 1:
+    for col in ("reset", "batch_size", "protocol"):
+        if col in df and df.groupby(["model", "setting", "method"])[col].nunique(dropna=False).max() > 1:
             df["label"] += f" {col}=" + df[col].astype(str)
     df["replicate"] = df["seed"].astype(str) + "/" + df["data"].astype(str)
     clash = df.groupby(["model", "setting", "label", "replicate"])["config_hash"].transform("nunique") > 1
@@ -302,6 +303,42 @@ def markdown_table(table: pd.DataFrame, index: str = "method") -> str:
     return "\n".join(lines)
 
 
+COST_TABLE: dict[str, str] = {
+    "forward_passes": "forward / image", "backward_passes": "backward / image", "relative_cost": "counted cost",
+    "time_relative_cost": "timed cost", "images_per_second": "images / s", "peak_memory_mb": "peak memory (MiB)",
+}
+
+
+def cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per label: counted passes per image, counted and timed cost relative to plain inference, throughput and
+    peak memory, averaged over the label's rows (weighted by their images)."""
+    have = [c for c in COST_TABLE if c in df and df[c].notna().any()]
+    weights = df["n"].astype(float)
+    table = df.assign(**{c: df[c].astype(float) * weights for c in have}).groupby("label", sort=False)[have].sum()
+    table = table.div(df.groupby("label", sort=False)["n"].sum(), axis=0)
+    return table.rename(columns=COST_TABLE)
+
+
+def online_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Per method: error offline and online side by side, with the share of batches adapted online (None when the
+    rows hold no method run under both protocols)."""
+    if "protocol" not in df or df["protocol"].nunique() < 2:
+        return None
+    both = df.groupby("method")["protocol"].nunique()
+    df = df[df["method"].isin(both[both > 1].index)]
+    if df.empty:
+        return None
+    error = df.groupby(["method", "protocol"], sort=False)["error"].mean().unstack("protocol")
+    online = df[df["protocol"] == "online"].groupby("method", sort=False)[["adapted_batches", "batches"]].sum()
+    table = pd.DataFrame({"offline error": error.get("offline"), "online error": error.get("online")})
+    table["online - offline"] = table["online error"] - table["offline error"]
+    table["adapted batches (%)"] = 100.0 * online["adapted_batches"] / online["batches"]
+    return table.loc[[m for m in df["method"].unique() if m in table.index]]
+
+
+LONG_SETTINGS: tuple[str, ...] = ("recurring", "ccc")
+
+
 def _slug(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(map(str, parts)))
 
@@ -346,6 +383,14 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
             lines += [f"### {title} per {where}", "", markdown_table(corruption_table(group, value, top)), ""]
         over = "corruptions and severities" if has_severity else "domains"
         lines += [f"### Spread over seeds (error averaged over {over})", "", markdown_table(seed_table(group)), ""]
+        if group["visit"].notna().any():  # recurring streams: the error of every visit
+            visits = group[group["visit"].notna()].assign(visit=lambda g: g["visit"].astype(int))
+            lines += ["### Error per visit", "", markdown_table(_by_replicate(visits, "visit", "error")), ""]
+        lines += ["### Cost (counted passes and cost relative to plain inference; timed columns from this machine)",
+                  "", markdown_table(cost_table(group), index="run"), ""]
+        online = online_table(group)
+        if online is not None:
+            lines += ["### Offline and online (error, %)", "", markdown_table(online), ""]
         name = _slug(model, setting) if has_severity else _slug(model, setting, "named")
         figures = [(f"error_vs_severity_{name}.png", "Error vs severity",
                     plots.error_vs_severity(group, out_dir / f"error_vs_severity_{name}.png"))] if has_severity else []
@@ -357,6 +402,9 @@ def write_report(inputs: Sequence[str | Path], out_dir: str | Path) -> Path:
             batches = batches.assign(label=batches["config_hash"].map(labels))
             figures.append((f"stream_{name}.png", "Accuracy along the stream",
                             plots.stream_accuracy(batches, out_dir / f"stream_{name}.png")))
+        if setting in LONG_SETTINGS:
+            figures.append((f"over_time_{name}.png", "Accuracy over time, the source model on the same images and "
+                            "collapse marks", plots.accuracy_over_time(group, out_dir / f"over_time_{name}.png")))
         for file, title, _ in figures:
             lines += [f"![{title}]({file})", ""]
     report = out_dir / "report.md"

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from tta.errors import ConfigError
-from tta.run.schema import COLUMNS
+from tta.run.schema import COLUMNS, domain_keys
 
 # Every row has these; ``severity`` is empty for named domains (your own folders), so it is not among them.
 REQUIRED = ("method", "model", "corruption", "n", "accuracy", "config_hash")
@@ -121,14 +121,14 @@ def read_rows(path: str | Path, columns: Sequence[str] = COLUMNS) -> tuple[pd.Da
 
 
 def complete(df: pd.DataFrame, domains: int) -> bool:
-    """Whether ``df`` holds exactly one valid row for each of its ``domains`` (corruption x severity pairs, or named
-    domains)."""
+    """Whether ``df`` holds exactly one valid row for each of its ``domains`` (corruption x severity pairs, named
+    domains, visits of a recurring stream or windows of a long one: ``domain_keys``)."""
     if len(df) != domains or not set(REQUIRED) <= set(df.columns):
         return False
     if df[list(REQUIRED)].isna().any().any():
         return False
     accuracy = pd.to_numeric(df["accuracy"], errors="coerce")
-    return bool(accuracy.between(0, 100).all()) and len(df[["corruption", "severity"]].drop_duplicates()) == domains
+    return bool(accuracy.between(0, 100).all()) and len(df[domain_keys(df)].drop_duplicates()) == domains
 
 
 

@@ -73,24 +73,39 @@ class DataSpec:
 class StreamSpec:
     """The order of the stream: its ``setting`` (``tta.data.settings``), batch size, the run's ``seed`` (it shuffles
     the mixed settings and seeds torch), the label-shift ``dirichlet`` and, for your own data, ``order``
-    (``shuffle`` or ``file``)."""
+    (``shuffle`` or ``file``). ``recurring`` visits the continual stream ``visits`` times (``tta.data.recurring``);
+    ``ccc`` is a CCC-style stream of ``length`` images near the source accuracy ``baseline``, a new corruption
+    every ``speed`` images, one result row per ``accuracy_window`` images (``tta.data.ccc``)."""
 
     setting: str = "per-domain"
     batch_size: int = 200
     seed: int = 1
     dirichlet: float = 0.0
     order: str = "shuffle"
+    visits: int = 20
+    baseline: int = 20
+    speed: int = 2000
+    length: int = 300_000
+    accuracy_window: int = 1000
 
     def __post_init__(self) -> None:
-        from tta.data.settings import check_setting
+        from tta.data.ccc import check_ccc
+        from tta.data.settings import LONG_SETTINGS, check_setting
 
-        _positive("batch_size", self.batch_size)
+        for name in ("batch_size", "visits", "length", "accuracy_window"):
+            _positive(name, getattr(self, name))
+        if self.setting == "ccc":
+            try:
+                check_ccc(self.baseline, self.speed, self.batch_size, self.accuracy_window)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
         if not (math.isfinite(self.dirichlet) and self.dirichlet >= 0):
             raise ValueError(f"dirichlet must be a finite number >= 0 (0 = sorted by label), got {self.dirichlet}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         try:
-            check_setting(self.setting)
+            if self.setting not in LONG_SETTINGS:
+                check_setting(self.setting)
         except ConfigError as err:
             raise ValueError(str(err)) from None
 
@@ -130,26 +145,39 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """How the run is evaluated: when the method is ``reset`` and on which ``device``."""
+    """How the run is evaluated: when the method is ``reset``, on which ``device``, and the ``protocol``
+    (``offline``, or ``online`` at ``stream_speed`` with the step's ``cost`` counted or timed: ``tta.run.online``)."""
 
     reset: str = "domain"
     device: str = "auto"
+    protocol: str = "offline"
+    stream_speed: float = 1.0
+    cost: str = "counted"
 
     def __post_init__(self) -> None:
+        from tta.run.online import check_protocol
+
         if self.reset not in RESETS:
             raise ValueError(f"reset must be one of {', '.join(RESETS)}, got {self.reset!r}")
+        try:
+            check_protocol(self.protocol, self.stream_speed, self.cost)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
 
 @dataclass(frozen=True)
 class OutputSpec:
     """Where the results go: the CSV ``out`` (None: ``results/<method>_<model>_<time>.csv``), whether to
-    ``resume`` a run it holds, the per-``batches`` accuracy file, a ``report`` directory, a progress bar."""
+    ``resume`` a run it holds, the per-``batches`` accuracy file, a ``report`` directory, a progress bar, and how
+    often a long stream (``recurring``, ``ccc``) saves the checkpoint it resumes from (``checkpoint_every``
+    seconds)."""
 
     out: str | None = None
     resume: bool = False
     batches: bool = False
     report: str | None = None
     progress: bool = False
+    checkpoint_every: float = 60.0
 
 
 SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "stream": StreamSpec, "method": MethodSpec,
@@ -161,12 +189,13 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "model": ("model", "name"), "checkpoint": ("model", "checkpoint"), "arch": ("model", "arch"),
     **{name: ("data", name) for name in ("data", "data_dir", "corruptions", "severities", "n_examples", "generate",
                                          "data_seed", "clean", "frost_images", "download")},
-    **{name: ("stream", name) for name in ("setting", "batch_size", "seed", "dirichlet", "order")},
+    **{name: ("stream", name) for name in ("setting", "batch_size", "seed", "dirichlet", "order", "visits",
+                                           "baseline", "speed", "length", "accuracy_window")},
     "set": ("method", "settings"),
     **{name: ("method", name) for name in ("config", "preset", "window", "guard")},
     "source_data": ("source", "data"),
-    "reset": ("evaluation", "reset"), "device": ("evaluation", "device"),
-    **{name: ("output", name) for name in ("out", "resume", "batches", "report", "progress")},
+    **{name: ("evaluation", name) for name in ("reset", "device", "protocol", "stream_speed", "cost")},
+    **{name: ("output", name) for name in ("out", "resume", "batches", "report", "progress", "checkpoint_every")},
 }
 # old spellings of an option: (the option now, deprecated?); the method-setting aliases go to ``set``
 ALIASES: dict[str, tuple[str, bool]] = {
@@ -369,10 +398,15 @@ class RunSpec:
             "contexts": None, "config": m.config, "generate": d.generate, "data_seed": d.data_seed,
             "source": d.clean, "frost_images": d.frost_images, "afn_checkpoint": None,
         }
+        e = self.evaluation
         added = {"data": d.data, "dirichlet": s.dirichlet, "order": s.order, "preset": m.preset,
-                 "window": m.window, "guard": m.guard, "source_data": self.source.data}
+                 "window": m.window, "guard": m.guard, "source_data": self.source.data,
+                 "protocol": e.protocol, "stream_speed": e.stream_speed, "cost": e.cost,
+                 **({"visits": s.visits} if s.setting == "recurring" else {}),
+                 **({k: getattr(s, k) for k in ("baseline", "speed", "length")} if s.setting == "ccc" else {}),
+                 **({"accuracy_window": s.accuracy_window} if s.setting == "ccc" else {})}
         defaults = {**dataclasses.asdict(DataSpec()), **dataclasses.asdict(StreamSpec()),
-                    **dataclasses.asdict(MethodSpec()), "source_data": None}
+                    **dataclasses.asdict(MethodSpec()), **dataclasses.asdict(EvaluationSpec()), "source_data": None}
         new = {k: v for k, v in added.items() if v != defaults[k]}
         return config_hash({**{k: v for k, v in legacy.items() if k not in _NOT_IN_KEY}, **new,
                             "settings": to_dict(self.settings)})
