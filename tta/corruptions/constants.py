@@ -1,4 +1,4 @@
-"""Per-severity constants of the 19 CIFAR-10-C corruptions (32x32 version), exactly as in CORRUPTIONS.md.
+"""Per-severity constants of the 19 CIFAR-10-C corruptions (32x32 version), as the published generator uses them.
 
 Entry ``s - 1`` of each tuple is severity ``s``. The torch ops of this package and the per-image reference of
 ``benchmarks/corruptions.py`` both read them from here, so the two can never drift apart.

@@ -1,4 +1,4 @@
-"""CIFAR-10-C and CIFAR-100-C in their published layout (see CORRUPTIONS.md).
+"""CIFAR-10-C and CIFAR-100-C in their published layout.
 
 ``<data_dir>/CIFAR-10-C/<corruption>.npy`` holds uint8 (50000, 32, 32, 3) NHWC images, severities 1..5 in blocks
 of 10,000 in test order; ``labels.npy`` holds the labels repeated five times. Files are memory-mapped and read one

@@ -23,7 +23,7 @@ from tta.models.preprocess import check_timm_name, timm_name
 from tta.models.resnet_cifar import DEPTHS, cifar_resnet
 from tta.models.saved import VERSION, convert, is_saved_model
 
-# Mean/std the classic CIFAR ResNet checkpoints were trained with (see DATA.md); ImageNet's for torchvision.
+# Mean/std the classic CIFAR ResNet checkpoints were trained with; ImageNet's for torchvision.
 CIFAR_RESNET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar10c": "cifar10", "cifar100": "cifar100", "cifar100c": "cifar100"}
