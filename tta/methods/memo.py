@@ -26,8 +26,7 @@ from tta.core.augmix import check_view_settings, seeded_views
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import marginal_entropy
 from tta.core.params import IMAGENET_SGD, OptimizerConfig
-from tta.norm.adaptive_bn import AdaptiveBN
-from tta.norm.convert import replace_batchnorms
+from tta.norm.adaptive_bn import use_bn_alpha
 from tta.registry import register
 
 
@@ -60,9 +59,7 @@ class MEMO(AdaptedModel):
 
     def configure(self, model: nn.Module) -> nn.Module:
         model.eval()
-        alpha = self.config.bn_alpha
-        replace_batchnorms(model, lambda bn: AdaptiveBN.from_bn(bn, mode="alpha", alpha=alpha),
-                           types=(nn.BatchNorm2d,))
+        use_bn_alpha(model, self.config.bn_alpha)
         model.requires_grad_(True)
         return model
 

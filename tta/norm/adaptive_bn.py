@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tta.norm.convert import Float64State
+from tta.norm.convert import Float64State, replace_batchnorms
 from tta.norm.moments import merge_moments
 
 Mode = Literal["source", "batch", "prior", "alpha", "ema", "cumulative", "cumulative_prior"]
@@ -153,3 +153,10 @@ class AdaptiveBN(Float64State):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, mode={self.mode}, prior_n={self.prior_n}, momentum={self.momentum}, "
                 f"alpha={self.alpha}")
+
+
+def use_bn_alpha(model: nn.Module, alpha: float) -> int:
+    """Replace every BatchNorm2d of ``model`` in place by an ``AdaptiveBN`` normalising with BN-alpha statistics,
+    (1 - ``alpha``) source + ``alpha`` statistics of the current forward; returns how many were replaced."""
+    return replace_batchnorms(model, lambda bn: AdaptiveBN.from_bn(bn, mode="alpha", alpha=alpha),
+                              types=(nn.BatchNorm2d,))
