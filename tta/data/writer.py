@@ -26,6 +26,7 @@ import torch
 
 from tta.corruptions import CHUNK, corrupt_indexed
 from tta.corruptions.names import check_selection
+from tta.data.download import file_checksum
 from tta.errors import ConfigError, DataError
 from tta.io import STALE_GLOB, save_array, write_text
 
@@ -44,16 +45,6 @@ def _complete(path: Path, shape: tuple[int, ...], dtype: type = np.uint8) -> boo
     except (ValueError, OSError, EOFError):
         return False
     return arr.dtype == dtype and arr.shape == shape
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_manifest(root: Path) -> dict | None:
@@ -86,11 +77,11 @@ def _check_manifest(root: Path, settings: dict) -> dict[str, str]:
         raise ConfigError(f"{root} already holds corruptions generated with other settings ({changed}); "
                           f"choose another --out directory or delete {root} to start over")
     if not isinstance(old.get("files"), dict):  # started by a tta that kept no checksums: its files are adopted
-        written = {name: _sha256(root / name) for name in present}
+        written = {name: file_checksum(root / name, "sha256") for name in present}
         _write_manifest(root, {**old, "files": written})
         return written
     written: dict[str, str] = old["files"]
-    foreign = [name for name in present if written.get(name) != _sha256(root / name)]
+    foreign = [name for name in present if written.get(name) != file_checksum(root / name, "sha256")]
     if foreign:
         raise ConfigError(f"{root} holds {', '.join(foreign[:3])} that this tta corrupt run did not write or that "
                           f"changed since; delete them (they are regenerated) or choose another --out directory")
@@ -100,7 +91,7 @@ def _check_manifest(root: Path, settings: dict) -> dict[str, str]:
 def _save_final(root: Path, name: str, array: np.ndarray, written: dict[str, str]) -> None:
     """Save a dataset file and record its checksum in the manifest."""
     save_array(root / name, array)
-    written[name] = _sha256(root / name)
+    written[name] = file_checksum(root / name, "sha256")
     manifest = _read_manifest(root) or {}
     _write_manifest(root, {**manifest, "files": written})
 

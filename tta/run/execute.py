@@ -31,7 +31,6 @@ class RunResult:
 
 def provenance(data_dir: str | Path, checkpoint: str | Path | None) -> dict[str, Any]:
     """Where a run's inputs came from and which software ran it: part of the resolved config and its hash."""
-    import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -42,13 +41,9 @@ def provenance(data_dir: str | Path, checkpoint: str | Path | None) -> dict[str,
         except PackageNotFoundError:
             return None
 
-    digest = None
-    if checkpoint is not None:
-        h = hashlib.sha256()
-        with open(checkpoint, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
+    from tta.data.download import file_checksum
+
+    digest = None if checkpoint is None else file_checksum(checkpoint, "sha256")
     return {"data_dir": str(Path(data_dir).resolve()), "checkpoint_sha256": digest,
             "versions": {"tta": installed("tta-toolkit"), "torch": str(torch.__version__),
                          "robustbench": installed("robustbench")}}
