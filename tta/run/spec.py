@@ -27,7 +27,6 @@ import yaml
 
 from tta.errors import ConfigError
 
-ORDERS: tuple[str, ...] = ("shuffle", "file")
 GUARDS: tuple[str, ...] = ("default", "monitor", "fallback")
 RESETS: tuple[str, ...] = ("domain", "batch", "never")
 
@@ -90,6 +89,7 @@ class StreamSpec:
 
     def __post_init__(self) -> None:
         from tta.data.ccc import check_ccc
+        from tta.data.order import ORDERS
         from tta.data.settings import LONG_SETTINGS, check_setting
 
         for name in ("batch_size", "visits", "length", "accuracy_window"):
