@@ -27,9 +27,6 @@ import yaml
 
 from tta.errors import ConfigError
 
-GUARDS: tuple[str, ...] = ("default", "monitor", "fallback")
-RESETS: tuple[str, ...] = ("domain", "batch", "never")
-
 
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
@@ -128,8 +125,11 @@ class MethodSpec:
             raise ValueError("settings must be a mapping of setting name: value")
         if self.window is not None and not 0 <= self.window <= 4096:
             raise ValueError(f"window must be from 0 to 4096, got {self.window}")
-        if self.guard is not None and self.guard not in GUARDS:
-            raise ValueError(f"guard must be one of {', '.join(GUARDS)}, got {self.guard!r}")
+        if self.guard is not None:
+            from tta.monitor import PRESETS
+
+            if self.guard not in PRESETS:
+                raise ValueError(f"guard must be one of {', '.join(PRESETS)}, got {self.guard!r}")
 
     def __hash__(self) -> int:  # settings is a dict: hash its content
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
@@ -155,10 +155,11 @@ class EvaluationSpec:
     cost: str = "counted"
 
     def __post_init__(self) -> None:
+        from tta.run.engine import RESET_POLICIES
         from tta.run.online import check_protocol
 
-        if self.reset not in RESETS:
-            raise ValueError(f"reset must be one of {', '.join(RESETS)}, got {self.reset!r}")
+        if self.reset not in RESET_POLICIES:
+            raise ValueError(f"reset must be one of {', '.join(RESET_POLICIES)}, got {self.reset!r}")
         try:
             check_protocol(self.protocol, self.stream_speed, self.cost)
         except ConfigError as err:
