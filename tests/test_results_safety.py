@@ -193,3 +193,14 @@ def test_stopping_a_sweep_driver_stops_its_workers(tmp_path: Path, assets: dict,
     while time.monotonic() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.2)
     assert not any(_alive(p) for p in workers)
+
+
+def test_a_run_store_counts_its_rows_from_the_domains_its_config_records() -> None:
+    from tta.run.resultfile import expected_rows
+
+    assert expected_rows("domains: 3\ncorruptions: [fog]\nseverities: [5]\n") == 3
+    # written before runs recorded their domains: a benchmark run's corruptions x severities, so old sweeps resume
+    assert expected_rows("corruptions: [fog, snow]\nseverities: [5, 3, 5]\n") == 4
+    assert expected_rows("corruptions: [scans]\nseverities: [5]\nuser_data: folder:x\n") is None  # unknowable
+    for text in (None, "", ": not yaml: [", "domains: 0\n", "domains: true\n", "- a list\n"):
+        assert expected_rows(text) is None

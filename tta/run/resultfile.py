@@ -150,14 +150,21 @@ def complete_file(path: Path, domains: int) -> bool:
 
 def expected_rows(config_text: str | None) -> int | None:
     """How many result rows (domains) a finished run has, as the configuration written beside its results records
-    (``domains``); None when that file is missing, unreadable or does not say."""
+    (``domains``; for files written before it did, a benchmark run's corruptions x severities); None when that file
+    is missing, unreadable or does not say."""
     if config_text is None:
         return None
     try:
         config = yaml.safe_load(config_text)
     except yaml.YAMLError:
         return None
-    domains = config.get("domains") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return None
+    domains = config.get("domains")
+    corruptions, severities = config.get("corruptions"), config.get("severities")
+    if domains is None and "user_data" not in config and isinstance(corruptions, list) and \
+            isinstance(severities, list):  # written before runs recorded their domains: a benchmark's grid
+        domains = len(corruptions) * len(set(severities))
     return domains if isinstance(domains, int) and not isinstance(domains, bool) and domains > 0 else None
 
 
