@@ -7,7 +7,7 @@ started again at any time: finished runs are skipped, a long run continues from 
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part recurring-192 --out runs/long   # Tent, 192 / corruption
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part online --out runs/long
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc --out runs/long
-    OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc-long --out runs/long   # Tent, 300,000 images
+    OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc-long --out runs/long   # 300,000 images each
     OMP_NUM_THREADS=1 python benchmarks/long_streams.py --part ccc-baselines --out runs/long
 
 ``benchmarks/long_streams_tables.py`` then turns the results into the CSVs of docs/results and the tables of the
@@ -59,7 +59,7 @@ def runs(part: str) -> list[tuple[str, list[str]]]:
         length = "20000" if part == "ccc" else "300000"
         return [(m, [*method_options(m), "--setting", "ccc", "--baseline", "20", "--speed", "2000",
                      "--length", length, "--accuracy-window", "1000", "--batch-size", "200"])
-                for m in (CCC if part == "ccc" else ["tent"])]
+                for m in (CCC if part == "ccc" else CCC[1:])]
     if part == "ccc-baselines":  # the source model alone on the three difficulties
         return [(f"source_{b}", ["--method", "source", "--setting", "ccc", "--baseline", b, "--speed", "2000",
                                  "--length", "10000", "--accuracy-window", "1000", "--batch-size", "200"])
