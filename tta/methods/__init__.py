@@ -20,6 +20,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     rdumb,
     rmt,
     roid,
+    petta,
     rotta,
     rpl,
     santa,
@@ -27,6 +28,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     source,
     stream_stats,
     tent,
+    tribe,
     ttaug,
 )
 from tta.registry import METHODS

@@ -103,7 +103,7 @@ class RoTTA(AdaptedModel):
         self.model.eval()
         self.teacher.eval()
         with torch.no_grad():
-            logits = self.teacher(x)
+            logits = self._teacher_logits(x)
             p = logits.softmax(1)
             entropy = -(p * torch.log(p + 1e-6)).sum(1)
         self._batch, self._cursor = (x.detach(), p.argmax(1).tolist(), entropy.tolist()), 0
@@ -130,6 +130,14 @@ class RoTTA(AdaptedModel):
         return self.teacher(x)
 
     # ------------------------------------------------------------------------------------------- memory bank
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's prediction on a new batch (eval mode, no gradients), which also labels it for the bank."""
+        return self.teacher(x)
+
+    def _update_due(self) -> bool:
+        """Whether an update is due after the image just admitted: every ``update_every`` images."""
+        return self.seen % self.config.update_every == 0
+
     def _next_update(self, logits: torch.Tensor) -> StepOutput:
         """Admit the batch's images from the cursor on until an update is due; its loss, or no loss at the end."""
         assert self._batch is not None
@@ -145,7 +153,7 @@ class RoTTA(AdaptedModel):
                 writes[slot] = i
             self.seen += 1
             self._cursor += 1
-            due = self.seen % self.config.update_every == 0
+            due = self._update_due()
         for buffer, values in ((self.memory_label, label), (self.memory_entropy, entropy), (self.memory_birth, birth)):
             buffer.copy_(torch.tensor(values, dtype=buffer.dtype))  # in place: fixed-capacity state
         if writes:
