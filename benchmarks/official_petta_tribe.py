@@ -15,9 +15,8 @@ appends one row per run to ``--out``.
 The authors' code runs unchanged except for what ties it to their set-up: ``.cuda()`` is the identity (CPU);
 PeTTA's feature/classifier split is given the CIFAR ResNet's, and its source loader the clean images of
 ``--source-data`` (the authors use the clean CIFAR-10 test split); robustbench's ``autoattack`` import is stubbed
-(unused). ``--augment ours`` also hands their adapter ``tta``'s augmentation function, so that both draw the same
-augmentations from the same seed and any remaining gap is the algorithm's; ``--augment theirs`` (the default) keeps
-their torchvision transform.
+(unused). Their augmentation is their own torchvision transform; ``tta``'s batched version of it draws torch's
+random numbers in the same order, so from the same seed both augment alike.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ import torch
 from torch import nn
 
 import tta
-from tta.core.augment import tta_augment
 from tta.data.cifar_c import cifar_c_stream
 from tta.data.recurring import RecurringStream
 from tta.models import load_model
@@ -111,8 +109,6 @@ def official_petta(a: argparse.Namespace, model: nn.Module) -> Callable[[torch.T
     petta.get_source_loader = lambda **_: (None, loader)
     petta.split_up_model = lambda m, *_: (Encoder(m), m[1].linear)
     adapter = petta.PeTTA(cfg, model, build_optimizer(cfg))
-    if a.augment == "ours":
-        adapter.transform = tta_augment
     return lambda x, y: adapter(x, label=y)
 
 
@@ -125,8 +121,6 @@ def official_tribe(a: argparse.Namespace, model: nn.Module) -> Callable[[torch.T
     cfg.merge_from_file(str(a.official / "configs/adapter/TRIBE.yaml"))
     cfg.merge_from_file(str(a.official / "configs/dataset/cifar10.yaml"))
     adapter = TRIBE(cfg, model, build_optimizer(cfg))
-    if a.augment == "ours":
-        adapter.transform = tta_augment
     return lambda x, y: adapter(x)
 
 
@@ -143,7 +137,6 @@ def main() -> None:
     parser.add_argument("--visits", type=int, default=3)
     parser.add_argument("--n", type=int, default=1000, help="images per corruption")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--augment", choices=["theirs", "ours"], default="theirs")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path)
     a = parser.parse_args()
@@ -155,21 +148,24 @@ def main() -> None:
     ours = accuracy(lambda x, y: adapted(x), batches, a.seed)
     build = official_petta if a.method == "petta" else official_tribe
     theirs = accuracy(build(a, load_model(checkpoint=a.checkpoint, arch=a.arch)), batches, a.seed)
-    diffs = []
     for name in ours:
-        diffs.append(ours[name] - theirs[name])
-        print(f"{name:24s} tta {ours[name]:6.2f}  official {theirs[name]:6.2f}  diff {diffs[-1]:+.2f}")
+        print(f"{name:24s} tta {ours[name]:6.2f}  official {theirs[name]:6.2f}  diff {ours[name] - theirs[name]:+.2f}")
     mean_ours, mean_theirs = float(np.mean(list(ours.values()))), float(np.mean(list(theirs.values())))
     print(f"{'mean':24s} tta {mean_ours:6.2f}  official {mean_theirs:6.2f}  diff {mean_ours - mean_theirs:+.2f}")
     if a.out is not None:
-        setting = f"recurring ({a.visits} visits)" if a.setting == "recurring" else a.setting
+        groups = {a.setting if a.setting != "recurring" else f"recurring ({a.visits} visits)": list(ours)}
+        if a.setting == "recurring":  # and each visit on its own
+            for v in range(1, a.visits + 1):
+                groups[f"recurring, visit {v} of {a.visits}"] = [k for k in ours if k.endswith(f"@{v}")]
         new = not a.out.exists()
         with open(a.out, "a", newline="") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(["method", "setting", "augmentation", "n", "tta", "official", "diff", "max"])
-            w.writerow([a.method, setting, a.augment, a.n, f"{mean_ours:.2f}", f"{mean_theirs:.2f}",
-                        f"{mean_ours - mean_theirs:+.2f}", f"{max(abs(d) for d in diffs):.2f}"])
+                w.writerow(["method", "setting", "n", "tta", "official", "diff", "max"])
+            for setting, keys in groups.items():
+                mine, official = (float(np.mean([acc[k] for k in keys])) for acc in (ours, theirs))
+                w.writerow([a.method, setting, a.n, f"{mine:.2f}", f"{official:.2f}",
+                            f"{mine - official:+.2f}", f"{max(abs(ours[k] - theirs[k]) for k in keys):.2f}"])
 
 
 if __name__ == "__main__":
