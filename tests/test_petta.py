@@ -105,7 +105,7 @@ def test_anchor_keeps_the_source_parameters(bn_model: nn.Module) -> None:
     assert not all(torch.equal(a, b) for a, b in zip(_bn_params(adapted.model), anchor, strict=True))
 
 
-def test_needs_source_data_and_checks_its_settings(bn_model: nn.Module) -> None:
+def test_needs_source_data_affine_norms_and_valid_settings(bn_model: nn.Module) -> None:
     with pytest.raises(tta.ConfigError, match="source data"):
         tta.adapt(bn_model, "petta")
     with pytest.raises(tta.ConfigError, match="steps must be 1"):
@@ -113,3 +113,7 @@ def test_needs_source_data_and_checks_its_settings(bn_model: nn.Module) -> None:
     with pytest.raises(tta.ConfigError, match="regularizer"):
         _adapt(bn_model, regularizer="l1")
     assert _adapt(bn_model, preset="imagenet").config.loss == "ce"
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 10)).eval()
+    with pytest.raises(tta.ModelError, match="petta adapts the affine parameters"):
+        _adapt(plain)

@@ -125,4 +125,8 @@ def test_no_confident_image_leaves_the_gradient_zero(bn_model: nn.Module) -> Non
 def test_models_without_batchnorm_are_refused(ln_model: nn.Module, bn_model: nn.Module) -> None:
     with pytest.raises(tta.ModelError, match="tribe adapts BatchNorm layers"):
         tta.adapt(ln_model, "tribe")
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 10)).eval()
+    with pytest.raises(tta.ModelError, match="affine=False"):
+        tta.adapt(plain, "tribe")
     assert tta.adapt(bn_model, "tribe", preset="imagenet").config.eta == 0.5

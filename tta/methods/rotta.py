@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tta.core.augment import tta_augment
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import soft_cross_entropy
-from tta.core.params import OptimizerConfig, ema_update, train_only
+from tta.core.params import OptimizerConfig, check_norm_affine, ema_update, train_only
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
 from tta.errors import InputError, ModelError
@@ -75,6 +75,7 @@ class RoTTA(AdaptedModel):
             raise ModelError("rotta starts its robust BatchNorm from the source running statistics, but some "
                              "BatchNorm layers were built with track_running_stats=False; load the pretrained "
                              "model with its running statistics")
+        check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
         replace_batchnorms(model, lambda bn: RobustBN(bn, self.config.bn_alpha))

@@ -35,6 +35,7 @@ from tta.core.losses import entropy
 from tta.core.params import OptimizerConfig, train_only
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
+from tta.errors import ModelError
 from tta.norm.balanced_bn import BalancedBN, class_labels
 from tta.norm.convert import replace_batchnorms
 from tta.registry import register
@@ -67,6 +68,13 @@ class TRIBE(AdaptedModel):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The authors' ImageNet-C settings (ResNet-50, batch 64, 1,000 classes).
         "imagenet": {"lr": 5e-4, "eta": 0.5, "gamma": 0.5, "h0": 0.4}}
+
+    def check_model(self, model: nn.Module) -> None:
+        if not any(isinstance(m, _BatchNorm) and (m.weight is not None or m.bias is not None)
+                   for m in model.modules()):
+            raise ModelError("tribe trains the affine parameters of BatchNorm layers, and this model's BatchNorm "
+                             "layers have none (affine=False); use a model with affine BatchNorm layers, or a method "
+                             "that fits this model (see `tta methods`)")
 
     def configure(self, model: nn.Module) -> nn.Module:
         cfg, classes = self.config, self.num_classes
