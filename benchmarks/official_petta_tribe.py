@@ -159,7 +159,7 @@ def main() -> None:
                 groups[f"recurring, visit {v} of {a.visits}"] = [k for k in ours if k.endswith(f"@{v}")]
         new = not a.out.exists()
         with open(a.out, "a", newline="") as f:
-            w = csv.writer(f)
+            w = csv.writer(f, lineterminator="\n")
             if new:
                 w.writerow(["method", "setting", "n", "tta", "official", "diff", "max"])
             for setting, keys in groups.items():
