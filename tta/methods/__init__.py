@@ -17,6 +17,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     eta,
     lame,
     memo,
+    petta,
     rdumb,
     rmt,
     roid,
@@ -27,6 +28,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     source,
     stream_stats,
     tent,
+    tribe,
     ttaug,
 )
 from tta.registry import METHODS

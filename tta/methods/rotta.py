@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tta.core.augment import tta_augment
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import soft_cross_entropy
-from tta.core.params import OptimizerConfig, ema_update, train_only
+from tta.core.params import OptimizerConfig, check_norm_affine, ema_update, train_only
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
 from tta.errors import InputError, ModelError
@@ -75,6 +75,7 @@ class RoTTA(AdaptedModel):
             raise ModelError("rotta starts its robust BatchNorm from the source running statistics, but some "
                              "BatchNorm layers were built with track_running_stats=False; load the pretrained "
                              "model with its running statistics")
+        check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
         replace_batchnorms(model, lambda bn: RobustBN(bn, self.config.bn_alpha))
@@ -103,7 +104,7 @@ class RoTTA(AdaptedModel):
         self.model.eval()
         self.teacher.eval()
         with torch.no_grad():
-            logits = self.teacher(x)
+            logits = self._teacher_logits(x)
             p = logits.softmax(1)
             entropy = -(p * torch.log(p + 1e-6)).sum(1)
         self._batch, self._cursor = (x.detach(), p.argmax(1).tolist(), entropy.tolist()), 0
@@ -130,6 +131,14 @@ class RoTTA(AdaptedModel):
         return self.teacher(x)
 
     # ------------------------------------------------------------------------------------------- memory bank
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's prediction on a new batch (eval mode, no gradients), which also labels it for the bank."""
+        return self.teacher(x)
+
+    def _update_due(self) -> bool:
+        """Whether an update is due after the image just admitted: every ``update_every`` images."""
+        return self.seen % self.config.update_every == 0
+
     def _next_update(self, logits: torch.Tensor) -> StepOutput:
         """Admit the batch's images from the cursor on until an update is due; its loss, or no loss at the end."""
         assert self._batch is not None
@@ -145,7 +154,7 @@ class RoTTA(AdaptedModel):
                 writes[slot] = i
             self.seen += 1
             self._cursor += 1
-            due = self.seen % self.config.update_every == 0
+            due = self._update_due()
         for buffer, values in ((self.memory_label, label), (self.memory_entropy, entropy), (self.memory_birth, birth)):
             buffer.copy_(torch.tensor(values, dtype=buffer.dtype))  # in place: fixed-capacity state
         if writes:
