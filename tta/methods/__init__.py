@@ -24,10 +24,12 @@ from tta.methods import (  # noqa: F401  (registers them)
     rpl,
     santa,
     sar,
+    shot_im,
     source,
     stream_stats,
     tent,
     ttaug,
+    unmix_tns,
 )
 from tta.registry import METHODS
 

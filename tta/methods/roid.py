@@ -36,12 +36,14 @@ from tta.core.params import IMAGENET_SGD, OptimizerConfig, check_norm_affine, no
 from tta.core.reliable import eval_with_batch_statistics
 from tta.core.validate import check_range
 from tta.core.views import color_affine_view, generator_from, new_rng_state
+from tta.norm.unmix_tns import NormChoice, apply_norm
 from tta.registry import register
 
 
 @dataclass(frozen=True)
-class RoidConfig(OptimizerConfig):
-    """Settings of ``roid`` (defaults: the reference benchmark's CIFAR-10-C configuration, Adam 1e-3)."""
+class RoidConfig(NormChoice, OptimizerConfig):
+    """Settings of ``roid`` (defaults: the reference benchmark's CIFAR-10-C configuration, Adam 1e-3), with the
+    normalisation layers (``norm``)."""
 
     renamed: ClassVar[dict[str, str]] = {"momentum_src": "src_momentum", "momentum_probs": "probs_momentum"}
 
@@ -80,6 +82,7 @@ class Roid(AdaptedModel):
         check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
+        model = apply_norm(model, self.config, self.name)
         return eval_with_batch_statistics(model, norm_affine_params(model))
 
     def setup(self) -> None:

@@ -24,12 +24,14 @@ from tta.core.params import (
     norm_affine_params,
     train_only,
 )
+from tta.norm.unmix_tns import NormChoice, apply_norm
 from tta.registry import register
 
 
 @dataclass(frozen=True)
-class TentConfig(OptimizerConfig):
-    """Settings of ``tent``: the optimiser's plus the mode the rest of the model runs in."""
+class TentConfig(NormChoice, OptimizerConfig):
+    """Settings of ``tent``: the optimiser's, the normalisation layers (``norm``) and the mode the rest of the
+    model runs in."""
 
     model_mode: Literal["train", "eval"] = "train"
 
@@ -46,6 +48,7 @@ class Tent(AdaptedModel):
         check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
+        model = apply_norm(model, self.config, self.name)
         model.train(self.config.model_mode == "train")
         force_batch_statistics(model)
         train_only(model, norm_affine_params(model))
