@@ -35,6 +35,8 @@ from torch import nn
 from tta.core.validate import check_range
 from tta.errors import ModelError
 
+MAX_COMPONENTS = 4096  # statistics components per layer
+
 
 @dataclass(frozen=True)
 class UnMixSettings:
@@ -48,7 +50,7 @@ class UnMixSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key, high in (("components", 4096), ("reference_batch", 1 << 20)):
+        for key, high in (("components", MAX_COMPONENTS), ("reference_batch", 1 << 20)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
                 raise ValueError(f"{key} must be an integer in [1, {high}], got {value!r}")
@@ -156,7 +158,9 @@ class NormChoice:
     norm_components: int = 16
 
     def __post_init__(self) -> None:
-        UnMixSettings(components=self.norm_components)  # the same range check
+        k = self.norm_components
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_COMPONENTS:
+            raise ValueError(f"norm_components must be an integer in [1, {MAX_COMPONENTS}], got {k!r}")
         parent = super()
         if hasattr(parent, "__post_init__"):
             parent.__post_init__()  # type: ignore[misc]
