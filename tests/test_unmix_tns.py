@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import tta
-from tta.norm.unmix_tns import UnMixSettings, UnMixTNS, convert_to_unmix_tns
 from tta.norm.robust_bn import RobustBN
+from tta.norm.unmix_tns import UnMixSettings, UnMixTNS, convert_to_unmix_tns
 
 
 def _bn(c: int = 6, seed: int = 0) -> nn.BatchNorm2d:
