@@ -17,7 +17,8 @@ One gradient step per batch on the affine parameters of the norm layers (BatchNo
 ``use_weighting``, ``use_consistency`` and ``use_prior_correction`` switch each part off (without weighting every
 sample has weight 1 and none is dropped). Unlike the reference code, the sums are divided by the size of the batch
 itself rather than the configured batch size (the same except on a last, smaller batch), and with ``steps`` > 1
-the source ensembling follows the batch's last step rather than every step.
+the source ensembling follows the batch's last step rather than every step. ``norm: unmix-tns`` first replaces the
+BatchNorm layers by UnMix-TNS layers (``tta.norm.unmix_tns``), whose affine parameters then train.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ beats the newcomer's. An image's score is ``lambda_t * sigmoid(age / memory_size
 Every ``update_every`` images the student takes one step on the whole bank: its prediction on a strong augmentation
 against the teacher's on the images themselves, weighted by timeliness ``sigmoid(-age / memory_size)``; the
 teacher then moves towards the student (momentum ``teacher_momentum``, i.e. 1 - RoTTA's nu). The prediction
-returned is the teacher's, computed before the batch's updates.
+returned is the teacher's, computed before the batch's updates. ``norm: unmix-tns`` replaces the BatchNorm layers by
+UnMix-TNS layers (``tta.norm.unmix_tns``) instead of robust BatchNorm ones.
 """
 
 from __future__ import annotations

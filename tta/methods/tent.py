@@ -3,7 +3,8 @@
 As the official code: BatchNorm layers always use batch statistics (running statistics dropped), only the affine
 parameters of BatchNorm/LayerNorm/GroupNorm train, one Adam step per batch on the mean softmax entropy, and the
 returned logits are those computed before the update. ``model_mode: eval`` keeps the rest of the model (dropout) in
-eval mode while BatchNorm still normalises with batch statistics.
+eval mode while BatchNorm still normalises with batch statistics. ``norm: unmix-tns`` first replaces the BatchNorm
+layers by UnMix-TNS layers (``tta.norm.unmix_tns``), whose affine parameters then train.
 """
 
 from __future__ import annotations
