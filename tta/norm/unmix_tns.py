@@ -118,13 +118,12 @@ class UnMixTNS(nn.Module):
                 weight = p.sum(0).unsqueeze(1)  # (K, 1)
                 self.means.add_(p.T @ inst_mean - weight * self.means, alpha=rate)
                 self.variances.add_(p.T @ inst_var - weight * self.variances, alpha=rate)
-        shape = (*mean.shape, *(1,) * (x.ndim - 2))
-        out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        scale = torch.rsqrt(var + self.eps)  # (B, C) or (1, C): one fused multiply-add over the feature map
         if self.weight is not None:
-            out = out * self.weight.view(1, -1, *(1,) * (x.ndim - 2))
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, *(1,) * (x.ndim - 2))
-        return out
+            scale = scale * self.weight
+        shift = -mean * scale if self.bias is None else self.bias - mean * scale
+        shape = (*scale.shape, *(1,) * (x.ndim - 2))
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
     def extra_repr(self) -> str:
         k = self.means.shape[0] if self.spatial else 0
