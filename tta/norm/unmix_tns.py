@@ -112,7 +112,7 @@ class UnMixTNS(nn.Module):
             var = (q @ self.variances + inst_var) / k
             second = (q.square() @ self.means.square() + 2 * inst_mean * ((p * q) @ self.means)
                       + inst_mean.square() * p.square().sum(1, keepdim=True)) / k
-            var = var + second - mean.square()
+            var = (var + second - mean.square()).clamp_min(0.0)  # the mixture's; rounding may dip below 0
             with torch.no_grad():  # each component moves towards the images assigned to it, in proportion
                 rate = self.update_rate(x.shape[0]) / x.shape[0]
                 weight = p.sum(0).unsqueeze(1)  # (K, 1)
