@@ -144,11 +144,15 @@ def test_norm_unmix_tns_on_a_model_without_batchnorm_is_refused(gn_model: nn.Mod
         tta.adapt(gn_model, "tent", norm_components=0)
 
 
-def test_the_update_rate_follows_the_batch_size() -> None:
+def test_the_update_rate_follows_the_batch_size(bn_model: nn.Module) -> None:
     layer = UnMixTNS(_bn(), UnMixSettings(momentum=0.1, reference_batch=64))
     assert math.isclose(layer.update_rate(64), 0.1)
     assert math.isclose(1 - layer.update_rate(32), math.sqrt(0.9))
     assert math.isclose(1 - layer.update_rate(200), 0.9 ** (200 / 64))
+    fixed = UnMixTNS(_bn(), UnMixSettings(batch_size=200))  # the official rule: one rate for every forward pass
+    assert math.isclose(fixed.update_rate(37), layer.update_rate(200))
+    with pytest.raises(tta.ConfigError, match="norm_batch_size"):
+        tta.adapt(bn_model, "tent", norm="unmix-tns", norm_batch_size=-1)
 
 
 @pytest.mark.parametrize("method", ["tent", "roid", "rotta"])

@@ -26,7 +26,8 @@ from tta.registry import register
 class UnMixTNSConfig(UnMixSettings):
     """Settings of ``unmix-tns``: ``components`` K (the paper: 16, 128 on mixed-domain streams), the update
     ``momentum`` per ``reference_batch`` images, the assignment's softmax ``temperature``, the share of the source
-    variance the initial components spread their means over (``spread``) and the ``seed`` of that draw."""
+    variance the initial components spread their means over (``spread``), the ``seed`` of that draw, and the
+    ``batch_size`` the update rate is computed for (0: each forward pass's own size)."""
 
 
 @register("unmix-tns")

@@ -15,7 +15,10 @@ The components start around the source statistics: means ``mu_s + sqrt(spread K 
 standard normal, drawn from a generator seeded with ``seed``, layer after layer in module order), variances
 ``(1 - spread) sigma_s^2``, so that the mixture of the K initial components has the source moments in expectation
 (K = 1: the source statistics themselves). The update rate follows the batch size ``B``: ``rate = 1 - (1 -
-momentum)^(B / reference_batch)``, BatchNorm's momentum 0.1 per 64 images by default, as the official code.
+momentum)^(B / reference_batch)``, BatchNorm's momentum 0.1 per 64 images by default, as the official code; ``B``
+is each forward pass's own size, or ``batch_size`` when set: the official code computes the rate once from the
+configured batch size and applies it to every forward pass, also to a method's second pass on part of a batch
+(ROID's augmented views of the images it keeps), where the two rules differ.
 
 BatchNorm1d layers (features without spatial extent, where an image has no instance statistics) normalise with the
 source statistics, as the official code does. Components are buffers, so a method's ``reset()``, snapshot, state
@@ -48,8 +51,10 @@ class UnMixSettings:
     temperature: float = 0.07
     spread: float = 0.5
     seed: int = 0
+    batch_size: int = 0
 
     def __post_init__(self) -> None:
+        _check_batch_size("batch_size", self.batch_size)
         for key, high in (("components", MAX_COMPONENTS), ("reference_batch", 1 << 20)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
@@ -59,6 +64,11 @@ class UnMixSettings:
         check_range("momentum", self.momentum, low=0.0, high=1.0)
         check_range("temperature", self.temperature, low=0.0, low_open=True)
         check_range("spread", self.spread, low=0.0, high=1.0, high_open=True)
+
+
+def _check_batch_size(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
+        raise ValueError(f"{key} must be an integer in [0, {1 << 20}] (0: each forward pass's own size), got {value!r}")
 
 
 class UnMixTNS(nn.Module):
@@ -94,9 +104,9 @@ class UnMixTNS(nn.Module):
         return torch.softmax(sim / self.settings.temperature, dim=1)
 
     def update_rate(self, batch: int) -> float:
-        """The components' update rate for a batch of ``batch`` images."""
+        """The components' update rate for a forward pass of ``batch`` images (``settings.batch_size`` when set)."""
         s = self.settings
-        return 1.0 - (1.0 - s.momentum) ** (batch / s.reference_batch)
+        return 1.0 - (1.0 - s.momentum) ** ((s.batch_size or batch) / s.reference_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spatial:
@@ -151,12 +161,15 @@ def convert_to_unmix_tns(model: nn.Module, settings: UnMixSettings | None = None
 class NormChoice:
     """The ``norm`` setting of the methods it is mixed into: ``batch`` keeps the model's BatchNorm layers (the
     method's own handling of them), ``unmix-tns`` replaces them by UnMix-TNS layers with ``norm_components``
-    components (16; the paper uses 128 on mixed-domain streams) before the method configures the model."""
+    components (16; the paper uses 128 on mixed-domain streams) and ``norm_batch_size`` (the layer's
+    ``batch_size``) before the method configures the model."""
 
     norm: Literal["batch", "unmix-tns"] = "batch"
     norm_components: int = 16
+    norm_batch_size: int = 0
 
     def __post_init__(self) -> None:
+        _check_batch_size("norm_batch_size", self.norm_batch_size)
         k = self.norm_components
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_COMPONENTS:
             raise ValueError(f"norm_components must be an integer in [1, {MAX_COMPONENTS}], got {k!r}")
@@ -173,7 +186,9 @@ def apply_norm(model: nn.Module, config: object, method: str) -> nn.Module:
     if not any(type(m) is nn.BatchNorm2d and m.running_mean is not None for m in model.modules()):
         raise ModelError(f"{method} with norm=unmix-tns replaces BatchNorm2d layers (with running statistics) and "
                          "this model has none; use norm=batch for this model")
-    convert_to_unmix_tns(model, UnMixSettings(components=config.norm_components))  # type: ignore[attr-defined]
+    settings = UnMixSettings(components=config.norm_components,  # type: ignore[attr-defined]
+                             batch_size=config.norm_batch_size)  # type: ignore[attr-defined]
+    convert_to_unmix_tns(model, settings)
     return model
 
 
