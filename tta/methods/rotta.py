@@ -10,7 +10,8 @@ beats the newcomer's. An image's score is ``lambda_t * sigmoid(age / memory_size
 Every ``update_every`` images the student takes one step on the whole bank: its prediction on a strong augmentation
 against the teacher's on the images themselves, weighted by timeliness ``sigmoid(-age / memory_size)``; the
 teacher then moves towards the student (momentum ``teacher_momentum``, i.e. 1 - RoTTA's nu). The prediction
-returned is the teacher's, computed before the batch's updates.
+returned is the teacher's, computed before the batch's updates. ``norm: unmix-tns`` replaces the BatchNorm layers by
+UnMix-TNS layers (``tta.norm.unmix_tns``) instead of robust BatchNorm ones.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from tta.core.validate import check_range
 from tta.errors import InputError, ModelError
 from tta.norm.convert import replace_batchnorms
 from tta.norm.robust_bn import RobustBN
+from tta.norm.unmix_tns import NormChoice, UnMixTNS, apply_norm
 from tta.registry import register
 
 
 @dataclass(frozen=True)
-class RoTTAConfig(OptimizerConfig):
-    """Settings of ``rotta`` (defaults: the reference benchmark's CIFAR-10-C configuration)."""
+class RoTTAConfig(NormChoice, OptimizerConfig):
+    """Settings of ``rotta`` (defaults: the reference benchmark's CIFAR-10-C configuration), with the normalisation
+    layers (``norm``: ``unmix-tns`` takes the place of the robust BatchNorm)."""
 
     memory_size: int = 64
     update_every: int = 64
@@ -78,6 +81,7 @@ class RoTTA(AdaptedModel):
         check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
+        model = apply_norm(model, self.config, self.name)
         replace_batchnorms(model, lambda bn: RobustBN(bn, self.config.bn_alpha))
         train_only(model, _norm_params(model))
         return model
@@ -210,6 +214,7 @@ class RoTTA(AdaptedModel):
 
 
 def _norm_params(model: nn.Module) -> list[nn.Parameter]:
-    """Affine parameters of the robust BatchNorm, LayerNorm and GroupNorm layers (what RoTTA trains)."""
-    return [p for m in model.modules() if isinstance(m, (RobustBN, nn.LayerNorm, nn.GroupNorm))
+    """Affine parameters of the robust BatchNorm (or UnMix-TNS), LayerNorm and GroupNorm layers (what RoTTA
+    trains)."""
+    return [p for m in model.modules() if isinstance(m, (RobustBN, UnMixTNS, nn.LayerNorm, nn.GroupNorm))
             for p in (m.weight, m.bias) if p is not None]
