@@ -1,8 +1,8 @@
-"""Parity driver: runs the authors' own code of UnMix-TNS (devavratTomar/unmixtns, tta_experiments/: its UnMix-TNS
-layer and its source/tent/roid/rotta methods, built from its cfg defaults + cfgs/cifar10_c/<method>.yaml) or of
-online SHOT-IM (MotasemAlfarra/Online_Test_Time_Adaptation, tta_methods/shot_im.py) on a CIFAR-10-C-layout
-folder, feeding the images in the exact order of an order file written by md_reference.py (--order-out), with the
-CIFAR ResNet of cifar_resnet.py; writes accuracy per corruption in md_reference.py's CSV format, for benchmarks/parity.py.
+"""Parity driver: runs the authors' own code of UnMix-TNS (devavratTomar/unmixtns, tta_experiments/: its UnMix-TNS layer
+and its source/tent/roid/rotta methods, built from its cfg defaults + cfgs/cifar10_c/<method>.yaml) or of online
+SHOT-IM (MotasemAlfarra/Online_Test_Time_Adaptation, tta_methods/shot_im.py) on a CIFAR-10-C-layout folder, feeding
+the images in the exact order of an order file written by md_reference.py (--order-out), with the CIFAR ResNet of
+cifar_resnet.py; writes accuracy per corruption in md_reference.py's CSV format, for benchmarks/parity.py.
 
 Usage: python benchmarks/official_shot_unmix.py --code unmix --repo <export>/tta_experiments --method tent \\
            --components 16 ...
