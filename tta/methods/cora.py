@@ -4,14 +4,18 @@ Inferred domain contexts for the normalisation statistics, one ROID-style gradie
 setting to be told which stream it is on:
 
 - every BatchNorm becomes a ``RecentContextNorm``: per-context statistics, contexts inferred from the images' style
-  (``tta.context``; ``contexts: single`` puts every image in one target context instead). A context's statistics
-  follow its recent images: each batch share of ``b`` images moves them with rate ``b / (b + h)``, ``h`` the
-  context's evidence, its images seen capped at ``stats_memory`` and at least ``prior_n`` (a new context starts from
-  the source statistics, worth ``prior_n`` images), so a context that has just changed domain catches up within a
-  batch or two, and a context's small shares in a mixed batch borrow from its history;
-- one gradient step per batch on the BN affine parameters, shared by every context: ROID's certainty times diversity
-  weighted soft likelihood ratio (``use_weighting``), weight ensembling with the source after the step
-  (``src_momentum``; 1 switches it off) and the smoothed batch prior on the returned logits
+  (``tta.context``; ``contexts: single`` puts every image in one target context instead). The contexts a batch
+  creates route that batch itself (``immediate``), so the first batch of a new domain is not normalised with an
+  older domain's statistics. A context's statistics follow its recent images: each batch share of ``b`` images
+  moves them with rate ``b / (b + h)``, ``h`` the context's evidence, its images seen capped at ``stats_memory`` and
+  at least ``prior_n`` (a new context starts from the source statistics, worth ``prior_n`` images), so a context
+  that has just changed domain catches up within a batch, and a context's small shares in a mixed batch borrow from
+  its history. Images routed to the source context are normalised with the source statistics blended with their
+  own share as if the source were ``source_prior`` images (inf: the source statistics alone); the source's
+  statistics themselves never change;
+- one gradient step per batch on the BN affine parameters, shared by every context (``update_affine``): ROID's
+  certainty times diversity weighted soft likelihood ratio (``use_weighting``), weight ensembling with the source
+  after the step (``src_momentum``; 1 switches it off) and the smoothed batch prior on the returned logits
   (``use_prior_correction``). ROID's augmentation consistency is left out: it doubles the cost.
 """
 
@@ -43,16 +47,17 @@ class CoraConfig(OptimizerConfig):
     """Settings of ``cora``: contexts and their statistics, then the ROID-style update (Adam 1e-3 by default)."""
 
     contexts: Literal["infer", "single"] = "infer"
-    stats_memory: float = 256.0
+    stats_memory: float = 64.0
     prior_n: float = 16.0
     min_subset: int = 2
     immediate: bool = True
-    source_prior: float = math.inf
+    source_prior: float = 64.0
     descriptor: Literal["first", "early", "half", "all"] = "half"
     split_quantile: float = 0.99
     calibration_images: int = 1000
     min_spawn: int = 8
     max_contexts: int = 16
+    update_affine: bool = True
     use_weighting: bool = True
     use_prior_correction: bool = True
     src_momentum: float = 0.99
@@ -89,14 +94,14 @@ class CoraConfig(OptimizerConfig):
 class RecentContextNorm(DomainContextNorm):
     """A ``DomainContextNorm`` whose target contexts' statistics follow their recent images.
 
-    A share of ``b`` images with mean ``m_b`` and (unbiased) variance ``v_b`` moves context ``k``'s estimate with
+    A share of ``b`` images with mean ``m_b`` and variance ``v_b`` (as BatchNorm's, over its values) moves context ``k``'s estimate with
     rate ``r = b / (b + h_k)``, ``h_k = max(min(images_k, memory), prior_n)``: the mean to ``(1 - r) m + r m_b``,
     the variance to the pooled ``(1 - r) v + r v_b + r (1 - r) (m - m_b)^2``. ``memory`` = inf pools every image the
     context has seen with the source worth ``prior_n`` images; 0 with ``prior_n`` 0 uses the share alone. The source
     context (0) never changes; structural changes (merge) combine estimates as the ``ema`` rule does.
     """
 
-    def __init__(self, num_features: int, memory: float = 256.0, source_prior: float = math.inf,
+    def __init__(self, num_features: int, memory: float = 64.0, source_prior: float = math.inf,
                  **kwargs: Any) -> None:
         super().__init__(num_features, **{**kwargs, "stats_update": "ema"})
         self.memory, self.source_prior = float(memory), float(source_prior)
@@ -111,7 +116,6 @@ class RecentContextNorm(DomainContextNorm):
             safe = images.clamp_min(1e-12)[:, None]
             mean = (w.t() @ m_i) / safe
             var = ((w.t() @ (v_i + m_i.square())) / safe - mean.square()).clamp_min(0.0)
-            var = var * (values / (values - 1).clamp_min(1e-12))[:, None]
             fresh = (images >= self.min_subset) & (values >= 2)
             source_rate = images[0] / (images[0] + self.source_prior) if bool(fresh[0]) else images[0] * 0
             fresh[0] = False  # the source context's running statistics stay the source's
@@ -210,6 +214,8 @@ class Cora(DomainNormMethod):
                 certainty = _min_max(-entropy(logits))
                 weights = torch.exp(diversity * certainty / cfg.temperature) * keep
                 self.class_probs_ema.mul_(cfg.probs_momentum).add_(probs.mean(0), alpha=1 - cfg.probs_momentum)
+        if not cfg.update_affine:
+            return StepOutput(logits.detach())
         slr = soft_likelihood_ratio(logits)
         loss = (slr * weights)[keep].sum() / n
         return StepOutput(logits.detach(), loss, n_used=keep.sum(),
