@@ -94,11 +94,13 @@ class CoraConfig(OptimizerConfig):
 class RecentContextNorm(DomainContextNorm):
     """A ``DomainContextNorm`` whose target contexts' statistics follow their recent images.
 
-    A share of ``b`` images with mean ``m_b`` and variance ``v_b`` (as BatchNorm's, over its values) moves context ``k``'s estimate with
-    rate ``r = b / (b + h_k)``, ``h_k = max(min(images_k, memory), prior_n)``: the mean to ``(1 - r) m + r m_b``,
-    the variance to the pooled ``(1 - r) v + r v_b + r (1 - r) (m - m_b)^2``. ``memory`` = inf pools every image the
-    context has seen with the source worth ``prior_n`` images; 0 with ``prior_n`` 0 uses the share alone. The source
-    context (0) never changes; structural changes (merge) combine estimates as the ``ema`` rule does.
+    A share of ``b`` images with mean ``m_b`` and variance ``v_b`` (BatchNorm's, over its values) moves context
+    ``k``'s estimate with rate ``r = b / (b + h_k)``, ``h_k = max(min(images_k, memory), prior_n)``: the mean to
+    ``(1 - r) m + r m_b``, the variance to the pooled ``(1 - r) v + r v_b + r (1 - r) (m - m_b)^2``. ``memory`` = inf
+    pools every image the context has seen with the source worth ``prior_n`` images; 0 with ``prior_n`` 0 uses the
+    share alone (AdaBN). The source context's share is normalised with the source blended the same way, as if the
+    source held ``source_prior`` images (inf: the source BatchNorm), and its statistics never change; the source
+    context's structural changes (merge) combine estimates as the ``ema`` rule does.
     """
 
     def __init__(self, num_features: int, memory: float = 64.0, source_prior: float = math.inf,
