@@ -53,7 +53,6 @@ ABLATION: dict[str, tuple[str, dict[str, object]]] = {
     "one context (no inferred contexts)": ("cora", {"contexts": "single"}),
     "contexts route from the next batch only (immediate off)": ("cora", {"immediate": False}),
     "cumulative statistics (stats_memory inf)": ("cora", {"stats_memory": float("inf")}),
-    "batch-only statistics (stats_memory 0, prior_n 0)": ("cora", {"stats_memory": 0.0, "prior_n": 0.0}),
     "fixed source context (source_prior inf)": ("cora", {"source_prior": float("inf")}),
     "no certainty/diversity weighting": ("cora", {"use_weighting": False}),
     "no weight ensembling (src_momentum 1)": ("cora", {"src_momentum": 1.0}),
