@@ -12,6 +12,7 @@ pooled, as they hold few images each), the number of contexts CORA used, and sec
 
     python benchmarks/own_method.py --arch resnet20 --severity 5 --n 300 --out docs/results/cora_r20_sev5.csv
     python benchmarks/own_method.py --ablation --severity 5 --n 300 --out docs/results/cora_ablation_r20_sev5.csv
+    python benchmarks/own_method.py --throughput --settings continual --out docs/results/cora_throughput.csv
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
 from tta.data.generated import GeneratedSource
 from tta.data.settings import SettingStream, WholeDomainCache
 from tta.data.stream import Domain
+from tta.methods import get_method
 
 SETTINGS = ("per-domain", "continual", "mixed", "gradual", "correlated")
 METHODS: dict[str, tuple[str, dict[str, object]]] = {
@@ -89,7 +91,8 @@ def run(model: torch.nn.Module, source: WholeDomainCache, setting: str, severiti
     """One method on one setting: per-domain results, seconds, contexts used (0 when not CORA)."""
     stream = SettingStream(source, args.corruptions, severities, setting=setting, batch_size=args.batch_size,
                            n_examples=args.gradual_n if setting == "gradual" else None)
-    adapted = tta.adapt(model, method, source_data=clean if method in NEEDS_CLEAN else None, **overrides)
+    needs_clean = method in NEEDS_CLEAN or get_method(method).requires.source_data
+    adapted = tta.adapt(model, method, source_data=clean if needs_clean else None, **overrides)
     counter = ContextCount(adapted) if method == "cora" and overrides.get("contexts") != "single" else None
     started = time.perf_counter()
     df = tta.evaluate(adapted, stream, "domain", device="cpu", model_name=args.arch, seed=0)
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="run CORA's ablation instead of the comparison")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra CORA settings for every CORA row (exploration)")
+    parser.add_argument("--throughput", action="store_true", help="time CORA against ROID on the same batches "
+                        "instead (continual, each twice, interleaved; the faster of the two), with counted costs")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--source-n", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (first line: the command)")
@@ -129,6 +134,11 @@ def main() -> None:
     existing = _read(args.out) if appending else []
     previous = _command(args.out) if appending else ""
     rows = [r for r in existing if r["method"] not in labels]
+    if args.throughput:
+        measured = throughput(model, source, args, clean)
+        if args.out is not None:
+            _write(args.out, measured)
+        return
     baseline: dict[str, pd.Series] = {}
     for label in ["source"] + [m for m in labels if m != "source"]:
         method, overrides = table.get(label, METHODS.get(label, (label, {})))
@@ -157,6 +167,26 @@ def main() -> None:
             if args.out is not None:
                 _write(args.out, rows, previous)
     print(pd.DataFrame(rows).to_string(index=False))
+
+
+def throughput(model: torch.nn.Module, source: WholeDomainCache, args: argparse.Namespace,
+               clean: tuple[np.ndarray, np.ndarray]) -> list[dict[str, object]]:
+    """Images per second and counted cost of ROID and CORA on the same continual batches, in one run."""
+    labels = ["roid", "roid (no consistency)", "cora"]
+    specs = {"roid": ("roid", {}), "roid (no consistency)": ("roid", {"use_consistency": False}), "cora": ("cora", {})}
+    best: dict[str, float] = {}
+    cost: dict[str, float] = {}
+    for _ in range(2):
+        for label in labels:
+            method, overrides = specs[label]
+            df, seconds, _ = run(model, source, "continual", [args.severity], method, overrides, args, clean)
+            best[label] = min(best.get(label, float("inf")), seconds)
+            cost[label] = float((df.relative_cost * df.n).sum() / df.n.sum())
+    images = len(args.corruptions) * args.n
+    rows = [{"method": label, "images / s": round(images / best[label], 1), "counted cost": round(cost[label], 2),
+             "throughput vs roid": round(best["roid"] / best[label], 2)} for label in labels]
+    print(pd.DataFrame(rows).to_string(index=False))
+    return rows
 
 
 def _read(path: Path) -> list[dict[str, object]]:
