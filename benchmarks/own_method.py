@@ -114,11 +114,18 @@ def main() -> None:
                         help="extra CORA settings for every CORA row (exploration)")
     parser.add_argument("--throughput", action="store_true", help="time CORA against ROID on the same batches "
                         "instead (continual, each twice, interleaved; the faster of the two), with counted costs")
+    parser.add_argument("--summarise-recurring", nargs="+", type=Path, default=None, metavar="RUN_CSV",
+                        help="instead: error (%%) per visit of `tta adapt --setting recurring` result files")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--source-n", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (first line: the command)")
     parser.add_argument("--append", action="store_true", help="keep the other methods' rows of --out")
     args = parser.parse_args()
+    if args.summarise_recurring:
+        rows = summarise_recurring(args.summarise_recurring)
+        if args.out is not None:
+            _write(args.out, rows)
+        return
     torch.set_num_threads(1)
     table = ABLATION if args.ablation else METHODS
     labels = args.methods or list(table)
@@ -185,6 +192,22 @@ def throughput(model: torch.nn.Module, source: WholeDomainCache, args: argparse.
     images = len(args.corruptions) * args.n
     rows = [{"method": label, "images / s": round(images / best[label], 1), "counted cost": round(cost[label], 2),
              "throughput vs roid": round(best["roid"] / best[label], 2)} for label in labels]
+    print(pd.DataFrame(rows).to_string(index=False))
+    return rows
+
+
+def summarise_recurring(paths: list[Path]) -> list[dict[str, object]]:
+    """One row per result file (named by its method): error (%) per visit, the mean, visit 20 over visit 1."""
+    rows = []
+    for path in paths:
+        frame = pd.read_csv(path, comment="#")
+        error = (frame.error * frame.n).groupby(frame.visit).sum() / frame.n.groupby(frame.visit).sum()
+        row: dict[str, object] = {"run": str(frame.method.iloc[0])}
+        row.update({f"visit {int(v)}": round(float(e), 1) for v, e in error.items()})
+        row["mean"] = round(float(error.mean()), 1)
+        row["last / first"] = round(float(error.iloc[-1] / error.iloc[0]), 3)
+        row["images / visit"] = int(frame.n.groupby(frame.visit).sum().iloc[0])
+        rows.append(row)
     print(pd.DataFrame(rows).to_string(index=False))
     return rows
 

@@ -157,3 +157,10 @@ def test_needs_clean_source_data_and_a_batchnorm_model(bn_model: nn.Module, gn_m
         tta.adapt(bn_model, "cora")
     with pytest.raises(tta.ModelError, match="use a"):
         tta.adapt(gn_model, "cora", source_data=_clean())
+
+
+def test_imagenet_preset_uses_roids_imagenet_optimiser(bn_model: nn.Module) -> None:
+    adapted = tta.adapt(bn_model, "cora", preset="imagenet", source_data=_clean())
+    assert isinstance(adapted.optimizer, torch.optim.SGD) and adapted.config.lr == 2.5e-4
+    adapted(_batch(2))
+    assert adapted.counters.updates == 1
