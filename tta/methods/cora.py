@@ -183,9 +183,6 @@ class Cora(DomainNormMethod):
         classes = self.num_classes or 0
         self.add_state("class_probs_ema", torch.full((classes,), 1.0 / max(classes, 1)), dynamic=not classes)
 
-    def trains(self) -> bool:
-        return True
-
     def params(self) -> list[nn.Parameter]:
         model: ContextNormModel = self.model  # type: ignore[assignment]
         return [p for layer in model.layers() for p in (layer.weight, layer.bias) if p is not None]
