@@ -20,7 +20,8 @@ section).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -76,16 +77,15 @@ class StyleProbe(nn.Module):
         self._parts: list[torch.Tensor] = []
         self._reading = True  # the hooks read styles (and stop the forward); off for ``logits``
         for rank, i in enumerate(self.indices):
-            bns[i].register_forward_pre_hook(self._hook(bns[i], last=rank == len(self.indices) - 1))
+            bns[i].register_forward_pre_hook(functools.partial(self._read, last=rank == len(self.indices) - 1))
 
-    def _hook(self, bn: _BatchNorm, last: bool) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            if not self._reading:
-                return
-            self._parts.append(channel_style(args[0], bn.running_mean, bn.running_var, bn.eps))
-            if last:
-                raise _Stop
-        return hook
+    def _read(self, bn: nn.Module, args: tuple[torch.Tensor, ...], last: bool = False) -> None:
+        # a bound method (in a partial), not a closure: a deep copy of the probe then hooks the copy, not this probe
+        if not self._reading:
+            return
+        self._parts.append(channel_style(args[0], bn.running_mean, bn.running_var, bn.eps))
+        if last:
+            raise _Stop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) descriptors of the images ``x`` (the source model's input)."""

@@ -8,6 +8,7 @@ the frozen source model). The model owns the router and the layers; the router a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,15 @@ def convert_context_norm(
     learned: bool = False,
     declared: int = 0,
     inference: ContextInference | None = None,
+    layer: type[DomainContextNorm] = DomainContextNorm,
+    layer_options: Mapping[str, object] | None = None,
 ) -> ContextNormModel:
     """Replace every BatchNorm of ``model`` (in place) by a ``DomainContextNorm`` and wrap it with a router.
 
     ``declared`` contexts (1..declared) exist from the start and survive ``reset_structure``; others are created on
     first sight. ``per_context_affine=True`` gives DSBN. Without ids, samples go to the source context, or with
-    ``inference`` to inferred contexts.
+    ``inference`` to inferred contexts. ``layer`` (a ``DomainContextNorm`` subclass) replaces every BatchNorm, given
+    ``layer_options`` beside the settings above.
     """
     probe, assigner = None, None
     if inference is not None:
@@ -97,9 +101,10 @@ def convert_context_norm(
                                    max_contexts=inference.max_contexts)
     routing = Routing()  # written by the router, read by every layer
     holder = nn.Sequential(model)  # so that a bare BatchNorm is replaced too
-    count = replace_batchnorms(holder, lambda bn: DomainContextNorm.from_bn(
+    count = replace_batchnorms(holder, lambda bn: layer.from_bn(
         bn, stats_update=stats_update, prior_n=prior_n, momentum=momentum, min_subset=min_subset,
-        per_context_affine=per_context_affine, learned=learned, declared=declared, routing=routing))
+        per_context_affine=per_context_affine, learned=learned, declared=declared, routing=routing,
+        **(layer_options or {})))
     if count == 0:
         raise ModelError("the model has no BatchNorm layers to make domain-aware; use a BN network")
     net = holder[0]

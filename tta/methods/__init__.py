@@ -10,6 +10,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     afn,
     cmf,
     context_norm,
+    cora,
     cotta,
     deyo,
     dsbn,
