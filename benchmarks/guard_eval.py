@@ -110,8 +110,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--guard", default="default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/guard_work"), help="cache (outside the repository)")
+    parser.add_argument("--reuse", type=Path, help="a grid CSV whose source and unguarded accuracies (same model, "
+                        "method, domain and --n) are taken instead of running them again")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    reuse = pd.read_csv(args.reuse, comment="#") if args.reuse else None
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -137,14 +140,28 @@ def main() -> None:
             mixed = [answers[d * per_domain:(d + 1) * per_domain].count("mix") for d in range(len(_stream.domains))]
             return result, mixed
 
-        source, _ = run("source", args.guard)
+        def earlier(method: str, column: str, _name: str = name, _stream: Any = stream, _n: int = len(y)
+                    ) -> pd.DataFrame | None:
+            """``column`` of the reused grid for this model and method, in the stream's domain order, or None."""
+            if reuse is None:
+                return None
+            part = reuse[(reuse.model == _name) & (reuse.method == method) & (reuse.n == _n)]
+            keyed = {(r.corruption, int(r.severity)): r[column] for _, r in part.iterrows()}
+            values = [keyed.get((d.corruption, d.severity)) for d in _stream.domains]
+            return None if None in values else pd.DataFrame({"accuracy": values})
+
+        source = earlier(args.methods.split(",")[0], "source_acc")
+        if source is None:
+            source, _ = run("source", None)
         for method in args.methods.split(","):
             start = time.perf_counter()
-            (plain, _), (guarded, mixed) = run(method, None), run(method, args.guard)
+            plain = earlier(method, "unguarded_acc")
+            if plain is None:
+                plain, _ = run(method, None)
+            guarded, mixed = run(method, args.guard)
             for i, domain in enumerate(stream.domains):
                 rows.append({"model": name, "method": method, "corruption": domain.corruption,
                              "severity": domain.severity, "n": len(y), "source_acc": source["accuracy"][i],
-                             "source_estimate": source["estimated_accuracy"][i],
                              "unguarded_acc": plain["accuracy"][i], "guarded_acc": guarded["accuracy"][i],
                              "estimated_acc": guarded["estimated_accuracy"][i],
                              **{k: int(guarded[k][i]) for k in ("fallbacks", "skipped", "resets")},

@@ -19,10 +19,13 @@ which adaptation helps most. It decides from two things the source model's confi
   away from the source model raises the ratio. Three answers follow:
 
   - ratio < ``near_source``: the batch looks like the clean data, where the source model is the better of the
-    two (it has its calibrated running statistics). The source model answers and the update is skipped;
+    two (it has its calibrated running statistics). The source model answers;
   - ratio <= ``mild``: a mild shift. The batch is answered by the average of both models' probabilities (a
-    two-model ensemble), which on mild shifts is measured to be at least as accurate as the better of the two;
-    the update goes ahead;
+    two-model ensemble), which on mild shifts was measured to be about as accurate as the better of the two or
+    better;
+
+  in both cases the update is skipped (``skip``): the answer does not need it, and the backward pass it saves
+  pays for the source model reading the whole batch;
   - otherwise the adapted model answers.
 
   An overconfident or collapsed source model cannot turn this against healthy adaptation: under a strong shift it
@@ -333,8 +336,10 @@ class Guard:
         elif self.answer == "mix":
             self._mix_with = self._source_logits(x, src, rows)
         self._estimate(logits if self.answer != "source" else self._fallback_logits, collapse)
-        if near:
-            return not cfg.skip  # the source model is the better of the two here: nothing to adapt to
+        if near or self.answer == "mix":
+            # Near the source or mildly shifted, the answer does not need the update (the source model is the
+            # better of the two, or the ensemble holds both); skipping it pays for reading the whole batch.
+            return not cfg.skip
         if not collapse:
             if cfg.rollback:
                 self._good = adapted._capture()  # the state that just produced a healthy batch
