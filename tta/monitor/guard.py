@@ -44,9 +44,10 @@ calibrated for it on the clean images: the adapted model's (read from the method
 correction), the source model's, or the ensemble's. It is ``nan`` (not estimated) without calibration data, on a
 collapse batch, and outside the range where its error was measured to be small: when the source model's marginal
 entropy is below ``estimate_range`` times its clean value (a shift so strong that the source model puts most
-images into a few classes), and when the estimate pooled over recent batches exceeds the model's clean accuracy by
-more than 10 points or is saturated (every image above the threshold while the model is below 99 % on clean
-images): its confidence scale has then drifted from the calibration. ``estimate_note`` says which.
+images into one or two classes), and, for the adapted model's answers, when its estimate pooled over recent
+batches exceeds its clean accuracy by more than 10 points or is saturated (every image above the threshold while
+the model is below 99 % on clean images): updates have then sharpened its confidences beyond the calibration.
+``estimate_note`` says which.
 
 Calibration wants *held-out* clean labelled images (a validation split), not the images the model was trained on:
 on training images the source model is nearly always right, which makes the threshold too low and the estimates
@@ -86,7 +87,7 @@ class GuardConfig:
     collapse_ratio: float = 0.9
     near_source: float = 0.8
     mild: float = 1.3
-    estimate_range: float = 0.5
+    estimate_range: float = 0.2
     source_fraction: float = 0.25
     skip: bool = True
     fallback: bool = True
@@ -227,7 +228,7 @@ class Guard:
             self._mix_with = None
             assert self.adapted_stats is not None  # a mix needs the calibration
             if self.estimate_note == "":
-                self._quote(_above(mixed, self.adapted_stats.mix_threshold), self.adapted_stats.mix_accuracy)
+                self._quote(_above(mixed, self.adapted_stats.mix_threshold))
             return dataclasses.replace(out, logits=mixed)
         if self._fallback_logits is None:
             return out
@@ -378,18 +379,20 @@ class Guard:
         self.signals["estimated_accuracy"] = float("nan")
         if not note and self.answer != "mix":
             assert stats is not None and returned is not None
-            self._quote(_above(returned, stats.threshold), stats.accuracy)
+            above = _above(returned, stats.threshold)
+            if self.answer == "adapted":
+                # An estimate of the adapted model far above its clean accuracy, or every image above the threshold,
+                # pooled over recent batches, means updates have sharpened its confidences beyond the calibration.
+                pooled = self._pooled_estimate = self.config.decay * self._pooled_estimate + float(above.sum())
+                self._pooled_n = self.config.decay * self._pooled_n + above.numel()
+                estimate = pooled / self._pooled_n
+                if estimate > stats.accuracy + 0.1 or (estimate >= 0.995 and stats.accuracy < 0.99):
+                    self.estimate_note = "the confidence scale has drifted from the calibration (estimate saturated)"
+                    return
+            self._quote(above)
 
-    def _quote(self, above: torch.Tensor, clean_accuracy: float) -> None:
-        """Give ``above`` as the batch's estimate unless, pooled over recent batches, it exceeds the clean accuracy
-        by more than 10 points or is saturated: the confidence scale has then drifted from the calibration
-        (updates sharpen confidences)."""
-        pooled = self._pooled_estimate = self.config.decay * self._pooled_estimate + float(above.sum())
-        self._pooled_n = self.config.decay * self._pooled_n + above.numel()
-        estimate = pooled / self._pooled_n
-        if estimate > clean_accuracy + 0.1 or (estimate >= 0.995 and clean_accuracy < 0.99):
-            self.estimate_note = "the confidence scale has drifted from the calibration (estimate saturated)"
-            return
+    def _quote(self, above: torch.Tensor) -> None:
+        """Give ``above`` (per image: counted as right) as the batch's estimate."""
         self.above = above.long()
         self.signals["estimated_accuracy"] = float(above.mean())
 
