@@ -431,12 +431,16 @@ def test_roid_is_estimated_from_its_logits_before_the_prior_correction(overconfi
     """ROID returns prior-corrected (flattened) logits; the guard reads and calibrates the logits before that
     correction, so its estimate is neither saturated nor missing on clean-like data, and close to the truth."""
     model, calibration, _ = overconfident
+    model = copy.deepcopy(model)
+    model.head.weight.mul_(0.2)  # moderate confidences, which the prior correction flattens to near 1/C
+    model.head.bias.mul_(0.2)
     x, y = _prototype_images(300, torch.Generator().manual_seed(8))
     guarded = tta.adapt(model, "roid", guard=Guard(near_source=0.0, mild=0.0), source_data=calibration)
     stream = [(xb, yb) for xb, yb in zip(x.split(50), y.split(50), strict=True)]
     right = above = 0
     for xb, yb in stream:
         out = guarded(xb)
+        assert guarded.guard.answer == "adapted"
         assert guarded.guard.estimate_note == "" and guarded.guard.above is not None
         right += int((out.argmax(1) == yb).sum())
         above += int(guarded.guard.above.sum())

@@ -20,7 +20,7 @@ which adaptation helps most. It decides from two things the source model's confi
 
   - ratio < ``near_source``: the batch looks like the clean data, where the source model is the better of the
     two (it has its calibrated running statistics). The source model answers;
-  - ratio <= ``mild``: a mild shift. The batch is answered by the average of both models' probabilities (a
+  - ratio < ``mild``: a mild shift. The batch is answered by the average of both models' probabilities (a
     two-model ensemble), which on mild shifts was measured to be about as accurate as the better of the two or
     better;
 
@@ -281,7 +281,7 @@ class Guard:
         if self.adapted_stats is None or not self.config.fallback:
             return False
         agree = float((logits.argmax(1) == src.argmax(1)).sum())
-        return self._disagreement(logits.shape[0], agree) <= SUBSAMPLE_MARGIN * self.config.mild
+        return self._disagreement(logits.shape[0], agree) < SUBSAMPLE_MARGIN * self.config.mild
 
     def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
         """The batch's signals (one synchronisation), with the pooled sums and the reference updated."""
@@ -328,7 +328,7 @@ class Guard:
         near = cfg.fallback and not collapse and disagreement < cfg.near_source
         if cfg.fallback and (collapse or near or (self._probation > 0 and not collapse)):
             self.answer = "source"
-        elif cfg.fallback and disagreement <= cfg.mild:
+        elif cfg.fallback and disagreement < cfg.mild:
             self.answer = "mix"
         if not collapse and self._probation > 0:
             self._probation -= 1
