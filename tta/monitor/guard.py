@@ -45,8 +45,9 @@ correction), the source model's, or the ensemble's. It is ``nan`` (not estimated
 collapse batch, and outside the range where its error was measured to be small: when the source model's marginal
 entropy is below ``estimate_range`` times its clean value (a shift so strong that the source model puts most
 images into one or two classes), and, for the adapted model's answers, when its estimate pooled over recent
-batches exceeds its clean accuracy by more than 10 points or is saturated (every image above the threshold while
-the model is below 99 % on clean images): updates have then sharpened its confidences beyond the calibration.
+batches exceeds its clean accuracy by more than 20 points or is saturated (every image above the threshold where
+its clean accuracy predicts at least three misses): updates have then sharpened its confidences beyond the
+calibration.
 ``estimate_note`` says which.
 
 Calibration wants *held-out* clean labelled images (a validation split), not the images the model was trained on:
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
 
 
 MIN_DISAGREEMENT = 0.01  # floor of the clean disagreement (a method that keeps the source model's predictions)
+DRIFT = 0.2  # an adapted model's pooled estimate this far above its clean accuracy is not quoted
 SUBSAMPLE_MARGIN = 1.25  # the subsample reads the whole batch when its disagreement ratio is below this x ``mild``
 
 
@@ -386,7 +388,8 @@ class Guard:
                 pooled = self._pooled_estimate = self.config.decay * self._pooled_estimate + float(above.sum())
                 self._pooled_n = self.config.decay * self._pooled_n + above.numel()
                 estimate = pooled / self._pooled_n
-                if estimate > stats.accuracy + 0.1 or (estimate >= 0.995 and stats.accuracy < 0.99):
+                expected_misses = (1.0 - stats.accuracy) * self._pooled_n
+                if estimate > stats.accuracy + DRIFT or (estimate >= 0.995 and expected_misses >= 3):
                     self.estimate_note = "the confidence scale has drifted from the calibration (estimate saturated)"
                     return
             self._quote(above)
