@@ -124,7 +124,7 @@ PRESETS: dict[str, GuardConfig] = {
     "default": GuardConfig(),
     # signals and estimates only: never changes what the adapted model does
     "monitor": GuardConfig(skip=False, fallback=False, rollback=False, reset=False),
-    # keep adapting whatever happens, but answer with the source model on unhealthy batches
+    # keep adapting whatever happens, but answer like "default" (source model, or both models' average)
     "fallback": GuardConfig(skip=False, rollback=False, reset=False),
 }
 
