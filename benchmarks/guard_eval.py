@@ -15,7 +15,7 @@ and cached under ``--work`` (outside the repository). Each domain is adapted fro
 domain) in batches of ``--batch-size``. Writes one CSV row per model x method x domain with the source, unguarded
 and guarded accuracies and the guarded run's label-free estimate (``docs/results/guard_grid.csv``):
 
-    PYTHONPATH=$PWD python benchmarks/guard_eval.py --shared ../shared --smallcnn /tmp/guard_work/smallcnn_ls.pt \\
+    PYTHONPATH=$PWD python benchmarks/guard_eval.py --shared ../shared --small /work/models \\
         --out docs/results/guard_grid.csv
 
 ``benchmarks/guard_tables.py`` turns the CSVs into the tables of ``docs/guides/guards.md``.
@@ -41,6 +41,7 @@ from tta.data.stream import Batch, Domain
 
 SEVERITIES = (5, 3, 1)
 CALIBRATION_ROWS = slice(5000, 7000)
+SMALL = {"cnn-ls": "small_ls.pt", "cnn-mixup": "small_mixup.pt", "mlp": "small_mlp.pt"}
 
 
 class DomainStream:
@@ -89,11 +90,11 @@ def setup(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, np.ndar
     head = np.load(shared / "data" / "cifar10" / "test_exact_head.npz")
     test = np.load(shared / "data" / "cifar10" / "test_jpeg.npz")
     calibration = (test["x"][CALIBRATION_ROWS], test["y"][CALIBRATION_ROWS])
-    if name == "smallcnn":
+    if name in SMALL:
         sys.path.insert(0, str(Path(__file__).parent))
         from guard_train_small import load_small_cnn
 
-        net = load_small_cnn(args.smallcnn)
+        net = load_small_cnn(Path(args.small) / SMALL[name])
     else:
         net = tta.load_model(checkpoint=shared / "models" / f"cifar10_{name}.th", arch=name)
     return net, head["x"][:args.n], head["y"][:args.n], calibration
@@ -102,15 +103,18 @@ def setup(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default="../shared")
-    parser.add_argument("--smallcnn", default="/tmp/guard_work/smallcnn_ls.pt")
-    parser.add_argument("--models", default="resnet20,digits,smallcnn")
+    parser.add_argument("--small", default="/work/models", help="folder of guard_train_small.py's weights")
+    parser.add_argument("--models", default="resnet20,resnet32,digits,cnn-ls,cnn-mixup,mlp")
     parser.add_argument("--methods", default="tent,eta,sar,roid")
     parser.add_argument("--n", type=int, default=250, help="images per domain")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--guard", default="default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/guard_work"), help="cache (outside the repository)")
+    parser.add_argument("--reuse", type=Path, help="a grid CSV whose source and unguarded accuracies (same model, "
+                        "method, domain and --n) are taken instead of running them again")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    reuse = pd.read_csv(args.reuse, comment="#") if args.reuse else None
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -120,21 +124,48 @@ def main() -> None:
         stream = DomainStream(data, y, args.batch_size)
 
         def run(method: str, guard: str | None, _net: Any = net, _stream: Any = stream,
-                _calibration: Any = calibration) -> pd.DataFrame:
+                _calibration: Any = calibration) -> tuple[pd.DataFrame, list[int]]:
             adapted = tta.adapt(_net, method, guard=guard, source_data=_calibration if guard else None)
-            return tta.evaluate(adapted, _stream, "domain", device="cpu", seed=0)
+            answers: list[str] = []  # who answered each batch, in stream order (the domains' batches in turn)
+            if adapted.guard is not None:
+                watch, before = adapted.guard, adapted.guard.after_batch
 
-        source = run("source", args.guard)
+                def after_batch(model: Any, out: Any, _before: Any = before, _watch: Any = watch) -> Any:
+                    answers.append(_watch.answer)
+                    return _before(model, out)
+
+                watch.after_batch = after_batch  # type: ignore[method-assign]
+            result = tta.evaluate(adapted, _stream, "domain", device="cpu", seed=0)
+            per_domain = len(_stream) // len(_stream.domains)
+            mixed = [answers[d * per_domain:(d + 1) * per_domain].count("mix") for d in range(len(_stream.domains))]
+            return result, mixed
+
+        def earlier(method: str, column: str, _name: str = name, _stream: Any = stream, _n: int = len(y)
+                    ) -> pd.DataFrame | None:
+            """``column`` of the reused grid for this model and method, in the stream's domain order, or None."""
+            if reuse is None:
+                return None
+            part = reuse[(reuse.model == _name) & (reuse.method == method) & (reuse.n == _n)]
+            keyed = {(r.corruption, int(r.severity)): r[column] for _, r in part.iterrows()}
+            values = [keyed.get((d.corruption, d.severity)) for d in _stream.domains]
+            return None if None in values else pd.DataFrame({"accuracy": values})
+
+        source = earlier(args.methods.split(",")[0], "source_acc")
+        if source is None:
+            source, _ = run("source", None)
         for method in args.methods.split(","):
             start = time.perf_counter()
-            plain, guarded = run(method, None), run(method, args.guard)
+            plain = earlier(method, "unguarded_acc")
+            if plain is None:
+                plain, _ = run(method, None)
+            guarded, mixed = run(method, args.guard)
             for i, domain in enumerate(stream.domains):
                 rows.append({"model": name, "method": method, "corruption": domain.corruption,
                              "severity": domain.severity, "n": len(y), "source_acc": source["accuracy"][i],
-                             "source_estimate": source["estimated_accuracy"][i],
                              "unguarded_acc": plain["accuracy"][i], "guarded_acc": guarded["accuracy"][i],
                              "estimated_acc": guarded["estimated_accuracy"][i],
-                             **{k: int(guarded[k][i]) for k in ("fallbacks", "skipped", "resets")}})
+                             **{k: int(guarded[k][i]) for k in ("fallbacks", "skipped", "resets")},
+                             "mixed": mixed[i]})
             pd.DataFrame(rows).round(2).to_csv(args.out, index=False)  # each finished method is kept
             df = pd.DataFrame(rows)
             df = df[(df.model == name) & (df.method == method)]

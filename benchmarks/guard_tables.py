@@ -38,10 +38,10 @@ Table = tuple[list[str], list[list[str]]]
 
 
 def promise(grid: pd.DataFrame) -> Table:
-    """Per model x method: mean accuracies and the domains where the guard's promise does not hold."""
+    """Per model x method: mean accuracies, the domains where the guard's promise does not hold, and who answered."""
     header = ["model", "method", "domains", "source", "unguarded", "guarded", "unguarded < source - 1",
               "guarded < source - 1", "worst guarded - source", "gain kept < 90 %", "short by > 1 point",
-              "batches answered by source"]
+              "batches answered by source", "batches answered by the average"]
     rows = []
     for (model, method), g in grid.groupby(["model", "method"], sort=False):
         gain = g["unguarded_acc"] - g["source_acc"]
@@ -51,7 +51,7 @@ def promise(grid: pd.DataFrame) -> Table:
                      f"{g['unguarded_acc'].mean():.2f}", f"{g['guarded_acc'].mean():.2f}",
                      str(int((gain < -1).sum())), str(int((kept < -1).sum())), f"{kept.min():+.1f}",
                      str(int(short.sum())), str(int((short & (0.9 * gain - kept > 1)).sum())),
-                     str(int(g["fallbacks"].sum()))])
+                     str(int(g["fallbacks"].sum())), str(int(g["mixed"].sum()))])
     return header, rows
 
 

@@ -66,16 +66,16 @@ def test_monitor_preset_changes_nothing(bn_model: nn.Module) -> None:
 
 
 def test_collapse_batches_fall_back_and_roll_back(bn_model: nn.Module) -> None:
-    """A learning rate that wrecks the model (the ``harm`` rule off: random weights have no meaningful calibration):
-    every unhealthy batch, and the batch after a collapse (probation), is
+    """A learning rate that wrecks the model (the disagreement answers off: random weights have no meaningful
+    calibration): every unhealthy batch, and the batch after a collapse (probation), is
     answered by the source model; a collapse batch leaves the state of the last healthy batch (``rollback``);
     enough of them in a row reset the model."""
-    guard = Guard(reset_after=3, rollback=True, harm_margin=1.0)
+    guard = Guard(reset_after=3, rollback=True, near_source=0.0, mild=0.0)
     adapted = tta.adapt(bn_model, "tent", optimizer="sgd", lr=50.0, guard=guard, source_data=_source())
     source = copy.deepcopy(bn_model).eval()
     g = torch.Generator().manual_seed(2)
     last_healthy_start = _state(adapted)
-    collapsed = on_probation = probation = harmed = 0
+    collapsed = on_probation = probation = 0
     for _ in range(12):
         x = torch.rand(16, 3, 16, 16, generator=g) * 0.5
         before, resets = _state(adapted), adapted.counters.resets
@@ -88,11 +88,6 @@ def test_collapse_batches_fall_back_and_roll_back(bn_model: nn.Module) -> None:
             assert torch.equal(out, expected)  # fallback
             if adapted.counters.resets == resets:  # rolled back (or skipped before any healthy batch)
                 assert _equal(_state(adapted), last_healthy_start)
-        elif adapted.guard.unhealthy:  # harm: answered by the source model, the (healthy) state goes on
-            harmed += 1
-            probation = 0
-            last_healthy_start = before
-            assert torch.equal(out, expected)
         else:
             last_healthy_start = before
             if probation:
@@ -101,12 +96,12 @@ def test_collapse_batches_fall_back_and_roll_back(bn_model: nn.Module) -> None:
                 assert torch.equal(out, expected)
     c = adapted.counters
     assert collapsed > 0 and on_probation > 0 and c.skipped == collapsed
-    assert c.fallbacks == collapsed + on_probation + harmed
+    assert c.fallbacks == collapsed + on_probation
     assert c.rollbacks + c.resets > 0
 
 
 def test_probation_zero_trusts_the_first_healthy_batch_again(bn_model: nn.Module) -> None:
-    guard = Guard(reset_after=3, probation=0, harm_margin=1.0)
+    guard = Guard(reset_after=3, probation=0, near_source=0.0, mild=0.0)
     adapted = tta.adapt(bn_model, "tent", optimizer="sgd", lr=50.0, guard=guard, source_data=_source())
     g = torch.Generator().manual_seed(2)
     unhealthy = 0
@@ -391,3 +386,62 @@ def test_a_domain_with_an_unestimated_batch_has_no_estimate(bn_model: nn.Module)
         tally.add(torch.full((8,), d))
     assert math.isnan(tally.row(0)["estimated_accuracy"])
     assert 0.0 <= tally.row(1)["estimated_accuracy"] <= 100.0
+
+
+def test_near_source_batches_are_answered_by_the_source_model_without_an_update(overconfident) -> None:
+    """Where the adapted and source models disagree no more than on the clean calibration images (here: clean
+    images, with ``near_source`` raised so that this counts as near), the source model answers and the update is
+    skipped: adapting with batch statistics buys nothing there."""
+    model, calibration, _ = overconfident
+    x, _ = _prototype_images(100, torch.Generator().manual_seed(7))
+    guarded = tta.adapt(model, "tent", guard=Guard(near_source=3.0, mild=3.0), source_data=calibration)
+    before = _state(guarded)
+    for xb in x.split(50):
+        out = guarded(xb)
+        assert guarded.guard.answer == "source" and guarded.guard.signals["disagreement"] < 3.0
+        with torch.no_grad():
+            assert torch.equal(out, model(xb))
+    assert guarded.counters.skipped == 2 and guarded.counters.updates == 0 and _equal(_state(guarded), before)
+    assert guarded.counters.fallbacks == 2
+
+
+def test_a_mild_shift_is_answered_by_the_ensemble_of_both_models(overconfident) -> None:
+    """A disagreement ratio between ``near_source`` and ``mild``: the answer is the average of the two models'
+    probabilities, which returns the common class wherever the two agree; the update is skipped."""
+    from tta.monitor.calibrate import mixture
+
+    model, calibration, _ = overconfident
+    x, _ = _prototype_images(100, torch.Generator().manual_seed(7))
+    plain = tta.adapt(model, "tent")
+    guarded = tta.adapt(model, "tent", guard=Guard(near_source=0.0, mild=3.0), source_data=calibration)
+    for xb in x.split(50):
+        adapted_out = plain.predict(xb, None)  # the model as reset: the guarded one skipped its updates
+        out = guarded(xb)
+        assert guarded.guard.answer == "mix"
+        with torch.no_grad():
+            source = model(xb)
+        assert torch.allclose(out, mixture(adapted_out, source), atol=1e-5)
+        same = adapted_out.argmax(1) == source.argmax(1)
+        assert torch.equal(out.argmax(1)[same], source.argmax(1)[same])
+        assert 0.0 <= guarded.guard.signals["estimated_accuracy"] <= 1.0
+    assert guarded.counters.updates == 0 and guarded.counters.skipped == 2
+
+
+def test_roid_is_estimated_from_its_logits_before_the_prior_correction(overconfident) -> None:
+    """ROID returns prior-corrected (flattened) logits; the guard reads and calibrates the logits before that
+    correction, so its estimate is neither saturated nor missing on clean-like data, and close to the truth."""
+    model, calibration, _ = overconfident
+    model = copy.deepcopy(model)
+    model.head.weight.mul_(0.2)  # moderate confidences, which the prior correction flattens to near 1/C
+    model.head.bias.mul_(0.2)
+    x, y = _prototype_images(300, torch.Generator().manual_seed(8))
+    guarded = tta.adapt(model, "roid", guard=Guard(near_source=0.0, mild=0.0), source_data=calibration)
+    stream = [(xb, yb) for xb, yb in zip(x.split(50), y.split(50), strict=True)]
+    right = above = 0
+    for xb, yb in stream:
+        out = guarded(xb)
+        assert guarded.guard.answer == "adapted"
+        assert guarded.guard.estimate_note == "" and guarded.guard.above is not None
+        right += int((out.argmax(1) == yb).sum())
+        above += int(guarded.guard.above.sum())
+    assert abs(above - right) / len(y) < 0.1

@@ -13,6 +13,7 @@ high; ``calibrate`` warns when the source accuracy exceeds ``SUSPICIOUS_ACCURACY
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class SourceStats:
     marginal_entropy: float
     n: int
     agreement: float = 1.0  # fraction of the images on which the model predicts the source model's class
+    mix_threshold: float = -1.0  # ATC threshold of the average of this model's and the source model's probabilities
+    mix_accuracy: float = 0.0  # accuracy of that average
 
 
 def atc_threshold(confidence: torch.Tensor, correct: torch.Tensor) -> float:
@@ -56,28 +59,39 @@ def atc_threshold(confidence: torch.Tensor, correct: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _compute(predict: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, source: SourceData, n: int,
-             batch_size: int, reference: nn.Module | None = None) -> dict[str, float]:
+def _compute(predict: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], model: nn.Module,
+             source: SourceData, n: int, batch_size: int, reference: nn.Module | None = None) -> dict[str, float]:
+    """``predict`` gives two logits per batch: the ones the guard reads, and the ones the model returns."""
     from tta.monitor.signals import batch_signals
 
     images, labels = source.sample(n, seed=0)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    logits = torch.cat([predict(images[i: i + batch_size].to(device, dtype)).float().cpu()
-                        for i in range(0, len(images), batch_size)])
+    pairs = [predict(images[i: i + batch_size].to(device, dtype)) for i in range(0, len(images), batch_size)]
+    logits = torch.cat([read.float().cpu() for read, _ in pairs])
     correct = logits.argmax(1) == labels
-    agreement = 1.0
+    values = {"agreement": 1.0, "mix_threshold": -1.0, "mix_accuracy": 0.0}
     if reference is not None:
         theirs = torch.cat([reference(images[i: i + batch_size].to(device, dtype)).float().cpu()
                             for i in range(0, len(images), batch_size)])
-        agreement = float((theirs.argmax(1) == logits.argmax(1)).float().mean())
+        values["agreement"] = float((theirs.argmax(1) == logits.argmax(1)).float().mean())
+        mix = mixture(torch.cat([returned.float().cpu() for _, returned in pairs]), theirs).softmax(1)
+        mix_correct = mix.argmax(1) == labels
+        values["mix_threshold"] = atc_threshold(mix.amax(1), mix_correct)
+        values["mix_accuracy"] = float(mix_correct.float().mean())
     signals = batch_signals(logits)
     threshold = atc_threshold(logits.softmax(1).amax(1), correct)
     above = logits.softmax(1).amax(1) > threshold
     precision = float(correct[above].float().mean()) if bool(above.any()) else 1.0
     return {"accuracy": float(correct.float().mean()), "threshold": threshold, "precision": precision,
             "confidence": float(signals["confidence"]), "entropy": float(signals["entropy"]),
-            "marginal_entropy": float(signals["marginal_entropy"]), "n": float(len(images)), "agreement": agreement}
+            "marginal_entropy": float(signals["marginal_entropy"]), "n": float(len(images)), **values}
+
+
+def mixture(logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
+    """Log of the average of two models' softmax probabilities (a two-model ensemble, as logits)."""
+    log_p = torch.stack([logits.detach().float().log_softmax(1), source_logits.detach().float().log_softmax(1)])
+    return torch.logsumexp(log_p, 0) - math.log(2.0)
 
 
 def _stats(values: dict[str, float]) -> SourceStats:
@@ -89,8 +103,12 @@ def calibrate(model: nn.Module, source: SourceData, n: int = 2000, batch_size: i
     from tta.models.fingerprint import model_fingerprint
 
     model.eval()
-    values = derived("guard-calibration", model_fingerprint(model), source, f"n={n}|v3",
-                     lambda: _compute(model, model, source, n, batch_size))
+    def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return logits, logits
+
+    values = derived("guard-calibration", model_fingerprint(model), source, f"n={n}|v5",
+                     lambda: _compute(both, model, source, n, batch_size))
     stats = _stats(values)
     if stats.accuracy > SUSPICIOUS_ACCURACY:
         warnings.warn(f"the source model is {100 * stats.accuracy:.1f} % accurate on the guard's calibration images "
@@ -104,10 +122,13 @@ def calibrate_adapted(adapted: AdaptedModel, source_model: nn.Module, source: So
     """The statistics of ``adapted`` *as reset* (no update) on ``n`` clean source images in batches of ``batch_size``.
 
     Adaptation changes how confident a model is, not only what it predicts: a method that normalises with batch
-    statistics, or that rescales its output (ROID's prior correction), has its own confidence scale, so its ATC
-    threshold is calibrated on its own clean predictions. ``agreement`` is how often it predicts the class of
-    ``source_model`` (in eval mode) on those images. A copy of ``adapted`` is reset and discarded (no copy is
-    kept); the result is cached by the reset state's fingerprint.
+    statistics, or that rescales its output, has its own confidence scale, so its ATC threshold is calibrated on
+    its own clean predictions, read where the guard reads them: the logits of the method's loss, before any
+    output correction (ROID's prior correction flattens the returned logits; a threshold calibrated on those
+    would count every uncorrected prediction as right). ``agreement`` is how often it predicts the class of
+    ``source_model`` (in eval mode) on those images; ``mix_threshold`` and ``mix_accuracy`` belong to the average
+    of its *returned* probabilities and the source model's (``mixture``). A copy of ``adapted`` is reset and
+    discarded (no copy is kept); the result is cached by the reset state's fingerprint.
     """
     def compute() -> dict[str, float]:
         guard, adapted.guard = adapted.guard, None  # the copy must not carry the guard
@@ -117,8 +138,14 @@ def calibrate_adapted(adapted: AdaptedModel, source_model: nn.Module, source: So
             adapted.guard = guard
         probe.reset()
         probe.requires_grad_(False)
-        return _compute(lambda x: probe.predict(x, None), probe, source, n, batch_size, source_model)
+
+        def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            returned = probe.predict(x, None)
+            read = probe.loss(x, None).logits  # what the guard reads (before the method's output correction)
+            return (read if read.shape == returned.shape else returned), returned
+
+        return _compute(both, probe, source, n, batch_size, source_model)
 
     values = derived("guard-calibration-adapted", adapted.snapshot_fingerprint(), source,
-                     f"n={n}|batch={batch_size}|v4", compute)
+                     f"n={n}|batch={batch_size}|v5", compute)
     return _stats(values)

@@ -2,46 +2,58 @@
 
 A guard keeps one frozen copy of the source model (the model before adaptation) and, on every batch, reads the
 adapted model's prediction, which the method computes anyway, and the source model's prediction on a subsample of
-the batch (``source_fraction``; every image when the guard must answer with the source model). It never asks how
+the batch (``source_fraction``; every image where the guard may answer with the source model). It never asks how
 accurate the *source* model believes it is under shift: a source model that is confidently wrong (under a strong
 shift it may put nearly every image into one class with high confidence) would then veto exactly the batches on
-which adaptation helps most. Instead each rule is evidence from the *adapted* model, or a comparison the source
-model can only take part in where it is shown to be calibrated:
+which adaptation helps most. It decides from two things the source model's confidence cannot fake:
 
 - ``collapse``: the adapted predictions' marginal entropy (entropy of the batch's mean prediction) is below
   ``collapse_ratio`` times the larger of the source model's on the same subsample and the adapted model's own on
   the first batch since its last reset (its predictions *before* any update, free to read). Adaptation is then
   putting the images into fewer classes than both models it started from: the signature of entropy-minimisation
   collapse, whatever the source model's confidence;
-- ``harm``: the shift is *mild*: the adapted and source models agree on the subsamples of recent batches (pooled
-  with weight ``decay``) at least ``in_range`` times as often as they agree on the clean calibration images (where
-  the adapted model is taken as reset); then the source model is about as reliable as on clean data, where its
-  confidence was calibrated. And the source model's ATC accuracy estimate exceeds the adapted model's by more than
-  ``harm_margin`` plus ``harm_z`` standard errors (paired over the subsample, averaged over recent batches with
-  weight ``decay``). Each model's estimate uses its own threshold, calibrated on the clean images: the source
-  model's in eval mode, the adapted model's as reset (a method that normalises with batch statistics, or rescales
-  its output, has its own confidence scale). This catches mild shifts where adapting with batch statistics is itself
-  slightly worse than the source model. Under a strong shift the two models disagree far more often than on clean
-  data (an overconfident source model most of all) and the rule is silent.
+- the *shift*, measured by how often the adapted and the source model disagree, pooled over recent batches (weight
+  ``decay``), relative to how often they disagree on the clean calibration images (the adapted model as reset, in
+  batches of ``calibration_batch``): the ``disagreement`` ratio. On clean data the two differ only by the noise of
+  adapting (batch statistics of a small batch cost a model a few points); a shift that moves the adapted model
+  away from the source model raises the ratio. Three answers follow:
+
+  - ratio < ``near_source``: the batch looks like the clean data, where the source model is the better of the
+    two (it has its calibrated running statistics). The source model answers;
+  - ratio < ``mild``: a mild shift. The batch is answered by the average of both models' probabilities (a
+    two-model ensemble), which on mild shifts was measured to be about as accurate as the better of the two or
+    better;
+
+  in both cases the update is skipped (``skip``): the answer does not need it, and the backward pass it saves
+  pays for the source model reading the whole batch;
+  - otherwise the adapted model answers.
+
+  An overconfident or collapsed source model cannot turn this against healthy adaptation: under a strong shift it
+  disagrees with the adapted model on most images, so the ratio is high and the adapted model answers, whatever
+  the source model's confidence. The source model takes part only where the two mostly agree; and where they
+  agree, the ensemble returns their common class, so the ensemble can differ from the adapted model only on the
+  (few) images on which the two disagree.
 
 On a ``collapse`` batch the guard skips the update (``skip``), answers with the source model (``fallback``), rolls
 back to the last healthy state (``rollback``, off by default: it keeps a second copy of the adapted state) and
 after ``reset_after`` collapse batches in a row resets (``reset``). After one it keeps answering with the source
-model for ``probation`` more batches. A ``harm`` batch is answered by the source model (``fallback``); the adapted
-model keeps adapting (its state is healthy, only the batch statistics of a mild shift do not help).
+model for ``probation`` more batches.
 
-``estimated_accuracy`` (``signals``) is the ATC estimate of the predictions returned: the adapted model's with its
-own threshold, or the source model's on a batch it answers. It is ``nan`` (not estimated) without calibration data,
-on a collapse batch, and outside the range where its error was measured to be small: when the source model's
-marginal entropy is below ``estimate_range`` times its clean value (a shift so strong that the source model puts
-most images into a few classes), and when the estimate pooled over recent batches exceeds the model's clean
-accuracy by more than 10 points or is saturated (every image above the threshold while the model is below 99 % on
-clean images): its confidence scale has then drifted from the calibration. ``estimate_note`` says which.
+``estimated_accuracy`` (``signals``) is the ATC estimate of the predictions returned, each with the threshold
+calibrated for it on the clean images: the adapted model's (read from the method's loss logits, before any output
+correction), the source model's, or the ensemble's. It is ``nan`` (not estimated) without calibration data, on a
+collapse batch, and outside the range where its error was measured to be small: when the source model's marginal
+entropy is below ``estimate_range`` times its clean value (a shift so strong that the source model puts most
+images into one or two classes), and, for the adapted model's answers, when its estimate pooled over recent
+batches exceeds its clean accuracy by more than 20 points or is saturated (every image above the threshold where
+its clean accuracy predicts at least three misses): updates have then sharpened its confidences beyond the
+calibration.
+``estimate_note`` says which.
 
 Calibration wants *held-out* clean labelled images (a validation split), not the images the model was trained on:
 on training images the source model is nearly always right, which makes the threshold too low and the estimates
-too high (``calibrate`` warns when the source accuracy there is above 99 %). Without source data the ``harm``
-rule and the estimate are off and ``collapse`` alone guards the run.
+too high (``calibrate`` warns when the source accuracy there is above 99 %). Without source data the shift rule
+and the estimate are off and ``collapse`` alone guards the run.
 """
 
 from __future__ import annotations
@@ -57,7 +69,7 @@ from torch import nn
 
 from tta.core.validate import check_range
 from tta.errors import ConfigError
-from tta.monitor.calibrate import SourceStats, calibrate, calibrate_adapted
+from tta.monitor.calibrate import SourceStats, calibrate, calibrate_adapted, mixture
 from tta.monitor.signals import MovingAverage, batch_signals
 
 if TYPE_CHECKING:
@@ -65,15 +77,19 @@ if TYPE_CHECKING:
     from tta.source import SourceData
 
 
+MIN_DISAGREEMENT = 0.01  # floor of the clean disagreement (a method that keeps the source model's predictions)
+DRIFT = 0.2  # an adapted model's pooled estimate this far above its clean accuracy is not quoted
+SUBSAMPLE_MARGIN = 1.25  # the subsample reads the whole batch when its disagreement ratio is below this x ``mild``
+
+
 @dataclass(frozen=True)
 class GuardConfig:
     """Rules and actions of a ``Guard`` (see the module docstring); ratios and margins are fractions."""
 
     collapse_ratio: float = 0.9
-    harm_margin: float = 0.0
-    harm_z: float = 0.5
-    in_range: float = 0.93
-    estimate_range: float = 0.5
+    near_source: float = 0.8
+    mild: float = 1.3
+    estimate_range: float = 0.2
     source_fraction: float = 0.25
     skip: bool = True
     fallback: bool = True
@@ -87,9 +103,10 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         try:
-            for name in ("collapse_ratio", "in_range", "estimate_range", "harm_margin"):
+            for name in ("collapse_ratio", "estimate_range"):
                 check_range(name, getattr(self, name), low=0.0, high=1.0)
-            check_range("harm_z", self.harm_z, low=0.0, allow_inf=True)
+            for name in ("near_source", "mild"):
+                check_range(name, getattr(self, name), low=0.0, high=100.0)
             check_range("source_fraction", self.source_fraction, low=0.0, high=1.0, low_open=True)
             check_range("decay", self.decay, low=0.0, high=1.0, high_open=True)
         except ValueError as err:
@@ -98,14 +115,16 @@ class GuardConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or value > 1_000_000:
                 raise ConfigError(f"guard setting {name} must be an integer in [{low}, 1000000], got {value!r}")
+        if self.near_source > self.mild:
+            raise ConfigError(f"guard setting near_source ({self.near_source}) must not exceed mild ({self.mild})")
 
 
 PRESETS: dict[str, GuardConfig] = {
-    # every rule; skip, fall back and reset on collapse, fall back on harm
+    # every rule; skip, fall back and reset on collapse; source or ensemble answers on near-source or mild shifts
     "default": GuardConfig(),
     # signals and estimates only: never changes what the adapted model does
     "monitor": GuardConfig(skip=False, fallback=False, rollback=False, reset=False),
-    # keep adapting whatever happens, but answer with the source model on unhealthy batches
+    # keep adapting whatever happens, but answer like "default" (source model, or both models' average)
     "fallback": GuardConfig(skip=False, rollback=False, reset=False),
 }
 
@@ -114,9 +133,10 @@ class Guard:
     """Label-free monitor of an adapted model with actions when a signal crosses its threshold.
 
     ``guard.signals`` holds the last batch's signals, ``guard.averages`` their moving averages, ``guard.unhealthy``
-    the rules that fired on the last batch, ``guard.estimate_note`` why the last batch has no accuracy estimate
-    (empty when it has one); ``guard.stats`` and ``guard.adapted_stats`` the calibrations of the source model and
-    of the adapted model as reset (``None`` without source data); ``guard.source_model`` the frozen source copy.
+    the rules that fired on the last batch (``collapse``), ``guard.answer`` who answered it (``adapted``, ``mix``
+    or ``source``), ``guard.estimate_note`` why the last batch has no accuracy estimate (empty when it has one);
+    ``guard.stats`` and ``guard.adapted_stats`` the calibrations of the source model and of the adapted model as
+    reset (``None`` without source data); ``guard.source_model`` the frozen source copy.
     """
 
     def __init__(self, config: GuardConfig | None = None, *, source_data: SourceData | str | tuple[Any, Any] | None
@@ -138,6 +158,7 @@ class Guard:
         self.signals: dict[str, float] = {}
         self.averages = MovingAverage(config.decay)
         self.unhealthy: list[str] = []
+        self.answer = "adapted"
         self.estimate_note = ""
         self.above: torch.Tensor | None = None  # per sample of the last returned prediction: counted as right (ATC)
         self._identity = False  # the adapted model is the source model (method ``source``): nothing to compare
@@ -146,10 +167,11 @@ class Guard:
         self._probation = 0  # batches still to be answered by the source model
         self._resets_seen = 0
         self._reference: float | None = None  # marginal entropy of the first batch since the last reset
-        self._paired = [0.0, 0.0, 0.0, 0.0]  # discounted sums over the subsamples: n, d, d^2 (see _measure), agreement
+        self._pooled = [0.0, 0.0]  # discounted sums over the images compared: images, agreements
         self._mass: torch.Tensor | None = None  # discounted sum of the source model's probabilities
         self._pooled_estimate = self._pooled_n = 0.0  # discounted sums: images above the threshold, images
         self._fallback_logits: torch.Tensor | None = None
+        self._mix_with: torch.Tensor | None = None  # the source logits to average the returned prediction with
 
     # ------------------------------------------------------------------------------------------------ setup
     def attach(self, adapted: AdaptedModel, source_model: nn.Module) -> None:
@@ -172,13 +194,14 @@ class Guard:
     # ------------------------------------------------------------------------------------------------ hooks
     def before_update(self, adapted: AdaptedModel, x: torch.Tensor, domain: torch.Tensor | None,
                       out: StepOutput) -> bool:
-        """Read the batch's signals; act on an unhealthy batch. Returns whether the update may go ahead."""
+        """Read the batch's signals; decide who answers it. Returns whether the update may go ahead."""
         if adapted.counters.resets != self._resets_seen:  # reset since the last batch: history no longer applies
             self._forget()
             self._resets_seen = adapted.counters.resets
+        self._fallback_logits = self._mix_with = None
+        self.answer = "adapted"
         if out.logits.ndim != 2 or out.logits.shape[0] != x.shape[0]:
             # The method predicts only after its update (MEMO): nothing to judge before it.
-            self._fallback_logits = None
             self.above, self.estimate_note = None, "the method predicts after its update"
             return True
         assert self.source_model is not None  # attach() ran
@@ -190,6 +213,10 @@ class Guard:
             rows = _subsample(n, self.config.source_fraction, logits.device)
             with torch.no_grad():
                 src = self.source_model.to(x.device)(x[rows])
+            if rows.numel() < n and self._may_need_source(logits[rows], src):
+                rows = torch.arange(n, device=logits.device)  # the source model may answer: read every image
+                with torch.no_grad():
+                    src = self.source_model(x)
         values = self._measure(logits, src, rows)
         self.signals = values
         self.averages.update(values)
@@ -197,7 +224,14 @@ class Guard:
         return self._act(adapted, x, logits, src, rows)
 
     def after_batch(self, adapted: AdaptedModel, out: StepOutput) -> StepOutput:
-        """The batch's final output: the source model's prediction when the batch was unhealthy (``fallback``)."""
+        """The batch's final output: the source model's prediction (``fallback``) or the ensemble (``mix``)."""
+        if self._mix_with is not None:
+            mixed = mixture(out.logits, self._mix_with)
+            self._mix_with = None
+            assert self.adapted_stats is not None  # a mix needs the calibration
+            if self.estimate_note == "":
+                self._quote(_above(mixed, self.adapted_stats.mix_threshold))
+            return dataclasses.replace(out, logits=mixed)
         if self._fallback_logits is None:
             return out
         adapted.counters.fallbacks += 1
@@ -208,11 +242,12 @@ class Guard:
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """What the guard learned along the stream: its settings, the last healthy snapshot (with ``rollback``),
-        the run of unhealthy batches, the reference and paired sums, and the moving averages (``adapted.save``
+        the run of unhealthy batches, the reference and pooled sums, and the moving averages (``adapted.save``
         includes it). The source copy and the calibrations are not saved: ``attach`` rebuilds them."""
         return {"config": dataclasses.asdict(self.config), "good": copy.deepcopy(self._good),
                 "bad_run": self._bad_run, "probation": self._probation, "averages": dict(self.averages.values),
-                "reference": self._reference, "paired": list(self._paired),
+                "reference": self._reference, "pooled": list(self._pooled),
+                "pooled_estimate": [self._pooled_estimate, self._pooled_n],
                 "mass": None if self._mass is None else self._mass.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -225,62 +260,61 @@ class Guard:
         self._probation = int(state.get("probation", 0))
         self.averages.values = dict(state["averages"])
         self._reference = state.get("reference")
-        self._paired = [float(v) for v in state.get("paired", [0.0] * 4)]
+        self._pooled = [float(v) for v in state.get("pooled", [0.0, 0.0])]
+        self._pooled_estimate, self._pooled_n = (float(v) for v in state.get("pooled_estimate", [0.0, 0.0]))
         self._mass = state.get("mass")
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _forget(self) -> None:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
-        self._paired, self._mass = [0.0, 0.0, 0.0, 0.0], None
+        self._pooled, self._mass = [0.0, 0.0], None
         self._pooled_estimate = self._pooled_n = 0.0
         self.averages.clear()
 
+    def _disagreement(self, images: float, agreements: float) -> float:
+        """The pooled disagreement with these images added, relative to the clean calibration's (``inf``: none)."""
+        n, agree = self.config.decay * self._pooled[0] + images, self.config.decay * self._pooled[1] + agreements
+        if self.adapted_stats is None or n <= 0:
+            return math.inf
+        return (1.0 - agree / n) / max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT)
+
+    def _may_need_source(self, logits: torch.Tensor, src: torch.Tensor) -> bool:
+        """Whether the subsample puts the batch near the ``mild`` range (with a margin for the subsample's noise)."""
+        if self.adapted_stats is None or not self.config.fallback:
+            return False
+        agree = float((logits.argmax(1) == src.argmax(1)).sum())
+        return self._disagreement(logits.shape[0], agree) < SUBSAMPLE_MARGIN * self.config.mild
+
     def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
-        """The batch's signals (one synchronisation), with the paired sums and the reference updated."""
+        """The batch's signals (one synchronisation), with the pooled sums and the reference updated."""
         mine = batch_signals(logits, None, None if self.adapted_stats is None else self.adapted_stats.threshold)
         sub = batch_signals(logits[rows], src, None)
         theirs = batch_signals(src, None, None if self.stats is None else self.stats.threshold)
         names = [*mine, "agreement", "subsample_marginal_entropy", *(f"source_{k}" for k in theirs)]
         tensors = [*mine.values(), sub["agreement"], sub["marginal_entropy"], *theirs.values()]
-        if self.stats is not None and self.adapted_stats is not None:
-            # per sample of the subsample: d = [source model above its threshold] - [adapted model above its own]
-            diff = _above(src, self.stats.threshold) - _above(logits[rows], self.adapted_stats.threshold)
+        if self.stats is not None:
             probs = src.detach().float().softmax(1).sum(0)
             self._mass = probs if self._mass is None else self.config.decay * self._mass.to(probs.device) + probs
-            names += ["paired_sum", "paired_square", "source_range"]
-            tensors += [diff.sum(), diff.square().sum(),
-                        batch_signals(self._mass[None].log())["marginal_entropy"] / max(self.stats.marginal_entropy,
-                                                                                         1e-12)]
+            names.append("source_range")
+            tensors.append(batch_signals(self._mass[None].log())["marginal_entropy"]
+                           / max(self.stats.marginal_entropy, 1e-12))
         values = dict(zip(names, torch.stack(tensors).tolist(), strict=True))
-        values["source_rows"] = float(rows.numel())
+        values["source_rows"] = m = float(rows.numel())
         if self._reference is None:  # the first batch since a reset: the adapted model before any update
             self._reference = values["marginal_entropy"]
         values["reference_marginal_entropy"] = self._reference
-        if "paired_sum" in values:
-            decay, m = self.config.decay, values["source_rows"]
-            p = self._paired
-            self._paired = [decay * p[0] + m, decay * p[1] + values.pop("paired_sum"),
-                            decay * p[2] + values.pop("paired_square"), decay * p[3] + m * values["agreement"]]
-            n, total, square, agree = self._paired
-            mean = total / n
-            se = math.sqrt(max(square / n - mean * mean, 1.0 / n) / n)
-            values["estimated_loss"], values["estimated_loss_se"] = mean, se  # source minus adapted estimate
-            clean = self.adapted_stats.agreement  # type: ignore[union-attr]
-            values["relative_agreement"] = agree / n / max(clean, 1e-12)
+        if self.adapted_stats is not None and not self._identity:
+            values["disagreement"] = self._disagreement(m, m * values["agreement"])
+            decay, (n, agree) = self.config.decay, self._pooled
+            self._pooled = [decay * n + m, decay * agree + m * values["agreement"]]
         return values
 
     def _rules(self, s: dict[str, float]) -> list[str]:
-        cfg = self.config
-        fired = []
-        if not self._identity:
-            ratio = cfg.collapse_ratio
-            if (s["subsample_marginal_entropy"] < ratio * s["source_marginal_entropy"]
-                    or s["marginal_entropy"] < ratio * s["reference_marginal_entropy"]):
-                fired.append("collapse")
-            if ("estimated_loss" in s and s["relative_agreement"] >= cfg.in_range
-                    and s["estimated_loss"] > cfg.harm_margin + cfg.harm_z * s["estimated_loss_se"]):
-                fired.append("harm")
-        return fired
+        ratio = self.config.collapse_ratio
+        if not self._identity and (s["subsample_marginal_entropy"] < ratio * s["source_marginal_entropy"]
+                                   or s["marginal_entropy"] < ratio * s["reference_marginal_entropy"]):
+            return ["collapse"]
+        return []
 
     def _act(self, adapted: AdaptedModel, x: torch.Tensor, logits: torch.Tensor, src: torch.Tensor,
              rows: torch.Tensor) -> bool:
@@ -292,13 +326,23 @@ class Guard:
             self._probation = cfg.probation
         else:
             self._bad_run = 0
-        use_source = cfg.fallback and (bool(self.unhealthy) or (self._probation > 0 and not collapse))
+        disagreement = self.signals.get("disagreement", math.inf)
+        near = cfg.fallback and not collapse and disagreement < cfg.near_source
+        if cfg.fallback and (collapse or near or (self._probation > 0 and not collapse)):
+            self.answer = "source"
+        elif cfg.fallback and disagreement < cfg.mild:
+            self.answer = "mix"
         if not collapse and self._probation > 0:
             self._probation -= 1
-        self._fallback_logits = None
-        if use_source:
+        if self.answer == "source":
             self._fallback_logits = self._source_logits(x, src, rows)
-        self._estimate(self._fallback_logits if use_source else logits, use_source, collapse)
+        elif self.answer == "mix":
+            self._mix_with = self._source_logits(x, src, rows)
+        self._estimate(logits if self.answer != "source" else self._fallback_logits, collapse)
+        if near or self.answer == "mix":
+            # Near the source or mildly shifted, the answer does not need the update (the source model is the
+            # better of the two, or the ensemble holds both); skipping it pays for reading the whole batch.
+            return not cfg.skip
         if not collapse:
             if cfg.rollback:
                 self._good = adapted._capture()  # the state that just produced a healthy batch
@@ -323,28 +367,37 @@ class Guard:
         with torch.no_grad():
             return self.source_model(x)
 
-    def _estimate(self, returned: torch.Tensor, from_source: bool, collapse: bool) -> None:
-        stats = self.stats if from_source else self.adapted_stats
+    def _estimate(self, returned: torch.Tensor | None, collapse: bool) -> None:
+        """The estimate of the batch's answer (an ensemble's is quoted in ``after_batch``, once it exists)."""
+        stats = self.stats if self.answer == "source" else self.adapted_stats
         note = ""
         if stats is None or self.stats is None:
             note = "no calibration data"
-        elif collapse and not from_source:
+        elif collapse and self.answer != "source":
             note = "the adapted model collapsed"
         elif self.signals.get("source_range", 1.0) < self.config.estimate_range:
             note = "shift outside the calibrated range (the source model puts most images into a few classes)"
-        above = None if note or stats is None else _above(returned, stats.threshold)
-        if above is not None:
-            # An estimate far above the model's own clean accuracy, or every image above the threshold, means its
-            # confidence scale has moved away from the calibration (updates sharpen confidences): not quoted.
-            pooled = self._pooled_estimate = self.config.decay * self._pooled_estimate + float(above.sum())
-            self._pooled_n = self.config.decay * self._pooled_n + above.numel()
-            estimate = pooled / self._pooled_n
-            assert stats is not None
-            if estimate > stats.accuracy + 0.1 or (estimate >= 0.995 and stats.accuracy < 0.99):
-                note, above = "the confidence scale has drifted from the calibration (estimate saturated)", None
-        self.estimate_note = note
-        self.above = None if above is None else above.long()
-        self.signals["estimated_accuracy"] = float("nan") if above is None else float(above.mean())
+        self.estimate_note, self.above = note, None
+        self.signals["estimated_accuracy"] = float("nan")
+        if not note and self.answer != "mix":
+            assert stats is not None and returned is not None
+            above = _above(returned, stats.threshold)
+            if self.answer == "adapted":
+                # An estimate of the adapted model far above its clean accuracy, or every image above the threshold,
+                # pooled over recent batches, means updates have sharpened its confidences beyond the calibration.
+                pooled = self._pooled_estimate = self.config.decay * self._pooled_estimate + float(above.sum())
+                self._pooled_n = self.config.decay * self._pooled_n + above.numel()
+                estimate = pooled / self._pooled_n
+                expected_misses = (1.0 - stats.accuracy) * self._pooled_n
+                if estimate > stats.accuracy + DRIFT or (estimate >= 0.995 and expected_misses >= 3):
+                    self.estimate_note = "the confidence scale has drifted from the calibration (estimate saturated)"
+                    return
+            self._quote(above)
+
+    def _quote(self, above: torch.Tensor) -> None:
+        """Give ``above`` (per image: counted as right) as the batch's estimate."""
+        self.above = above.long()
+        self.signals["estimated_accuracy"] = float(above.mean())
 
     def __repr__(self) -> str:
         return f"Guard({self.config})"
