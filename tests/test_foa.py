@@ -160,3 +160,13 @@ def test_cma_es_minimises_an_ill_conditioned_quadratic(dim: int) -> None:
 def test_settings_are_checked(bad: dict[str, object]) -> None:
     with pytest.raises(tta.ConfigError):
         _foa(**bad)
+
+
+def test_the_pass_counter_sees_forward_passes_only() -> None:
+    from tta.run.cost import PassCounter
+
+    adapted = _foa()
+    counter = PassCounter()
+    with counter.attached(adapted.model, 10):
+        adapted(_batch(0))
+    assert counter.backward == 0 and counter.forward == 12 * (6 + 1)  # every candidate and the previous best
