@@ -170,3 +170,7 @@ def test_the_pass_counter_sees_forward_passes_only() -> None:
     with counter.attached(adapted.model, 10):
         adapted(_batch(0))
     assert counter.backward == 0 and counter.forward == 12 * (6 + 1)  # every candidate and the previous best
+    counter = PassCounter()
+    with counter.attached(adapted.model, 10):
+        adapted(_batch(1))  # shifted: still one pass per candidate
+    assert counter.backward == 0 and counter.forward == 12 * (6 + 1)

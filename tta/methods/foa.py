@@ -227,16 +227,26 @@ class FOA(AdaptedModel):
         cls = vit.fc_norm(cls)
         return vit.head(vit.head_drop(cls if shift is None else cls + shift))
 
+    def _shifted(self, cls: torch.Tensor, logits: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """``_head(cls, shift)`` from ``logits = _head(cls, None)``: for a linear head, logits + W shift, without a
+        second pass through the head (the cost columns count head passes as forward passes)."""
+        if shift is None:
+            return logits
+        if isinstance(self._vit.head, nn.Linear) and not self._vit.training:
+            return logits + shift @ self._vit.head.weight.T
+        return self._head(cls, shift)
+
     def _shift(self) -> torch.Tensor | None:
         if not self.config.shift or self.test_mean.numel() == 0:
             return None
         return self.source_mean[-self.width:] - self.test_mean
 
-    def _fitness(self, feats: torch.Tensor, n: int) -> torch.Tensor:
+    def _fitness(self, feats: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fitness of one candidate's features (lower is better) and its unshifted logits."""
         std, mean = torch.std_mean(feats, dim=0)
         discrepancy = ((std - self.source_std) ** 2).sum() + ((mean - self.source_mean) ** 2).sum()
         logits = self._head(feats[:, -self.width:], None)
-        return self.config.fitness_lambda * discrepancy * n / 64 + entropy(logits).sum()
+        return self.config.fitness_lambda * discrepancy * n / 64 + entropy(logits).sum(), logits
 
     def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
         shift = self._shift()
@@ -249,15 +259,16 @@ class FOA(AdaptedModel):
         candidates = torch.cat([self.es.ask(state, z.to(state["mean"].device)), self.best_prompts[None]])
         fitness = torch.empty(len(candidates), dtype=torch.float64)
         best_cls: torch.Tensor | None = None
+        best_logits: torch.Tensor | None = None
         means = []
         for j, prompts in enumerate(candidates):
             feats = self._features(x, prompts.to(x))
-            value = self._fitness(feats, x.shape[0])
+            value, logits = self._fitness(feats, x.shape[0])
             fitness[j] = value.item()
             means.append(feats[:, -self.width:].mean(0))
             if best_cls is None or fitness[j] < fitness[:j].min():
-                best_cls = feats[:, -self.width:]
-        assert best_cls is not None
+                best_cls, best_logits = feats[:, -self.width:], logits
+        assert best_cls is not None and best_logits is not None
         best = int(torch.argmin(fitness))  # the first of equal minima, as the prediction above
         self.generation += 1
         refresh = self.generation % self.es.eigen_every == 0
@@ -273,10 +284,9 @@ class FOA(AdaptedModel):
             self.test_mean = batch_mean
         else:
             self.test_mean.mul_(m).add_(batch_mean, alpha=1 - m)
-        logits = self._head(best_cls, shift)
-        return StepOutput(logits, diagnostics={"fitness": fitness[best].to(x.device),
-                                               "sigma": self.cma_sigma.detach().clone()})
+        diagnostics = {"fitness": fitness[best].to(x.device), "sigma": self.cma_sigma.detach().clone()}
+        return StepOutput(self._shifted(best_cls, best_logits, shift), diagnostics=diagnostics)
 
     def predict(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
-        feats = self._features(x, self.best_prompts.to(x))
-        return self._head(feats[:, -self.width:], self._shift())
+        cls = self._features(x, self.best_prompts.to(x))[:, -self.width:]
+        return self._shifted(cls, self._head(cls, None), self._shift())
