@@ -78,27 +78,7 @@ def collect(runs: Path) -> None:
         _write(pd.concat(parts, ignore_index=True), "online_cifar10.csv", "online")
     ccc = _read(runs / "ccc")
     if len(ccc):
-        ccc = ccc.assign(run=_label(ccc))
-        runs_in = _order(pd.Index(ccc["run"].unique()), CCC)
-        wide = ccc.pivot_table(index="window", columns="run", values="accuracy", aggfunc="mean")[runs_in]
-        marks = ccc.pivot_table(index="window", columns="run", values="collapse",
-                                aggfunc=lambda v: str(v.iloc[0]).lower() == "true")[runs_in]
-        source = ccc.groupby("window")["source_accuracy"].first()
-        windows = pd.DataFrame({"images": (wide.index + 1) * int(ccc["n"].iloc[0]),
-                                "source (same images)": source}, index=wide.index)
-        for run in runs_in:
-            windows[run] = [("" if pd.isna(a) else f"{a:.1f}" + (" ↓" if m is True else ""))
-                            for a, m in zip(wide[run], marks[run], strict=True)]
-        _write(windows.reset_index(), "long_ccc.csv", "ccc")
-        rows = []
-        for run in runs_in:
-            group = ccc[ccc["run"] == run]
-            below = group[group["collapse"].astype(str).str.lower() == "true"]
-            rows.append({"run": run, "images": int(group["n"].sum()), "accuracy": group["accuracy"].mean(),
-                         "source accuracy": group["source_accuracy"].mean(),
-                         "windows below source": f"{len(below)} / {len(group)}",
-                         "first window below source": int(below["window"].min()) if len(below) else "never"})
-        _write(pd.DataFrame(rows), "long_ccc_summary.csv", "ccc")
+        _ccc_tables(ccc, "ccc", "long_ccc", block=1)
     baselines = _read(runs / "ccc-baselines")
     if len(baselines):
         per = baselines.groupby("corruption", sort=False)  # the domains are named ccc-easy, ccc-medium, ccc-hard
@@ -110,15 +90,36 @@ def collect(runs: Path) -> None:
         _write(table, "long_ccc_baselines.csv", "ccc-baselines")
     longer = _read(runs / "ccc-long")
     if len(longer):
-        block = longer["window"] // 5  # 5 windows of 1,000 images
-        flags = longer["collapse"].astype(str).str.lower() == "true"
-        table = pd.DataFrame({
-            "images": (longer["window"].groupby(block).max() + 1) * 1000,
-            "tent accuracy": longer.groupby(block)["accuracy"].mean(),
-            "source accuracy (same images)": longer.groupby(block)["source_accuracy"].mean(),
-            "windows below source": flags.groupby(block).sum().astype(int).astype(str) + " / "
-            + block.groupby(block).size().astype(str)})
-        _write(table, "long_ccc_tent.csv", "ccc-long")
+        _ccc_tables(longer, "ccc-long", "long_ccc_300k", block=10)
+
+
+def _ccc_tables(ccc: pd.DataFrame, part: str, name: str, block: int) -> None:
+    """``NAME.csv``: each run's accuracy per ``block`` windows (a "↓ k" mark: k windows more than 1 point below
+    the source model on the same images) beside the source model's; ``NAME_summary.csv``: one row per run."""
+    ccc = ccc.assign(run=_label(ccc), block=ccc["window"] // block,
+                     below=ccc["collapse"].astype(str).str.lower() == "true")
+    runs_in = _order(pd.Index(ccc["run"].unique()), CCC)
+    images = ccc.groupby("window")["n"].first().groupby(lambda w: w // block).sum().cumsum()
+    windows = pd.DataFrame({"images": images,
+                            "source (same images)": ccc.groupby("block")["source_accuracy"].mean()})
+    for run in runs_in:
+        group = ccc[ccc["run"] == run].groupby("block")
+        accuracy, below = group["accuracy"].mean(), group["below"].sum()
+        windows[run] = [f"{accuracy[b]:.1f}" + (" ↓" if block == 1 else f" ↓ {below[b]}") * bool(below.get(b))
+                        if b in accuracy.index else "" for b in windows.index]
+    _write(windows.rename_axis("block" if block > 1 else "window").reset_index(), f"{name}.csv", part)
+    rows = []
+    for run in runs_in:
+        group = ccc[ccc["run"] == run]
+        below = group[group["below"]]
+        tenth = max(len(group) // 10, 1)
+        rows.append({"run": run, "images": int(group["n"].sum()), "accuracy": group["accuracy"].mean(),
+                     "first tenth": group["accuracy"].iloc[:tenth].mean(),
+                     "last tenth": group["accuracy"].iloc[-tenth:].mean(),
+                     "source accuracy": group["source_accuracy"].mean(),
+                     "windows below source": f"{len(below)} / {len(group)}",
+                     "first window below source": int(below["window"].min()) if len(below) else "never"})
+    _write(pd.DataFrame(rows), f"{name}_summary.csv", part)
 
 
 def figures() -> None:
@@ -140,19 +141,28 @@ def figures() -> None:
                            source_accuracy=100 - rows["source_error"],
                            collapse=rows["error"] > rows["source_error"] + 1.0)
         accuracy_over_time(rows, RESULTS / "long_recurring.png", xlabel="visit")
-    if (RESULTS / "long_ccc.csv").is_file():
-        wide = pd.read_csv(RESULTS / "long_ccc.csv", comment="#", dtype=str)
-        runs = [c for c in wide.columns if c not in ("window", "images", "source (same images)")]
-        parts = []
-        for run in runs:
-            cells = wide[run].fillna("")
-            keep = cells != ""
-            parts.append(pd.DataFrame({
-                "label": run, "config_hash": run, "n": 1000,
-                "accuracy": cells[keep].str.replace(" ↓", "").astype(float),
-                "source_accuracy": wide.loc[keep, "source (same images)"].astype(float),
-                "collapse": cells[keep].str.endswith("↓")}))
-        accuracy_over_time(pd.concat(parts, ignore_index=True), RESULTS / "long_ccc.png")
+    for name in ("long_ccc", "long_ccc_300k"):
+        if (RESULTS / f"{name}.csv").is_file():
+            _ccc_figure(name)
+
+
+def _ccc_figure(name: str) -> None:
+    """docs/results/NAME.png from NAME.csv: each run's accuracy per row of the table, the source line, the marks."""
+    from tta.run.plots import accuracy_over_time
+
+    wide = pd.read_csv(RESULTS / f"{name}.csv", comment="#", dtype=str)
+    runs = [c for c in wide.columns if c not in ("window", "block", "images", "source (same images)")]
+    sizes = wide["images"].astype(int).diff().fillna(wide["images"].astype(int))
+    parts = []
+    for run in runs:
+        cells = wide[run].fillna("")
+        keep = cells != ""
+        parts.append(pd.DataFrame({
+            "label": run, "config_hash": run, "n": sizes[keep].astype(int),
+            "accuracy": cells[keep].str.split(" ").str[0].astype(float),
+            "source_accuracy": wide.loc[keep, "source (same images)"].astype(float),
+            "collapse": cells[keep].str.contains("↓")}))
+    accuracy_over_time(pd.concat(parts, ignore_index=True), RESULTS / f"{name}.png")
 
 
 def main() -> None:

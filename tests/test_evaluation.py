@@ -180,6 +180,26 @@ def test_ccc_rejects_bad_settings(bn_model: nn.Module) -> None:
         CCCStream(x, y, bn_model, speed=150, batch_size=100, corruptions=CHEAP)
 
 
+class AlwaysZero(nn.Module):
+    """Predicts class 0 for every image, however corrupted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(x), 10).index_fill_(1, torch.tensor([0]), 1.0)
+
+
+def test_ccc_says_when_its_target_cannot_be_reached(caplog: pytest.LogCaptureFixture) -> None:
+    x, _ = _images()
+    y = np.zeros(len(x), dtype=np.int64)  # AlwaysZero is right on every image at every severity
+    with caplog.at_level("WARNING", logger="tta.data.ccc"):
+        CCCStream(x, y, AlwaysZero(), baseline=0, speed=100, batch_size=50, window=100, corruptions=CHEAP)
+    assert "no lower than 100.0 %" in caplog.text and "hard target" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tta.data.ccc"):
+        CCCStream(x, np.ones_like(y), AlwaysZero(), baseline=0, speed=100, batch_size=50, window=100,
+                  corruptions=CHEAP)  # never right: 0 % is reached
+    assert "no corruption" not in caplog.text
+
+
 def _resident_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

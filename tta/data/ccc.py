@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ CALIBRATION_IMAGES = 200
 TOLERANCE = 5.0  # points: a corruption joins the stream when, alone at some severity, it is this near the target
 MIN_CORRUPTIONS = 4  # when fewer are that near (a hard target), the stream uses the nearest this many
 FORMAT = "ccc/v1"
+
+log = logging.getLogger(__name__)
 
 
 def check_ccc(baseline: int, speed: int, batch_size: int, window: int) -> None:
@@ -221,6 +224,12 @@ class CCCStream:
         """The corruptions that can bring the source model near the target alone (see the module doc)."""
         gap = {c: float(np.min(np.abs(self.calibration.single(c) - self.baseline))) for c in self.corruptions}
         near = [c for c in self.corruptions if gap[c] <= TOLERANCE]
+        if not near:
+            lowest = min(float(np.min(self.calibration.single(c))) for c in self.corruptions)
+            log.warning("no corruption brings this model's accuracy within %g points of the %s target (%d %%): "
+                        "alone they reach no lower than %.1f %% (a hard target asks for less than chance on few "
+                        "classes), so the stream stays near the nearest reachable accuracy; check each window's "
+                        "source_accuracy", TOLERANCE, BASELINES[self.baseline], self.baseline, lowest)
         if len(near) < min(MIN_CORRUPTIONS, len(self.corruptions)):
             nearest = sorted(self.corruptions, key=lambda c: gap[c])[:MIN_CORRUPTIONS]
             near = [c for c in self.corruptions if c in nearest]

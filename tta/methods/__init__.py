@@ -18,6 +18,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     foa,
     lame,
     memo,
+    petta,
     rdumb,
     rmt,
     roid,
@@ -25,10 +26,13 @@ from tta.methods import (  # noqa: F401  (registers them)
     rpl,
     santa,
     sar,
+    shot_im,
     source,
     stream_stats,
     tent,
+    tribe,
     ttaug,
+    unmix_tns,
 )
 from tta.registry import METHODS
 

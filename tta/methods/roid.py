@@ -17,7 +17,8 @@ One gradient step per batch on the affine parameters of the norm layers (BatchNo
 ``use_weighting``, ``use_consistency`` and ``use_prior_correction`` switch each part off (without weighting every
 sample has weight 1 and none is dropped). Unlike the reference code, the sums are divided by the size of the batch
 itself rather than the configured batch size (the same except on a last, smaller batch), and with ``steps`` > 1
-the source ensembling follows the batch's last step rather than every step.
+the source ensembling follows the batch's last step rather than every step. ``norm: unmix-tns`` first replaces the
+BatchNorm layers by UnMix-TNS layers (``tta.norm.unmix_tns``), whose affine parameters then train.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ from tta.core.params import IMAGENET_SGD, OptimizerConfig, check_norm_affine, no
 from tta.core.reliable import eval_with_batch_statistics
 from tta.core.validate import check_range
 from tta.core.views import color_affine_view, generator_from, new_rng_state
+from tta.norm.unmix_tns import NormChoice, apply_norm
 from tta.registry import register
 
 
 @dataclass(frozen=True)
-class RoidConfig(OptimizerConfig):
-    """Settings of ``roid`` (defaults: the reference benchmark's CIFAR-10-C configuration, Adam 1e-3)."""
+class RoidConfig(NormChoice, OptimizerConfig):
+    """Settings of ``roid`` (defaults: the reference benchmark's CIFAR-10-C configuration, Adam 1e-3), with the
+    normalisation layers (``norm``)."""
 
     renamed: ClassVar[dict[str, str]] = {"momentum_src": "src_momentum", "momentum_probs": "probs_momentum"}
 
@@ -80,6 +83,7 @@ class Roid(AdaptedModel):
         check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
+        model = apply_norm(model, self.config, self.name)
         return eval_with_batch_statistics(model, norm_affine_params(model))
 
     def setup(self) -> None:

@@ -10,7 +10,8 @@ beats the newcomer's. An image's score is ``lambda_t * sigmoid(age / memory_size
 Every ``update_every`` images the student takes one step on the whole bank: its prediction on a strong augmentation
 against the teacher's on the images themselves, weighted by timeliness ``sigmoid(-age / memory_size)``; the
 teacher then moves towards the student (momentum ``teacher_momentum``, i.e. 1 - RoTTA's nu). The prediction
-returned is the teacher's, computed before the batch's updates.
+returned is the teacher's, computed before the batch's updates. ``norm: unmix-tns`` replaces the BatchNorm layers by
+UnMix-TNS layers (``tta.norm.unmix_tns``) instead of robust BatchNorm ones.
 """
 
 from __future__ import annotations
@@ -27,18 +28,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tta.core.augment import tta_augment
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import soft_cross_entropy
-from tta.core.params import OptimizerConfig, ema_update, train_only
+from tta.core.params import OptimizerConfig, check_norm_affine, ema_update, train_only
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
 from tta.errors import InputError, ModelError
 from tta.norm.convert import replace_batchnorms
 from tta.norm.robust_bn import RobustBN
+from tta.norm.unmix_tns import NormChoice, UnMixTNS, apply_norm
 from tta.registry import register
 
 
 @dataclass(frozen=True)
-class RoTTAConfig(OptimizerConfig):
-    """Settings of ``rotta`` (defaults: the reference benchmark's CIFAR-10-C configuration)."""
+class RoTTAConfig(NormChoice, OptimizerConfig):
+    """Settings of ``rotta`` (defaults: the reference benchmark's CIFAR-10-C configuration), with the normalisation
+    layers (``norm``: ``unmix-tns`` takes the place of the robust BatchNorm)."""
 
     memory_size: int = 64
     update_every: int = 64
@@ -75,8 +78,10 @@ class RoTTA(AdaptedModel):
             raise ModelError("rotta starts its robust BatchNorm from the source running statistics, but some "
                              "BatchNorm layers were built with track_running_stats=False; load the pretrained "
                              "model with its running statistics")
+        check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
+        model = apply_norm(model, self.config, self.name)
         replace_batchnorms(model, lambda bn: RobustBN(bn, self.config.bn_alpha))
         train_only(model, _norm_params(model))
         return model
@@ -103,7 +108,7 @@ class RoTTA(AdaptedModel):
         self.model.eval()
         self.teacher.eval()
         with torch.no_grad():
-            logits = self.teacher(x)
+            logits = self._teacher_logits(x)
             p = logits.softmax(1)
             entropy = -(p * torch.log(p + 1e-6)).sum(1)
         self._batch, self._cursor = (x.detach(), p.argmax(1).tolist(), entropy.tolist()), 0
@@ -130,6 +135,14 @@ class RoTTA(AdaptedModel):
         return self.teacher(x)
 
     # ------------------------------------------------------------------------------------------- memory bank
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's prediction on a new batch (eval mode, no gradients), which also labels it for the bank."""
+        return self.teacher(x)
+
+    def _update_due(self) -> bool:
+        """Whether an update is due after the image just admitted: every ``update_every`` images."""
+        return self.seen % self.config.update_every == 0
+
     def _next_update(self, logits: torch.Tensor) -> StepOutput:
         """Admit the batch's images from the cursor on until an update is due; its loss, or no loss at the end."""
         assert self._batch is not None
@@ -145,7 +158,7 @@ class RoTTA(AdaptedModel):
                 writes[slot] = i
             self.seen += 1
             self._cursor += 1
-            due = self.seen % self.config.update_every == 0
+            due = self._update_due()
         for buffer, values in ((self.memory_label, label), (self.memory_entropy, entropy), (self.memory_birth, birth)):
             buffer.copy_(torch.tensor(values, dtype=buffer.dtype))  # in place: fixed-capacity state
         if writes:
@@ -201,6 +214,7 @@ class RoTTA(AdaptedModel):
 
 
 def _norm_params(model: nn.Module) -> list[nn.Parameter]:
-    """Affine parameters of the robust BatchNorm, LayerNorm and GroupNorm layers (what RoTTA trains)."""
-    return [p for m in model.modules() if isinstance(m, (RobustBN, nn.LayerNorm, nn.GroupNorm))
+    """Affine parameters of the robust BatchNorm (or UnMix-TNS), LayerNorm and GroupNorm layers (what RoTTA
+    trains)."""
+    return [p for m in model.modules() if isinstance(m, (RobustBN, UnMixTNS, nn.LayerNorm, nn.GroupNorm))
             for p in (m.weight, m.bias) if p is not None]

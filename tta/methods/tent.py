@@ -3,7 +3,8 @@
 As the official code: BatchNorm layers always use batch statistics (running statistics dropped), only the affine
 parameters of BatchNorm/LayerNorm/GroupNorm train, one Adam step per batch on the mean softmax entropy, and the
 returned logits are those computed before the update. ``model_mode: eval`` keeps the rest of the model (dropout) in
-eval mode while BatchNorm still normalises with batch statistics.
+eval mode while BatchNorm still normalises with batch statistics. ``norm: unmix-tns`` first replaces the BatchNorm
+layers by UnMix-TNS layers (``tta.norm.unmix_tns``), whose affine parameters then train.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from tta.core.params import (
     norm_affine_params,
     train_only,
 )
+from tta.norm.unmix_tns import NormChoice, apply_norm
 from tta.registry import register
 
 
 @dataclass(frozen=True)
-class TentConfig(OptimizerConfig):
-    """Settings of ``tent``: the optimiser's plus the mode the rest of the model runs in."""
+class TentConfig(NormChoice, OptimizerConfig):
+    """Settings of ``tent``: the optimiser's, the normalisation layers (``norm``) and the mode the rest of the
+    model runs in."""
 
     model_mode: Literal["train", "eval"] = "train"
 
@@ -47,6 +50,7 @@ class Tent(AdaptedModel):
         check_norm_affine(model, self.name)
 
     def configure(self, model: nn.Module) -> nn.Module:
+        model = apply_norm(model, self.config, self.name)
         model.train(self.config.model_mode == "train")
         force_batch_statistics(model)
         train_only(model, norm_affine_params(model))

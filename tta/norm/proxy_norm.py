@@ -355,11 +355,12 @@ def calibrate_proxy_norm(model: torch.fx.GraphModule, base: nn.Module, x: torch.
 
 def adaptable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """What a Tent-style method adapts in one layer (not its children): a PNAct's affine and proxy parameters, the
-    affine weight and bias of a BatchNorm, LayerNorm or GroupNorm, nothing for any other layer."""
+    affine weight and bias of a BatchNorm, LayerNorm, GroupNorm or UnMix-TNS layer, nothing for any other layer."""
     from tta.norm.convert import NORM_TYPES
+    from tta.norm.unmix_tns import UnMixTNS
 
     if isinstance(module, PNAct):
         return module.affine_parameters()
-    if isinstance(module, NORM_TYPES):
+    if isinstance(module, (*NORM_TYPES, UnMixTNS)):
         return [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None]
     return []
