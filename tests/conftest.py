@@ -74,6 +74,20 @@ class TinyGNNet(nn.Module):
         return self.net(x)
 
 
+def tiny_vit(seed: int = 0) -> nn.Module:
+    """A 2-block timm ViT (patch 4, width 16, class token, any image size) behind [0, 1] input normalisation, as
+    ``tta.load_model`` builds timm models: LayerNorm only, and prompt tokens fit (FOA)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from tta.models.normalize import normalized
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0,
+                                num_classes=10, dynamic_img_size=True, dynamic_img_pad=True)
+    return normalized(vit, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).eval()
+
+
 def _with_source_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BN layers non-trivial running statistics, as a pretrained network has, then switch to eval."""
     g = torch.Generator().manual_seed(seed)
@@ -97,6 +111,11 @@ def ln_model() -> nn.Module:
 @pytest.fixture
 def gn_model() -> nn.Module:
     return TinyGNNet().eval()
+
+
+@pytest.fixture
+def vit_model() -> nn.Module:
+    return tiny_vit()
 
 
 @pytest.fixture
@@ -141,7 +160,9 @@ def one_thread() -> Iterator[None]:
 
 # Settings that keep a method's contract tests cheap without changing what they check (fewer augmented views).
 CHEAP = {"memo": {"n_augmentations": 4}, "ttaug": {"n_augmentations": 4}, "rmt": {"warmup_samples": 800},
-         "adacontrast": {"queue_size": 64, "warmup_samples": 16}}
+         "adacontrast": {"queue_size": 64, "warmup_samples": 16}, "foa": {"popsize": 4, "source_samples": 32}}
+# Methods that adapt only Vision Transformers (prompt tokens), so not the BatchNorm CNNs every other method adapts.
+VIT_ONLY = {"foa"}
 # Methods that need clean source data for some models only (stream-stats: the statistics of GroupNorm layers).
 SOURCE_FOR_SOME_MODELS = {"stream-stats"}
 

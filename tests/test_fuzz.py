@@ -1,5 +1,5 @@
 """Fuzz suite: random batches and domain ids against every registered method on BatchNorm, GroupNorm and LayerNorm
-models, and concurrent callers.
+models and a small ViT, and concurrent callers.
 
 A seeded generator draws shapes, dtypes, value ranges, NaN/inf placements, empty and single-image batches and
 domain ids (negative, huge, wrong shape, float, not ids at all), inside ``torch.no_grad()``/``inference_mode()``
@@ -35,7 +35,7 @@ from tta.errors import InputError, ModelError
 from tta.methods import get_method
 
 METHODS = tta.list_methods()
-MODELS = ("bn_model", "gn_model", "ln_model")
+MODELS = ("bn_model", "gn_model", "ln_model", "vit_model")
 
 
 @pytest.fixture(autouse=True)

@@ -58,6 +58,9 @@ class OptimizerConfig:
 # The reference benchmark's ImageNet-C optimiser (ResNet-50, batch 64): SGD with Nesterov momentum. Methods build
 # their `imagenet` presets on it.
 IMAGENET_SGD: dict[str, object] = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": True}
+# ViT-B/16 on ImageNet-C, batch 64, as SAR's and DeYO's official code run Tent, EATA, SAR and DeYO on it: SGD at
+# lr 0.001 (their 0.001 / 64 x batch size), momentum 0.9 without Nesterov.
+VIT_SGD: dict[str, object] = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "nesterov": False}
 
 
 def make_optimizer(params: Iterable[nn.Parameter] | list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -119,6 +122,6 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
 
 
 __all__ = [
-    "IMAGENET_SGD", "OptimizerConfig", "ema_update", "force_batch_statistics", "make_optimizer",
+    "IMAGENET_SGD", "VIT_SGD", "OptimizerConfig", "ema_update", "force_batch_statistics", "make_optimizer",
     "norm_affine_params", "norm_layers", "train_only",
 ]

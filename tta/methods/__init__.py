@@ -16,6 +16,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     dsbn,
     eata,
     eta,
+    foa,
     lame,
     memo,
     petta,

@@ -26,7 +26,7 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy, entropy_margin
-from tta.core.params import IMAGENET_SGD, OptimizerConfig, norm_layers
+from tta.core.params import IMAGENET_SGD, VIT_SGD, OptimizerConfig, norm_layers
 from tta.core.reliable import eval_with_batch_statistics
 from tta.core.validate import check_range
 from tta.core.views import generator_from, new_rng_state, occlude, patch_shuffle, pixel_shuffle
@@ -82,6 +82,8 @@ class Deyo(AdaptedModel):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The reference benchmark's ImageNet-C settings (ResNet-50, batch 64).
         "imagenet": IMAGENET_SGD,
+        # DeYO's official ViT-B/16 runs (batch 64); its defaults (plpd_threshold 0.2, frozen last blocks) apply.
+        "vit": VIT_SGD,
     }
 
     def check_model(self, model: nn.Module) -> None:

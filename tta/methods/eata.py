@@ -25,7 +25,7 @@ from tta.core.base import StepOutput
 from tta.core.fisher import source_fisher
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
-from tta.methods.eta import ETA, IMAGENET, ETAConfig
+from tta.methods.eta import ETA, IMAGENET, VIT, ETAConfig
 from tta.registry import register
 
 
@@ -56,7 +56,8 @@ class EATA(ETA):
     Config = EATAConfig
     requires = Requirements(source_data=True)
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "imagenet": {**IMAGENET, "fisher_alpha": 2000.0, "fisher_batch_size": 64}}
+        "imagenet": {**IMAGENET, "fisher_alpha": 2000.0, "fisher_batch_size": 64},
+        "vit": {**VIT, "fisher_alpha": 2000.0, "fisher_batch_size": 64}}
 
     def setup(self) -> None:
         super().setup()

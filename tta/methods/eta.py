@@ -20,13 +20,14 @@ from torch import nn
 
 from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy, entropy_margin
-from tta.core.params import IMAGENET_SGD, OptimizerConfig, check_norm_affine, norm_affine_params
+from tta.core.params import IMAGENET_SGD, VIT_SGD, OptimizerConfig, check_norm_affine, norm_affine_params
 from tta.core.reliable import eval_with_batch_statistics, reliable
 from tta.core.validate import check_range
 from tta.registry import register
 
 # The reference benchmark's ImageNet-C settings (ResNet-50, batch 64).
 IMAGENET = {**IMAGENET_SGD, "d_margin": 0.05}
+VIT = {**VIT_SGD, "d_margin": 0.05}  # SAR's official code running EATA on ViT-B/16
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ETA(AdaptedModel):
 
     Config = ETAConfig
     update = "gradient"
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"imagenet": IMAGENET}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"imagenet": IMAGENET, "vit": VIT}
 
     def check_model(self, model: nn.Module) -> None:
         check_norm_affine(model, self.name)

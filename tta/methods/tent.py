@@ -19,6 +19,7 @@ from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import entropy_objective
 from tta.core.params import (
     IMAGENET_SGD,
+    VIT_SGD,
     OptimizerConfig,
     check_norm_affine,
     force_batch_statistics,
@@ -43,7 +44,7 @@ class Tent(AdaptedModel):
 
     Config = TentConfig
     update = "gradient"
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"imagenet": IMAGENET_SGD}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"imagenet": IMAGENET_SGD, "vit": VIT_SGD}
 
     def check_model(self, model: nn.Module) -> None:
         check_norm_affine(model, self.name)

@@ -6,8 +6,10 @@ file it writes is a ``torch.save`` dict that says how to rebuild the network bef
 - ``format`` = ``tta.model``, ``version``;
 - ``build``: the base architecture, ``{"arch": "resnet20", "num_classes": 10}`` for a CIFAR ResNet or
   ``{"name": ..., "dataset": ...}`` for a named model (robustbench, torchvision, timm; its pretrained weights are
-  fetched like ``load_model`` does, then overwritten);
-- ``method`` and ``settings``: the conversion applied to the base (``afn``, ``proxy-norm``) and its settings;
+  fetched like ``load_model`` does, then overwritten; a ``timm:`` name may add ``"pretrained": False`` and
+  ``model_kwargs``, e.g. a small ViT trained from scratch);
+- ``method`` and ``settings``: the conversion applied to the base (``afn``, ``proxy-norm``; None for none) and its
+  settings;
 - ``state_dict``: every weight of the converted model; plus provenance (``base``, ``base_fingerprint``, ``warmup``,
   ``history``).
 

@@ -330,10 +330,12 @@ def build_saved_model(ckpt: dict[str, Any], path: str | Path, data_dir: str | Pa
     if "arch" in build:
         base: nn.Module = normalized(cifar_resnet(build["arch"], build["num_classes"]), *CIFAR_RESNET_NORM)
     elif "name" in build:
-        base = load_model(build["name"], dataset=build["dataset"], data_dir=data_dir)
+        base = load_model(build["name"], dataset=build["dataset"], data_dir=data_dir,
+                          pretrained=build.get("pretrained", True), model_kwargs=build.get("model_kwargs"))
     else:
         raise ModelError(f"{str(path)!r} does not say which architecture it holds; warm up again with this tta")
-    model = convert(ckpt["method"], base.eval(), ckpt["settings"])
+    # method None: a model trained as it is (e.g. benchmarks/train_small_vit.py's ViT), no conversion to apply
+    model = base.eval() if ckpt.get("method") is None else convert(ckpt["method"], base.eval(), ckpt["settings"])
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
