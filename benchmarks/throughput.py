@@ -2,11 +2,14 @@
 
     python benchmarks/throughput.py [--device auto] [--arch resnet20] [--n-images 4000] [--batch-size 200]
         [--checkpoint resnet20.th --images test.npz --source-images train.npz] [--methods source,adabn,tent]
+        [--set NAME=VALUE ...]
 
 For each method (--methods, comma-separated), both sides take the same uint8 batches from host memory, move each to
 the device once, convert to [0, 1] floats and run the same model computation; the hand-written loop
 (benchmarks/hand_loops/<method>.py) has no input checks, no reset logic, no rollback and no accounting beyond a
-correct count. After --warmup discarded runs of each side, the two sides alternate, each repeat in the opposite
+correct count. ``--set`` changes a setting on both sides (``tta.adapt``'s overrides, and the same keyword to the
+loop's ``make``), e.g. ``--set warmup_samples=2000`` shortens RMT's source warm-up, done before the timing.
+After --warmup discarded runs of each side, the two sides alternate, each repeat in the opposite
 order of the one before (engine, loop, loop, engine, ...). Reported: the median images per second of each side
 over --repeats runs, and the median (and range) of the ratio engine / loop of the runs taken side by side, with
 the accuracy of each side (equal up to float rounding for methods without random augmentation: the check that
@@ -23,9 +26,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 import tta
@@ -37,10 +42,11 @@ from tta.models.zoo import CIFAR_RESNET_NORM, normalized
 
 
 def hand_loop(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-              device: torch.device, source: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[float, float]:
+              device: torch.device, source: tuple[torch.Tensor, torch.Tensor] | None,
+              settings: dict[str, Any]) -> tuple[float, float]:
     """The computation of ``method`` written out by hand (benchmarks/hand_loops): (images per second, accuracy)."""
     module = importlib.import_module(f"hand_loops.{method.replace('-', '_')}")
-    step = module.make(copy.deepcopy(model).to(device), device, source)
+    step = module.make(copy.deepcopy(model).to(device), device, source, **settings)
     correct = torch.zeros((), dtype=torch.long, device=device)
     sync(device)
     start = time.perf_counter()
@@ -54,9 +60,10 @@ def hand_loop(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, b
 
 
 def engine_run(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-               device: torch.device, source: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[float, float]:
+               device: torch.device, source: tuple[torch.Tensor, torch.Tensor] | None,
+               settings: dict[str, Any]) -> tuple[float, float]:
     """The same through ``tta.adapt`` + ``tta.evaluate``: (images per second (wall clock), accuracy)."""
-    adapted = tta.adapt(model, method, source_data=source)
+    adapted = tta.adapt(model, method, source_data=source, **settings)
     stream = array_stream(x, y, batch_size=batch_size)
     sync(device)
     start = time.perf_counter()
@@ -86,7 +93,10 @@ def main() -> None:
     parser.add_argument("--images", help="npz with uint8 NHWC 'x' and labels 'y' (default: random images)")
     parser.add_argument("--source-images", help="npz of clean images for methods that need source data "
                         "(default: 512 random images)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a method setting for both sides (a YAML value), e.g. warmup_samples=2000; repeatable")
     args = parser.parse_args()
+    settings = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -118,12 +128,13 @@ def main() -> None:
         sides = {"engine": engine_run, "loop": hand_loop}
         for _ in range(args.warmup):  # discarded: first-call costs (allocator, thread pools, autograd)
             for run in sides.values():
-                run(method, model, x, y, args.batch_size, device, src)
+                run(method, model, x, y, args.batch_size, device, src, settings)
         speed: dict[str, list[float]] = {"engine": [], "loop": []}
         accuracy: dict[str, float] = {}
         for i in range(args.repeats):  # alternate which side goes first, so that drifts in load cancel
             for side in (("engine", "loop") if i % 2 == 0 else ("loop", "engine")):
-                images_per_second, accuracy[side] = sides[side](method, model, x, y, args.batch_size, device, src)
+                images_per_second, accuracy[side] = sides[side](method, model, x, y, args.batch_size, device, src,
+                                                                settings)
                 speed[side].append(images_per_second)
         ratios = [e / h for e, h in zip(speed["engine"], speed["loop"], strict=True)]
         e, h = statistics.median(speed["engine"]), statistics.median(speed["loop"])
