@@ -13,12 +13,21 @@ pooled, as they hold few images each), the number of contexts CORA used, and sec
     python benchmarks/own_method.py --arch resnet20 --severity 5 --n 300 --out docs/results/cora_r20_sev5.csv
     python benchmarks/own_method.py --ablation --severity 5 --n 300 --out docs/results/cora_ablation_r20_sev5.csv
     python benchmarks/own_method.py --throughput --settings continual --out docs/results/cora_throughput.csv
+    python benchmarks/own_method.py --part online --n 64 --out docs/results/cora_online.csv
+    python benchmarks/own_method.py --part ccc --out docs/results/cora_ccc.csv
+
+``--part online`` and ``--part ccc`` run ``tta adapt`` (with the options of ``benchmarks/long_streams.py``, so the
+CCC-style stream is the one of the long-streams page) into ``--runs``, continuing runs already started there, and
+summarise the result files: the online protocol at stream speed 1 (continual, the source model and CORA), and the
+CCC-style stream (20,000 images, CORA, each window beside the source model on the same images, scored in the same
+pass).
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +42,9 @@ from tta.data.generated import GeneratedSource
 from tta.data.settings import SettingStream, WholeDomainCache
 from tta.data.stream import Domain
 from tta.methods import get_method
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from long_streams import base  # the options of the long-streams page's runs
 
 SETTINGS = ("per-domain", "continual", "mixed", "gradual", "correlated")
 METHODS: dict[str, tuple[str, dict[str, object]]] = {
@@ -116,6 +128,9 @@ def main() -> None:
                         "instead (continual, each twice, interleaved; the faster of the two), with counted costs")
     parser.add_argument("--summarise-recurring", nargs="+", type=Path, default=None, metavar="RUN_CSV",
                         help="instead: error (%%) per visit of `tta adapt --setting recurring` result files")
+    parser.add_argument("--part", choices=["online", "ccc"], default=None,
+                        help="instead: `tta adapt` runs into --runs and their summary (see the module doc)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/own"), help="result files of --part")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--source-n", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (first line: the command)")
@@ -123,6 +138,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.summarise_recurring:
         rows = summarise_recurring(args.summarise_recurring)
+        if args.out is not None:
+            _write(args.out, rows)
+        return
+    if args.part:
+        rows = online(args) if args.part == "online" else ccc(args)
+        print(pd.DataFrame(rows).to_string(index=False))
         if args.out is not None:
             _write(args.out, rows)
         return
@@ -193,6 +214,48 @@ def throughput(model: torch.nn.Module, source: WholeDomainCache, args: argparse.
     rows = [{"method": label, "images / s": round(images / best[label], 1), "counted cost": round(cost[label], 2),
              "throughput vs roid": round(best["roid"] / best[label], 2)} for label in labels]
     print(pd.DataFrame(rows).to_string(index=False))
+    return rows
+
+
+def adapt(args: argparse.Namespace, name: str, options: list[str]) -> pd.DataFrame:
+    """One ``tta adapt`` run into ``--runs/NAME.csv`` (with ``--resume``: a finished run is skipped, a killed one
+    continues), its result rows."""
+    out = args.runs / f"{name}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "tta.cli", "adapt", *base(args.shared), *options,
+               "--data-dir", str(args.runs / "data"), "--out", str(out)]
+    print(" ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    frame = pd.read_csv(out, comment="#")
+    return frame[frame.config_hash == frame.config_hash.iloc[-1]]  # the latest run's rows (a file can hold several)
+
+
+def online(args: argparse.Namespace) -> list[dict[str, object]]:
+    """The source model and CORA on a continual stream under the online protocol at stream speed 1: accuracy over
+    every domain, the batches adapted, and the counted cost per image."""
+    rows = []
+    for method in ("source", "cora"):
+        frame = adapt(args, f"online/{method}", ["--method", method, "--setting", "continual", "--protocol", "online",
+                                                 "--stream-speed", "1", "--n-examples", str(args.n)])
+        rows.append({"method": method,
+                     "accuracy": round(float((frame.accuracy * frame.n).sum() / frame.n.sum()), 2),
+                     "adapted batches": f"{int(frame.adapted_batches.sum())} / {int(frame.batches.sum())}",
+                     "counted cost": round(float((frame.relative_cost * frame.n).sum() / frame.n.sum()), 2)})
+    return rows
+
+
+def ccc(args: argparse.Namespace) -> list[dict[str, object]]:
+    """CORA on the 20,000-image CCC-style stream of the long-streams page: per window of 1,000 images, CORA's
+    accuracy, the source model's on the same images (same pass), and whether CORA is more than 1 point below it."""
+    frame = adapt(args, "ccc/cora", ["--method", "cora", "--setting", "ccc", "--baseline", "20", "--speed", "2000",
+                                     "--length", "20000", "--accuracy-window", "1000", "--batch-size", "200"])
+    frame = frame.sort_values("window")
+    rows = [{"window": int(r.window), "images": int(images), "source (same images)": round(float(r.source_accuracy), 1),
+             "cora": round(float(r.accuracy), 1), "cora - source": round(float(r.accuracy - r.source_accuracy), 1),
+             "below source - 1": "yes" if str(r.collapse).lower() == "true" else ""}
+            for r, images in zip(frame.itertuples(), frame.n.cumsum(), strict=True)]
+    below = sum(r["below source - 1"] == "yes" for r in rows)
+    print(f"windows below source - 1: {below} / {len(rows)}")
     return rows
 
 
