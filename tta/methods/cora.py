@@ -26,18 +26,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.context.model import ContextInference, ContextNormModel, convert_context_norm
 from tta.core.base import StepOutput
-from tta.core.losses import entropy, soft_likelihood_ratio
+from tta.core.losses import soft_likelihood_ratio
 from tta.core.params import IMAGENET_SGD, OptimizerConfig
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
 from tta.methods._domain_norm import DomainNormMethod
-from tta.methods.roid import _min_max, _smoothed_prior
+from tta.methods.roid import _smoothed_prior, certainty_diversity_weights
 from tta.norm.context_norm import DomainContextNorm
 from tta.registry import register
 
@@ -206,15 +205,8 @@ class Cora(DomainNormMethod):
         keep = torch.ones(n, dtype=torch.bool, device=x.device)
         weights = torch.ones(n, dtype=logits.dtype, device=x.device)
         if cfg.use_weighting:
-            with torch.no_grad():
-                probs = logits.softmax(1)
-                if self.class_probs_ema.numel() != probs.shape[1]:  # model without a linear head: sized now
-                    self.class_probs_ema = torch.full_like(probs[0], 1.0 / probs.shape[1])
-                diversity = _min_max(1 - F.cosine_similarity(self.class_probs_ema.unsqueeze(0), probs, dim=1))
-                keep = diversity >= diversity.mean()
-                certainty = _min_max(-entropy(logits))
-                weights = torch.exp(diversity * certainty / cfg.temperature) * keep
-                self.class_probs_ema.mul_(cfg.probs_momentum).add_(probs.mean(0), alpha=1 - cfg.probs_momentum)
+            keep, weights, self.class_probs_ema = certainty_diversity_weights(
+                logits, self.class_probs_ema, cfg.temperature, cfg.probs_momentum)
         if not cfg.update_affine:
             return StepOutput(logits.detach())
         slr = soft_likelihood_ratio(logits)

@@ -102,15 +102,8 @@ class Roid(AdaptedModel):
         keep = torch.ones(n, dtype=torch.bool, device=x.device)
         weights = torch.ones(n, dtype=logits.dtype, device=x.device)
         if cfg.use_weighting:
-            with torch.no_grad():
-                probs = logits.softmax(1)
-                if self.class_probs_ema.numel() != probs.shape[1]:  # model without a linear head: sized now
-                    self.class_probs_ema = torch.full_like(probs[0], 1.0 / probs.shape[1])
-                diversity = _min_max(1 - F.cosine_similarity(self.class_probs_ema.unsqueeze(0), probs, dim=1))
-                keep = diversity >= diversity.mean()
-                certainty = _min_max(-entropy(logits))
-                weights = torch.exp(diversity * certainty / cfg.temperature) * keep
-                self.class_probs_ema.mul_(cfg.probs_momentum).add_(probs.mean(0), alpha=1 - cfg.probs_momentum)
+            keep, weights, self.class_probs_ema = certainty_diversity_weights(
+                logits, self.class_probs_ema, cfg.temperature, cfg.probs_momentum)
         slr = soft_likelihood_ratio(logits)
         loss = (slr * weights)[keep].sum() / n
         # A one-image subset cannot take batch statistics in a BatchNorm1d (min_batch 2): no consistency term then.
@@ -136,6 +129,26 @@ class Roid(AdaptedModel):
     def predict(self, x: torch.Tensor, domain: torch.Tensor | None) -> torch.Tensor:
         logits = self.model(x)
         return logits * _smoothed_prior(logits) if self.config.use_prior_correction else logits
+
+
+def certainty_diversity_weights(logits: torch.Tensor, class_probs_ema: torch.Tensor, temperature: float,
+                                momentum: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ROID's sample selection and weights for a batch of ``logits``: an image is kept when its prediction differs
+    from the running class distribution ``class_probs_ema`` at least as much as the batch's average (diversity, by
+    cosine distance), and weighted by exp(diversity x certainty / temperature), both min-max scaled over the batch.
+    Returns (keep, weights, class_probs_ema) with the running distribution moved towards the batch's mean
+    prediction (``momentum``: the weight kept on the old one); one sized to the logits' classes replaces an empty
+    one (a model without a linear head)."""
+    with torch.no_grad():
+        probs = logits.softmax(1)
+        if class_probs_ema.numel() != probs.shape[1]:
+            class_probs_ema = torch.full_like(probs[0], 1.0 / probs.shape[1])
+        diversity = _min_max(1 - F.cosine_similarity(class_probs_ema.unsqueeze(0), probs, dim=1))
+        keep = diversity >= diversity.mean()
+        certainty = _min_max(-entropy(logits))
+        weights = torch.exp(diversity * certainty / temperature) * keep
+        class_probs_ema.mul_(momentum).add_(probs.mean(0), alpha=1 - momentum)
+    return keep, weights, class_probs_ema
 
 
 def _smoothed_prior(logits: torch.Tensor) -> torch.Tensor:
