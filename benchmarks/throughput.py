@@ -83,7 +83,8 @@ def sync(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--arch", default="resnet20",
+                        help="CIFAR ResNet depth; 'none' with --checkpoint: a self-describing model file (e.g. a ViT)")
     parser.add_argument("--n-images", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
@@ -101,7 +102,7 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     if args.checkpoint:
-        model = tta.load_model(checkpoint=args.checkpoint, arch=args.arch)
+        model = tta.load_model(checkpoint=args.checkpoint, arch=None if args.arch == "none" else args.arch)
     else:  # random weights: fine for speed, but sample-selecting methods (eta, eata, deyo) then update rarely
         model = normalized(cifar_resnet(args.arch), *CIFAR_RESNET_NORM).eval()
     rng = np.random.default_rng(0)
