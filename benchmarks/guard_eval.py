@@ -15,7 +15,7 @@ and cached under ``--work`` (outside the repository). Each domain is adapted fro
 domain) in batches of ``--batch-size``. Writes one CSV row per model x method x domain with the source, unguarded
 and guarded accuracies and the guarded run's label-free estimate (``docs/results/guard_grid.csv``):
 
-    PYTHONPATH=$PWD python benchmarks/guard_eval.py --shared ../shared --small /work/models \\
+    PYTHONPATH=$PWD python benchmarks/guard_eval.py --shared ../shared --small models \\
         --out docs/results/guard_grid.csv
 
 ``benchmarks/guard_tables.py`` turns the CSVs into the tables of ``docs/guides/guards.md``.
@@ -103,7 +103,7 @@ def setup(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default="../shared")
-    parser.add_argument("--small", default="/work/models", help="folder of guard_train_small.py's weights")
+    parser.add_argument("--small", default="models", help="folder of guard_train_small.py's weights")
     parser.add_argument("--models", default="resnet20,resnet32,digits,cnn-ls,cnn-mixup,mlp")
     parser.add_argument("--methods", default="tent,eta,sar,roid")
     parser.add_argument("--n", type=int, default=250, help="images per domain")

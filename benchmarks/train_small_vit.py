@@ -9,7 +9,7 @@ same weights on the same machine.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/train_small_vit.py \\
         --data ../shared/data/cifar10/train_jpeg_10k.npz --test ../shared/data/cifar10/test_jpeg.npz \\
-        --out /work/models/small_vit_cifar10.pt
+        --out models/small_vit_cifar10.pt
 
 The weights go outside the repository (never commit them), as a self-describing ``tta`` model file that names its
 timm architecture, so ``tta run --checkpoint FILE ...`` and ``tta.load_model(checkpoint=FILE)`` load it without

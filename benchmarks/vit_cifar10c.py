@@ -1,7 +1,7 @@
 """The ViT table of docs/methods/transformers.md: the small CIFAR-10 ViT under the 15 corruptions at severity 5.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/vit_cifar10c.py --shared ../shared \\
-        --checkpoint /work/models/small_vit_cifar10.pt --n-examples 1000
+        --checkpoint models/small_vit_cifar10.pt --n-examples 1000
 
 The model is the one ``benchmarks/train_small_vit.py`` trains (any ``tta.load_model(checkpoint=...)`` file works).
 The corruptions are generated once from the first ``--n-examples`` images of the clean JPEG test set

@@ -3,7 +3,7 @@
     git clone https://github.com/mr-eggplant/FOA /tmp/FOA   # or any checkout / bare mirror of it
     pip install cma                                         # the official code's CMA-ES
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/vit_foa_parity.py --official /tmp/FOA \\
-        --shared ../shared --checkpoint /work/models/small_vit_cifar10.pt
+        --shared ../shared --checkpoint models/small_vit_cifar10.pt
 
 The official ``tta_library/foa.py`` and ``models/vpt.py`` are imported unchanged except for two things the CPU and
 this model need: ``.cuda()`` is the identity, and ViT-B's width (the literal ``768`` its code slices the final class
