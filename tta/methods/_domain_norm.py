@@ -5,7 +5,7 @@ per-context parameters train by entropy minimisation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -20,6 +20,22 @@ from tta.core.validate import check_range
 from tta.errors import ConfigError
 from tta.models.fingerprint import model_fingerprint
 from tta.source import derived
+
+
+def check_context_inference(config: object) -> None:
+    """A ``ValueError`` for out-of-range context-inference settings shared by the inferred-context methods'
+    configs: ``min_subset``, ``split_quantile``, ``calibration_images``, ``min_spawn`` and ``max_contexts``."""
+    c: Any = config
+    if c.min_subset < 1:
+        raise ValueError(f"min_subset must be >= 1, got {c.min_subset}")
+    check_range("split_quantile", c.split_quantile, low=0.5, high=1.0, high_open=True)
+    if not 2 <= c.calibration_images <= 100_000:
+        raise ValueError(f"calibration_images must be in [2, 100000], got {c.calibration_images}")
+    if c.min_spawn < 1:
+        raise ValueError(f"min_spawn must be >= 1, got {c.min_spawn}")
+    if c.max_contexts < 2:
+        raise ValueError(f"max_contexts must be >= 2 (the source and at least one target context), "
+                         f"got {c.max_contexts}")
 
 
 @dataclass(frozen=True)
@@ -47,18 +63,9 @@ class DomainNormConfig:
     def __post_init__(self) -> None:
         check_range("prior_n", self.prior_n, low=0.0, allow_inf=True)
         check_range("stats_rate", self.stats_rate, low=0.0, high=1.0, low_open=True)
-        if self.min_subset < 1:
-            raise ValueError(f"min_subset must be >= 1, got {self.min_subset}")
         if self.declared_contexts < 0:
             raise ValueError(f"declared_contexts must be >= 0, got {self.declared_contexts}")
-        check_range("split_quantile", self.split_quantile, low=0.5, high=1.0, high_open=True)
-        if not 2 <= self.calibration_images <= 100_000:
-            raise ValueError(f"calibration_images must be in [2, 100000], got {self.calibration_images}")
-        if self.min_spawn < 1:
-            raise ValueError(f"min_spawn must be >= 1, got {self.min_spawn}")
-        if self.max_contexts < 2:
-            raise ValueError(f"max_contexts must be >= 2 (the source and at least one target context), "
-                             f"got {self.max_contexts}")
+        check_context_inference(self)
         check_range("lr", self.lr, low=0.0, low_open=True)
 
     @property

@@ -35,8 +35,8 @@ from tta.core.losses import soft_likelihood_ratio
 from tta.core.params import IMAGENET_SGD, OptimizerConfig
 from tta.core.requirements import Requirements
 from tta.core.validate import check_range
-from tta.methods._domain_norm import DomainNormMethod
-from tta.methods.roid import _smoothed_prior, certainty_diversity_weights
+from tta.methods._domain_norm import DomainNormMethod, check_context_inference
+from tta.methods.roid import _smoothed_prior, certainty_diversity_weights, check_roid_update
 from tta.norm.context_norm import DomainContextNorm
 from tta.registry import register
 
@@ -70,19 +70,8 @@ class CoraConfig(OptimizerConfig):
         check_range("stats_memory", self.stats_memory, low=0.0, allow_inf=True)
         check_range("prior_n", self.prior_n, low=0.0)
         check_range("source_prior", self.source_prior, low=0.0, allow_inf=True)
-        if self.min_subset < 1:
-            raise ValueError(f"min_subset must be >= 1, got {self.min_subset}")
-        check_range("split_quantile", self.split_quantile, low=0.5, high=1.0, high_open=True)
-        if not 2 <= self.calibration_images <= 100_000:
-            raise ValueError(f"calibration_images must be in [2, 100000], got {self.calibration_images}")
-        if self.min_spawn < 1:
-            raise ValueError(f"min_spawn must be >= 1, got {self.min_spawn}")
-        if self.max_contexts < 2:
-            raise ValueError(f"max_contexts must be >= 2 (the source and at least one target context), "
-                             f"got {self.max_contexts}")
-        check_range("src_momentum", self.src_momentum, low=0.0, high=1.0)
-        check_range("probs_momentum", self.probs_momentum, low=0.0, high=1.0)
-        check_range("temperature", self.temperature, low=0.0, low_open=True)
+        check_context_inference(self)
+        check_roid_update(self)
 
     @property
     def infers(self) -> bool:

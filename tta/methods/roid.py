@@ -57,9 +57,16 @@ class RoidConfig(NormChoice, OptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("src_momentum", self.src_momentum, low=0.0, high=1.0)
-        check_range("probs_momentum", self.probs_momentum, low=0.0, high=1.0)
-        check_range("temperature", self.temperature, low=0.0, low_open=True)
+        check_roid_update(self)
+
+
+def check_roid_update(config: object) -> None:
+    """A ``ValueError`` for out-of-range settings of ROID's update, shared by the configs that use it:
+    ``src_momentum`` and ``probs_momentum`` in [0, 1], ``temperature`` > 0."""
+    c: Any = config
+    check_range("src_momentum", c.src_momentum, low=0.0, high=1.0)
+    check_range("probs_momentum", c.probs_momentum, low=0.0, high=1.0)
+    check_range("temperature", c.temperature, low=0.0, low_open=True)
 
 
 def _min_max(v: torch.Tensor) -> torch.Tensor:
