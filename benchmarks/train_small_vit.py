@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from guard_train_small import augment  # the same crop-and-flip as the guard models
 from torch import nn
 
 from tta.models.saved import FORMAT, VERSION
@@ -43,17 +44,6 @@ def build(model_kwargs: dict[str, Any] | None = None) -> nn.Module:
     from tta.models import load_model
 
     return load_model(ARCH, pretrained=False, model_kwargs=dict(model_kwargs or MODEL_KWARGS))
-
-
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (4-pixel reflection padding) and horizontal flip, per image."""
-    n = x.shape[0]
-    padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
-    dx, dy = torch.randint(0, 9, (2, n), generator=generator)
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32] for i in range(n)])
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out
 
 
 def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
