@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tta.norm.robust_bn import normalize_affine
+
 
 class BalancedBN(nn.Module):
     """A BatchNorm layer with per-class statistics combined class-balanced (see the module doc)."""
@@ -58,12 +60,7 @@ class BalancedBN(nn.Module):
                     buffer.copy_(value)
         else:
             mean, var = self.mean, self.var
-        x = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
-        if self.weight is not None:
-            x = x * self.weight.view(shape)
-        if self.bias is not None:
-            x = x + self.bias.view(shape)
-        return x
+        return normalize_affine(x, mean, var, self.eps, self.weight, self.bias, shape)
 
     def updated_statistics(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-class statistics after taking in ``x`` with ``labels`` (not stored; gradients through ``x``)."""

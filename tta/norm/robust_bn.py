@@ -12,6 +12,18 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+def normalize_affine(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                     weight: torch.Tensor | None, bias: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias``, each per-channel tensor viewed as ``shape`` (no weight or
+    bias when ``None``)."""
+    x = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        x = x * weight.view(shape)
+    if bias is not None:
+        x = x + bias.view(shape)
+    return x
+
+
 class RobustBN(nn.Module):
     """A BatchNorm layer whose statistics move towards each training batch's by ``alpha``."""
 
@@ -38,12 +50,7 @@ class RobustBN(nn.Module):
                 self.var.copy_(var)
         else:
             mean, var = self.mean, self.var
-        x = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
-        if self.weight is not None:
-            x = x * self.weight.view(shape)
-        if self.bias is not None:
-            x = x + self.bias.view(shape)
-        return x
+        return normalize_affine(x, mean, var, self.eps, self.weight, self.bias, shape)
 
     def extra_repr(self) -> str:
         return f"{self.mean.numel()}, alpha={self.alpha}, eps={self.eps}"
