@@ -33,7 +33,7 @@ def test_adapt_writes_ten_rows_with_the_right_columns(setup: tuple[Path, list[st
     out = tmp_path / "results" / f"{method}.csv"
     result = CliRunner().invoke(cli, ["adapt", "--method", method, *args, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    df = pd.read_csv(out)
+    df = pd.read_csv(out, dtype={"config_hash": str})
     assert list(df.columns) == COLUMNS
     assert len(df) == 10
     assert set(zip(df.corruption, df.severity, strict=True)) == {(c, s) for c in ("gaussian_noise", "fog")
