@@ -17,6 +17,7 @@ from tta.methods import (  # noqa: F401  (registers them)
     eata,
     eta,
     foa,
+    gtta,
     lame,
     memo,
     petta,
