@@ -20,7 +20,8 @@ def sce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
                    + (student.softmax(1) * teacher.log_softmax(1)).sum(1))
 
 
-def make(model: nn.Module, device: torch.device, source: tuple | None = None, warmup_samples: int = 50000):
+def every_weight_with_batch_statistics(model: nn.Module) -> list[nn.Parameter]:
+    """Eval mode, BatchNorm on batch statistics, every weight and bias trainable (returned)."""
     model.eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -29,6 +30,11 @@ def make(model: nn.Module, device: torch.device, source: tuple | None = None, wa
     params = [p for m in model.modules() for name, p in m.named_parameters(recurse=False) if name in ("weight", "bias")]
     for p in params:
         p.requires_grad_(True)
+    return params
+
+
+def make(model: nn.Module, device: torch.device, source: tuple | None = None, warmup_samples: int = 50000):
+    params = every_weight_with_batch_statistics(model)
     teacher = copy.deepcopy(model).requires_grad_(False)
     seen = features_hook(model)
     protos = prototypes(model, seen, source, 10)
