@@ -80,7 +80,6 @@ def resnet_sides(a: argparse.Namespace, root: Path) -> tuple[Callable[[], Any], 
     """Builders of the authors' and of tta's predictor (``predict(x, y)``), the batches and their image count."""
     import official_petta_tribe as pt
     import official_shot_unmix as su
-    import torch
 
     import tta
     import tta.methods
@@ -92,7 +91,6 @@ def resnet_sides(a: argparse.Namespace, root: Path) -> tuple[Callable[[], Any], 
     model = load_model(checkpoint=a.checkpoint, arch=a.arch)
     su.load = lambda *_: copy.deepcopy(model)  # the same network on both sides (the drivers' own is the same one)
     pt.cuda_is_identity()
-    depth = int(a.arch.removeprefix("resnet"))
     if a.child in ("petta", "tribe"):
         build = pt.official_petta if a.child == "petta" else pt.official_tribe
         driver = argparse.Namespace(official=root, seed=a.seed, source_data=a.source_data)
@@ -101,8 +99,7 @@ def resnet_sides(a: argparse.Namespace, root: Path) -> tuple[Callable[[], Any], 
             return build(driver, copy.deepcopy(model))
     else:
         driver = argparse.Namespace(repo=root / EXPORT[a.child], method="source", components=16, init_seed=0,
-                                    batch_size=BATCH_SIZE[a.child], seed=a.seed, opts=[], checkpoint=a.checkpoint,
-                                    depth=depth)
+                                    batch_size=BATCH_SIZE[a.child], seed=a.seed, opts=[], checkpoint=a.checkpoint)
         make = su.unmix_method if a.child == "unmix-tns" else su.shot_method
 
         def official() -> Any:
@@ -118,7 +115,6 @@ def resnet_sides(a: argparse.Namespace, root: Path) -> tuple[Callable[[], Any], 
         predict = build()
         return lambda: mean_accuracy(pt.accuracy(predict, batches, a.seed))
 
-    torch.manual_seed(a.seed)
     return (lambda: run(official)), (lambda: run(ours)), batches, sum(len(y) for _, y, _ in batches)
 
 
