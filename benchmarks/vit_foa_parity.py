@@ -71,6 +71,11 @@ def load_official(root: Path, width: int, seed: int) -> types.ModuleType:
 
 def run_official(root: Path, model: nn.Module, source: torch.Tensor, stream: Stream, seed: int) -> list[float]:
     """Per-domain accuracy of the official FOA (reset between domains, as its main.py does)."""
+    return official_accuracy(model, build_official(root, model, source, seed), stream)
+
+
+def build_official(root: Path, model: nn.Module, source: torch.Tensor, seed: int) -> nn.Module:
+    """The official FOA around ``model`` (``Sequential(normalize, vit)``), its source statistics taken."""
     normalize, vit = model[0], model[1]
     official = load_official(root, vit.embed_dim, seed)
     from models.vpt import PromptViT  # the official repository's, on the path since load_official
@@ -80,6 +85,12 @@ def run_official(root: Path, model: nn.Module, source: torch.Tensor, stream: Str
     loader = [(normalize(b),) for b in source.split(64)]
     with contextlib.redirect_stdout(io.StringIO()):
         adapt.obtain_origin_stat(loader)
+    return adapt
+
+
+def official_accuracy(model: nn.Module, adapt: nn.Module, stream: Stream) -> list[float]:
+    """Per-domain accuracy of the built official FOA ``adapt`` over ``stream`` (reset between domains)."""
+    normalize = model[0]
     hits, counts, segment = [0] * len(stream.domains), [0] * len(stream.domains), -1
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         for batch in stream:
@@ -96,9 +107,29 @@ def run_official(root: Path, model: nn.Module, source: torch.Tensor, stream: Str
 
 def run_ours(model: nn.Module, source: torch.Tensor, labels: torch.Tensor, stream: Stream, seed: int) -> list[float]:
     """Per-domain accuracy of ``foa`` with the same source images and seed."""
-    adapted = tta.adapt(model, "foa", source_data=(source, labels), seed=seed, source_samples=len(source))
+    return ours_accuracy(build_ours(model, source, labels, seed), stream)
+
+
+def build_ours(model: nn.Module, source: torch.Tensor, labels: torch.Tensor, seed: int) -> tta.AdaptedModel:
+    """``foa`` around ``model`` with the official run's source images and seed, its source statistics taken."""
+    return tta.adapt(model, "foa", source_data=(source, labels), seed=seed, source_samples=len(source))
+
+
+def ours_accuracy(adapted: tta.AdaptedModel, stream: Stream) -> list[float]:
+    """Per-domain accuracy of the built ``foa`` over ``stream`` (reset between domains)."""
     df = tta.evaluate(adapted, stream, "domain", device="cpu", model_name="small-vit", seed=1)
     return list(df.accuracy)
+
+
+def parity_data(shared: Path, corruptions: list[str], n_examples: int) -> tuple[torch.Tensor, torch.Tensor, Stream]:
+    """The clean source images and labels both sides take their statistics from (``foa``'s default draw of 1,000
+    training images), and the stream of corrupted test batches (severity 5, batch 64, cached per domain)."""
+    cifar = shared / "data" / "cifar10"
+    source, labels = SourceData(f"npz:{cifar / 'train_jpeg_10k.npz'}").sample(1000, seed=0)
+    stream = generated_stream("cifar10c", corruptions=corruptions, severities=[5], n_examples=n_examples,
+                              batch_size=64, seed=0, source=f"npz:{cifar / 'test_jpeg.npz'}")
+    cache = WholeDomainCache(stream.source, capacity=len(stream.domains))
+    return source, labels, Stream(cache, stream.domains, n_examples, batch_size=64)
 
 
 def main() -> None:
@@ -113,15 +144,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    cifar = args.shared / "data" / "cifar10"
     model = tta.load_model(checkpoint=args.checkpoint)
-    source_data = SourceData(f"npz:{cifar / 'train_jpeg_10k.npz'}")
-    source, labels = source_data.sample(1000, seed=0)  # foa's default draw
     corruptions = args.corruptions.split(",")
-    stream = generated_stream("cifar10c", corruptions=corruptions, severities=[5], n_examples=args.n_examples,
-                              batch_size=64, seed=0, source=f"npz:{cifar / 'test_jpeg.npz'}")
-    cache = WholeDomainCache(stream.source, capacity=len(stream.domains))
-    batches = Stream(cache, stream.domains, args.n_examples, batch_size=64)
+    source, labels, batches = parity_data(args.shared, corruptions, args.n_examples)
     rows: list[list[str]] = []
     command = " ".join(["python", "benchmarks/vit_foa_parity.py", *map(shlex.quote, sys.argv[1:])])
     with tempfile.TemporaryDirectory() as tmp:
