@@ -31,9 +31,10 @@ Runtime adaptations of the reference (none changes a method's computation): its 
 from ``--source-data`` (default: 512 random images); its EATA call of ``get_source_loader`` gets the ``use_clip``
 argument it omits; its LAME is given this model's feature/classifier split (it knows only its own architectures);
 its RoTTA's full-precision branch calls ``loss_calculation()`` without the argument it wrongly passes; modules it
-imports only for CLIP/webdataset/AutoAttack paths are stubbed when not installed; its RMT and SANTA calls of
+imports only for CLIP/webdataset/AutoAttack paths are stubbed when not installed; its RMT, SANTA and GTTA calls of
 ``get_source_loader`` get the ``use_clip`` argument they omit, as EATA's; its RMT, SANTA and AdaContrast get the same
-feature/classifier split as LAME; on the CPU ``.cuda()`` (which its CMF calls) is the identity.
+feature/classifier split as LAME; on the CPU ``.cuda()`` (which its CMF calls) is the identity, and its GTTA's
+``reset`` makes its unused style-transfer buffers on the CPU instead of on "cuda" by name.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ from typing import Any
 REFERENCE_NAMES = {"source": "source", "adabn": "norm_test", "tent": "tent", "eta": "eta", "eata": "eata",
                    "rdumb": "rdumb", "sar": "sar", "lame": "lame", "roid": "roid", "deyo": "deyo", "cotta": "cotta",
                    "rotta": "rotta", "memo": "memo", "rpl": "rpl", "cmf": "cmf", "santa": "santa", "rmt": "rmt",
-                   "adacontrast": "adacontrast", "ttaug": "ttaug"}
-DEFAULT_METHODS = "source,tent,eta,eata,sar,lame,roid,deyo,cotta,rotta,memo,rpl,cmf,santa,rmt,adacontrast,ttaug"
+                   "adacontrast": "adacontrast", "ttaug": "ttaug", "gtta": "gtta"}
+DEFAULT_METHODS = ("source,tent,eta,eata,sar,lame,roid,deyo,cotta,rotta,memo,rpl,cmf,santa,rmt,gtta,adacontrast,"
+                   "ttaug")
 PER_IMAGE = ("memo", "ttaug")  # batch size 1 (each image is its own batch of augmented views), on --memo-images
 VIEWS = ("memo", "ttaug", "adacontrast")  # the reference's data loader makes their views: timed with the method
 FETCH = ("fetch https://github.com/mariodoebler/test-time-adaptation (git clone) and pass --md-dir "
@@ -87,7 +89,8 @@ def import_reference(md_dir: Path) -> types.SimpleNamespace:
             registry=importlib.import_module("utils.registry").ADAPTATION_REGISTRY,
             eata=importlib.import_module("methods.eata"), lame=importlib.import_module("methods.lame"),
             rotta=importlib.import_module("methods.rotta"), rmt=importlib.import_module("methods.rmt"),
-            santa=importlib.import_module("methods.santa"), model=importlib.import_module("models.model"),
+            santa=importlib.import_module("methods.santa"), gtta=importlib.import_module("methods.gtta"),
+            model=importlib.import_module("models.model"),
             data_loading=importlib.import_module("datasets.data_loading"))
     except ModuleNotFoundError as err:
         fail(f"the reference's code needs the Python package {err.name!r}: pip install {err.name} (it also uses "
@@ -135,7 +138,7 @@ def patch_reference(ref: types.SimpleNamespace, source_images: Any, source_label
             return (self.transform(img) if self.transform else img), self.targets[i]
 
     ref.data_loading.torchvision.datasets.CIFAR10 = SourceCIFAR10
-    for module in (ref.eata, ref.rmt, ref.santa):
+    for module in (ref.eata, ref.rmt, ref.santa, ref.gtta):
         module.get_source_loader = partial(ref.data_loading.get_source_loader, use_clip=False)
 
     class Features(nn.Module):
@@ -156,6 +159,9 @@ def patch_reference(ref: types.SimpleNamespace, source_images: Any, source_label
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *_, **__: self  # type: ignore[method-assign]
         nn.Module.cuda = lambda self, *_, **__: self  # type: ignore[method-assign]
+        # Its GTTA.reset makes its (without style transfer unused) moment buffers on "cuda" by name.
+        ref.gtta.GTTA.reset = lambda self: (super(ref.gtta.GTTA, self).reset(), setattr(
+            self, "moments_list", [[torch.tensor([]), torch.tensor([])] for _ in range(2)]))[0]
     loss_calculation = ref.rotta.RoTTA.loss_calculation
     ref.rotta.RoTTA.loss_calculation = lambda self, *_: loss_calculation(self)
 

@@ -111,14 +111,22 @@ class AdaptiveBN(Float64State):
             return self._normalise(x, self.source_mean, self.source_var)
         if self.mode == "batch" and not (self.detach_stats and torch.is_grad_enabled()):
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if self.mode == "alpha":
+            if self.detach_stats or not torch.is_grad_enabled():
+                # The fused kernel's running statistics at momentum 1 are the batch mean and unbiased variance:
+                # several times faster on CPU than var_mean for MEMO's and TTAug's many views (output discarded).
+                mean, unbiased = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
+                with torch.no_grad():
+                    F.batch_norm(x, mean, unbiased, None, None, True, 1.0, self.eps)
+            else:
+                var, mean = torch.var_mean(x, dim=dims, correction=0)
+                unbiased = var * per_channel / (per_channel - 1)
+            return self._normalise(x, (1 - self.alpha) * self.source_mean + self.alpha * mean,
+                                   (1 - self.alpha) * self.source_var + self.alpha * unbiased)
         xs = x.detach() if self.detach_stats else x
         var, mean = torch.var_mean(xs, dim=dims, correction=0)
         if self.mode == "batch":
             return self._normalise(x, mean, var)
-        if self.mode == "alpha":
-            unbiased = var * per_channel / (per_channel - 1)
-            mean = (1 - self.alpha) * self.source_mean + self.alpha * mean
-            return self._normalise(x, mean, (1 - self.alpha) * self.source_var + self.alpha * unbiased)
         if self.mode == "prior":
             # As in the official code: unbiased batch variance, no mixture term (exact_prior adds it, biased var).
             batch_var = var if self.exact_prior else var * per_channel / (per_channel - 1)
