@@ -70,6 +70,7 @@ from torch import nn
 from tta.core.validate import check_range
 from tta.errors import ConfigError
 from tta.monitor.calibrate import SourceStats, calibrate, calibrate_adapted, mixture
+from tta.monitor.learn import LearnedRule, ShiftOutcome, fit_rule, learned_outcomes
 from tta.monitor.signals import MovingAverage, batch_signals
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
 MIN_DISAGREEMENT = 0.01  # floor of the clean disagreement (a method that keeps the source model's predictions)
 DRIFT = 0.2  # an adapted model's pooled estimate this far above its clean accuracy is not quoted
 SUBSAMPLE_MARGIN = 1.25  # the subsample reads the whole batch when its disagreement ratio is below this x ``mild``
+RULES = ("fixed", "learned")  # thresholds on the disagreement ratio: the config's, or fitted on synthetic shifts
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class GuardConfig:
     decay: float = 0.9
     calibration_images: int = 2000
     calibration_batch: int = 64
+    rule: str = "fixed"
+    shift_images: int = 250
 
     def __post_init__(self) -> None:
         try:
@@ -111,10 +115,13 @@ class GuardConfig:
             check_range("decay", self.decay, low=0.0, high=1.0, high_open=True)
         except ValueError as err:
             raise ConfigError(f"guard setting: {err}") from None
-        for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0), ("calibration_batch", 2)):
+        for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0), ("calibration_batch", 2),
+                          ("shift_images", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or value > 1_000_000:
                 raise ConfigError(f"guard setting {name} must be an integer in [{low}, 1000000], got {value!r}")
+        if self.rule not in RULES:
+            raise ConfigError(f"guard setting rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if self.near_source > self.mild:
             raise ConfigError(f"guard setting near_source ({self.near_source}) must not exceed mild ({self.mild})")
 
@@ -155,6 +162,8 @@ class Guard:
         self.source_model: nn.Module | None = None
         self.stats: SourceStats | None = None
         self.adapted_stats: SourceStats | None = None
+        self.outcomes: list[ShiftOutcome] = []  # rule="learned": the synthetic shifts its thresholds were fitted on
+        self.rule: LearnedRule | None = None  # rule="learned": the fitted thresholds (replace it to refit)
         self.signals: dict[str, float] = {}
         self.averages = MovingAverage(config.decay)
         self.unhealthy: list[str] = []
@@ -181,11 +190,15 @@ class Guard:
         model = copy.deepcopy(source_model).eval().requires_grad_(False)
         self._identity = isinstance(adapted, Source)
         source = self.source_data or adapted.source_data
-        self.stats = self.adapted_stats = None
+        self.stats = self.adapted_stats = self.rule = None
+        self.outcomes = []
         if source is not None:
             self.stats = calibrate(model, source, self.config.calibration_images)
             self.adapted_stats = self.stats if self._identity else calibrate_adapted(
                 adapted, model, source, self.config.calibration_images, self.config.calibration_batch)
+            if self.config.rule == "learned" and not self._identity:
+                self.outcomes = learned_outcomes(adapted, model, source, self.adapted_stats, self.config)
+                self.rule = fit_rule(self.outcomes)
         self.source_model = model
         self._resets_seen = adapted.counters.resets
         self._forget()
@@ -264,6 +277,14 @@ class Guard:
         self._pooled_estimate, self._pooled_n = (float(v) for v in state.get("pooled_estimate", [0.0, 0.0]))
         self._mass = state.get("mass")
 
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        """``(near_source, mild)`` in use: the fitted ones with ``rule="learned"`` (once calibrated), else the
+        config's."""
+        if self.rule is not None:
+            return self.rule.near_source, self.rule.mild
+        return self.config.near_source, self.config.mild
+
     # ---------------------------------------------------------------------------------------------- helpers
     def _forget(self) -> None:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
@@ -283,7 +304,7 @@ class Guard:
         if self.adapted_stats is None or not self.config.fallback:
             return False
         agree = float((logits.argmax(1) == src.argmax(1)).sum())
-        return self._disagreement(logits.shape[0], agree) < SUBSAMPLE_MARGIN * self.config.mild
+        return self._disagreement(logits.shape[0], agree) < SUBSAMPLE_MARGIN * self.thresholds[1]
 
     def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
         """The batch's signals (one synchronisation), with the pooled sums and the reference updated."""
@@ -327,10 +348,11 @@ class Guard:
         else:
             self._bad_run = 0
         disagreement = self.signals.get("disagreement", math.inf)
-        near = cfg.fallback and not collapse and disagreement < cfg.near_source
+        near_source, mild = self.thresholds
+        near = cfg.fallback and not collapse and disagreement < near_source
         if cfg.fallback and (collapse or near or (self._probation > 0 and not collapse)):
             self.answer = "source"
-        elif cfg.fallback and disagreement < cfg.mild:
+        elif cfg.fallback and disagreement < mild:
             self.answer = "mix"
         if not collapse and self._probation > 0:
             self._probation -= 1
