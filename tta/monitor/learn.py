@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -159,6 +160,7 @@ def learned_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: Sou
                      config: GuardConfig) -> list[ShiftOutcome]:
     """``shift_outcomes`` of every benchmark corruption at severities 1-5 on ``config.shift_images`` calibration
     images in batches of ``config.calibration_batch``, cached by the reset state's fingerprint."""
+    from tta.config import to_dict
     from tta.corruptions import BENCHMARK_CORRUPTIONS
     from tta.monitor.guard import MIN_DISAGREEMENT
     from tta.source import derived
@@ -174,6 +176,8 @@ def learned_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: Sou
                                SEVERITIES, n, batch, MIN_DISAGREEMENT)
         return [dataclasses.asdict(o) for o in found]
 
+    # the reset state does not identify how the method adapts (its learning rate, ...): its settings do
+    settings = json.dumps({"method": adapted.name, "settings": to_dict(adapted.config)}, sort_keys=True, default=str)
     rows = derived("guard-shift-outcomes", adapted.snapshot_fingerprint(), source,
-                   f"n={n}|batch={batch}|agreement={adapted_stats.agreement!r}|v1", compute)
+                   f"{settings}|n={n}|batch={batch}|agreement={adapted_stats.agreement!r}|v1", compute)
     return [ShiftOutcome(**row) for row in rows]
