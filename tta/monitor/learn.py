@@ -136,7 +136,7 @@ def fit_rule(outcomes: Sequence[ShiftOutcome], exclude: Sequence[str] = ()) -> L
     docstring), leaving out the corruptions in ``exclude``; ties go to the larger thresholds."""
     kept = [o for o in outcomes if o.corruption not in set(exclude)]
     if not kept:
-        raise ValueError("no synthetic domain left to fit the guard's rule on")
+        raise ConfigError("no synthetic domain is left to fit the guard's rule on: leave out fewer corruptions")
     ratios = sorted({o.disagreement for o in kept})
     # a threshold between two neighbouring ratios (their midpoint), below every one or above every one
     cuts = [0.0, *((a + b) / 2 for a, b in itertools.pairwise(ratios)), ratios[-1] + 1.0]
