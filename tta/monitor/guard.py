@@ -243,7 +243,7 @@ class Guard:
             self._mix_with = None
             assert self.adapted_stats is not None  # a mix needs the calibration
             if self.estimate_note == "":
-                self._quote(_above(mixed, self.adapted_stats.mix_threshold))
+                self._quote(_above(mixed, self._threshold("mix", self.adapted_stats.mix_threshold)))
             return dataclasses.replace(out, logits=mixed)
         if self._fallback_logits is None:
             return out
@@ -286,6 +286,11 @@ class Guard:
         return self.config.near_source, self.config.mild
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _threshold(self, answer: str, clean: float) -> float:
+        """The ATC threshold of ``answer``'s estimate: fitted on the synthetic shifts it answers with
+        ``rule="learned"``, else (or where no synthetic shift fell in its band) the clean calibration's."""
+        return clean if self.rule is None else self.rule.thresholds.get(answer, clean)
+
     def _forget(self) -> None:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
         self._pooled, self._mass = [0.0, 0.0], None
@@ -403,7 +408,7 @@ class Guard:
         self.signals["estimated_accuracy"] = float("nan")
         if not note and self.answer != "mix":
             assert stats is not None and returned is not None
-            above = _above(returned, stats.threshold)
+            above = _above(returned, self._threshold(self.answer, stats.threshold))
             if self.answer == "adapted":
                 # An estimate of the adapted model far above its clean accuracy, or every image above the threshold,
                 # pooled over recent batches, means updates have sharpened its confidences beyond the calibration.

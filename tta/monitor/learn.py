@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tta.errors import ConfigError
-from tta.monitor.calibrate import SourceStats, mixture
+from tta.monitor.calibrate import SourceStats, atc_threshold, mixture
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel
@@ -56,6 +56,7 @@ class ShiftOutcome:
     mix: float
     adapted: float
     n: int
+    confidence: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict, compare=True, hash=False)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class LearnedRule:
     mild: float
     loss: float
     domains: int
+    thresholds: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
 
 
 def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -114,8 +116,10 @@ def shift_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: Sourc
             def accuracy(logits: torch.Tensor) -> float:
                 return float((logits.argmax(1) == labels.to(logits.device)).float().mean())
 
+            confidence = {k: tuple(v.softmax(1).amax(1).tolist()) for k, v in (("source", s), ("mix", mix),
+                                                                                    ("adapted", a))}
             outcomes.append(ShiftOutcome(corruption, int(severity), (1.0 - agree) / clean_disagreement,
-                                         accuracy(s), accuracy(mix), accuracy(a), len(labels)))
+                                         accuracy(s), accuracy(mix), accuracy(a), len(labels), confidence))
     return outcomes
 
 
@@ -153,7 +157,19 @@ def fit_rule(outcomes: Sequence[ShiftOutcome], exclude: Sequence[str] = ()) -> L
             if best is None or key < best:
                 best = key
     assert best is not None
-    return LearnedRule(-best[2], -best[3], best[0], len(kept))
+    near_source, mild = -best[2], -best[3]
+    bands = {"source": [o for o in kept if o.disagreement < near_source],
+             "mix": [o for o in kept if near_source <= o.disagreement < mild],
+             "adapted": [o for o in kept if o.disagreement >= mild]}
+    thresholds = {}
+    for answer, band in bands.items():
+        if band and all(o.confidence.get(answer) for o in band):
+            # ATC on the synthetic domains this answer is given on: the fraction above the threshold equals the
+            # answer's accuracy there (the correct images' count is all the threshold needs)
+            confidence = torch.tensor([c for o in band for c in o.confidence[answer]], dtype=torch.float64)
+            correct = torch.arange(confidence.numel()) < round(sum(getattr(o, answer) * o.n for o in band))
+            thresholds[answer] = atc_threshold(confidence, correct)
+    return LearnedRule(near_source, mild, best[0], len(kept), thresholds)
 
 
 def learned_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: SourceData, adapted_stats: SourceStats,
@@ -174,10 +190,12 @@ def learned_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: Sou
     def compute() -> list[dict[str, Any]]:
         found = shift_outcomes(adapted, source_model, source, adapted_stats.agreement, BENCHMARK_CORRUPTIONS,
                                SEVERITIES, n, batch, MIN_DISAGREEMENT)
-        return [dataclasses.asdict(o) for o in found]
+        return [{**dataclasses.asdict(o), "confidence": {k: list(v) for k, v in o.confidence.items()}}
+                for o in found]
 
     # the reset state does not identify how the method adapts (its learning rate, ...): its settings do
     settings = json.dumps({"method": adapted.name, "settings": to_dict(adapted.config)}, sort_keys=True, default=str)
     rows = derived("guard-shift-outcomes", adapted.snapshot_fingerprint(), source,
-                   f"{settings}|n={n}|batch={batch}|agreement={adapted_stats.agreement!r}|v1", compute)
-    return [ShiftOutcome(**row) for row in rows]
+                   f"{settings}|n={n}|batch={batch}|agreement={adapted_stats.agreement!r}|v2", compute)
+    return [ShiftOutcome(**{**row, "confidence": {k: tuple(v) for k, v in row["confidence"].items()}})
+            for row in rows]
