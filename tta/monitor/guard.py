@@ -28,6 +28,10 @@ which adaptation helps most. It decides from two things the source model's confi
   pays for the source model reading the whole batch;
   - otherwise the adapted model answers.
 
+  ``near_source`` and ``mild`` are fixed (``rule="fixed"``), or, with ``rule="learned"``, fitted per model and
+  method on synthetic corruptions of the calibration images (``shift_images`` per corruption and severity), where
+  the guard can see which answer is right (``tta.monitor.learn``); the estimates are then calibrated there too.
+
   An overconfident or collapsed source model cannot turn this against healthy adaptation: under a strong shift it
   disagrees with the adapted model on most images, so the ratio is high and the adapted model answers, whatever
   the source model's confidence. The source model takes part only where the two mostly agree; and where they

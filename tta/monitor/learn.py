@@ -13,12 +13,18 @@ batch size, it measures:
 
 ``fit_rule`` then picks the two thresholds on the ratio (below ``near_source`` the source model answers, below
 ``mild`` the average, above it the adapted model) that keep the guard's promise best on those domains: each domain
-adds the points by which its answer falls below the source model, plus the points of gain it gives up beyond
-10 % of the adapted model's gain (both counted beyond a noise allowance of one standard error of the paired
-difference, so that a gain within the noise does not pull the thresholds down); the thresholds with the smallest
-total win, and among equals the ones that answer with the source model more often. A rule learned this way can only
-choose among the ratio's bands: it cannot make the guard read the source model's confidence, so an overconfident
-source model still cannot veto a healthy adaptation (under a strong shift the ratio stays high).
+adds the points by which its answer falls below the source model (any amount: the promise's one point is left to
+the noise of carrying the rule to other images, and this is what makes the rule prefer the source model where
+adaptation gains nothing) plus the points of the adapted model's gain it gives up beyond 10 %. The thresholds with
+the smallest total win; among equals, the most accurate on the synthetic domains, then the larger thresholds (the
+source side). Each answer's accuracy estimate is then calibrated (ATC) on the synthetic domains of its band: the
+fraction of their images above its threshold equals its accuracy there (an answer whose band holds no synthetic
+domain keeps the clean threshold).
+
+A rule learned this way only moves the ratio's bands: it cannot make the guard read the source model's
+confidence. Under a strong shift a healthy adapted model and an overconfident source model disagree on most
+images, so the ratio is high and the adapted model answers, unless adaptation lost to the source model on the
+synthetic shifts of that strength too.
 """
 
 from __future__ import annotations
