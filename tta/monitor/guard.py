@@ -137,6 +137,8 @@ PRESETS: dict[str, GuardConfig] = {
     "monitor": GuardConfig(skip=False, fallback=False, rollback=False, reset=False),
     # keep adapting whatever happens, but answer like "default" (source model, or both models' average)
     "fallback": GuardConfig(skip=False, rollback=False, reset=False),
+    # like "default", with the thresholds and estimates fitted on synthetic corruptions of the calibration images
+    "learned": GuardConfig(rule="learned"),
 }
 
 
@@ -446,7 +448,7 @@ def _above(logits: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def make_guard(guard: Guard | GuardConfig | str | None, **overrides: Any) -> Guard | None:
-    """A ``Guard`` from a preset name (``default``, ``monitor``, ``fallback``), a config or a guard."""
+    """A ``Guard`` from a preset name (``default``, ``monitor``, ``fallback``, ``learned``), a config or a guard."""
     if guard is None or isinstance(guard, Guard):
         return guard
     if isinstance(guard, GuardConfig):
