@@ -113,8 +113,8 @@ def tables() -> dict[str, tuple[str, Table]]:
         f"{COMMAND} (from docs/results/guard_collapse_runs.csv)"
     return {"guard_promise.csv": (from_grid, promise(grid)), "guard_estimator.csv": (from_grid, estimator(grid)),
             "guard_collapse_table.csv": (from_runs, collapse(runs)),
-            "guard_learned.csv": (f"{COMMAND} (from docs/results/guard_grid.csv and guard_grid_learned.csv)",
-                                  learned(grid, learned_grid))}
+            "guard_learned.csv": (f"{COMMAND} (from docs/results/guard_grid.csv and "
+                                  "docs/results/guard_grid_learned.csv)", learned(grid, learned_grid))}
 
 
 def csv_text(command: str, table: Table) -> str:
