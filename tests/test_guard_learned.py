@@ -71,3 +71,14 @@ def test_the_synthetic_outcomes_are_deterministic(bn_model: torch.nn.Module) -> 
                                    16, MIN_DISAGREEMENT))
     assert runs[0] == runs[1] and len(runs[0]) == 4
     assert all(0.0 <= o.source <= 1.0 and o.disagreement >= 0.0 for o in runs[0])
+
+
+def test_grey_calibration_images_are_refused_with_the_fix() -> None:
+    """The corruptions need RGB images: a one-channel model's calibration images get a ConfigError naming the fix."""
+    from conftest import TinyBNNet
+
+    g = torch.Generator().manual_seed(5)
+    grey = (torch.randint(0, 256, (32, 16, 16, 1), generator=g, dtype=torch.uint8).numpy(),
+            torch.randint(0, 10, (32,), generator=g).numpy())
+    with pytest.raises(ConfigError, match="rule='fixed'"):
+        tta.adapt(TinyBNNet(in_channels=1).eval(), "tent", guard="learned", source_data=grey)
