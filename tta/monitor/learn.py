@@ -53,7 +53,8 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 @dataclass(frozen=True)
 class ShiftOutcome:
-    """One synthetic domain: the guard's disagreement ratio there, and each answer's accuracy (fractions)."""
+    """One synthetic domain: the guard's disagreement ratio there, each answer's accuracy (fractions) and, per
+    answer (``source``, ``mix``, ``adapted``), its confidence on every image (for the estimate's threshold)."""
 
     corruption: str
     severity: int
@@ -62,12 +63,13 @@ class ShiftOutcome:
     mix: float
     adapted: float
     n: int
-    confidence: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict, compare=True, hash=False)
+    confidence: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
 class LearnedRule:
-    """Thresholds on the disagreement ratio fitted on synthetic shifts, and the loss they reached there."""
+    """Thresholds on the disagreement ratio fitted on synthetic shifts, the loss they reached there, and the ATC
+    threshold of each answer's estimate fitted on the synthetic shifts it answers (``thresholds``)."""
 
     near_source: float
     mild: float
@@ -130,7 +132,8 @@ def shift_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: Sourc
 
 
 def _losses(outcomes: Sequence[ShiftOutcome], answer: str) -> torch.Tensor:
-    """Per domain: how far ``answer`` breaks the promise there (points, beyond the noise allowance)."""
+    """Per domain: how far ``answer`` breaks the promise there (points below the source model, plus points of the
+    adapted model's gain given up beyond 10 %)."""
     loss = []
     for o in outcomes:
         acc = {"source": o.source, "mix": o.mix, "adapted": o.adapted}[answer]
@@ -143,7 +146,8 @@ def _losses(outcomes: Sequence[ShiftOutcome], answer: str) -> torch.Tensor:
 
 def fit_rule(outcomes: Sequence[ShiftOutcome], exclude: Sequence[str] = ()) -> LearnedRule:
     """The thresholds ``near_source <= mild`` with the smallest promise loss on ``outcomes`` (see the module
-    docstring), leaving out the corruptions in ``exclude``; ties go to the larger thresholds."""
+    docstring), leaving out the corruptions in ``exclude``; ties go to the more accurate thresholds on the
+    synthetic domains, then to the larger ones."""
     kept = [o for o in outcomes if o.corruption not in set(exclude)]
     if not kept:
         raise ConfigError("no synthetic domain is left to fit the guard's rule on: leave out fewer corruptions")
@@ -181,7 +185,8 @@ def fit_rule(outcomes: Sequence[ShiftOutcome], exclude: Sequence[str] = ()) -> L
 def learned_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: SourceData, adapted_stats: SourceStats,
                      config: GuardConfig) -> list[ShiftOutcome]:
     """``shift_outcomes`` of every benchmark corruption at severities 1-5 on ``config.shift_images`` calibration
-    images in batches of ``config.calibration_batch``, cached by the reset state's fingerprint."""
+    images in batches of ``config.calibration_batch``, cached by the reset state's fingerprint and the method's
+    name and settings."""
     from tta.config import to_dict
     from tta.corruptions import BENCHMARK_CORRUPTIONS
     from tta.monitor.guard import MIN_DISAGREEMENT
