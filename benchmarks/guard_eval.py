@@ -24,6 +24,7 @@ and guarded accuracies and the guarded run's label-free estimate (``docs/results
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Iterator
@@ -38,6 +39,9 @@ import tta
 from tta.corruptions import corrupt_indexed
 from tta.data.cifar_c import BENCHMARK_CORRUPTIONS
 from tta.data.stream import Batch, Domain
+from tta.monitor import PRESETS
+from tta.monitor.guard import RULES
+from tta.monitor.learn import fit_rule
 
 SEVERITIES = (5, 3, 1)
 CALIBRATION_ROWS = slice(5000, 7000)
@@ -109,6 +113,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=250, help="images per domain")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--guard", default="default")
+    parser.add_argument("--rule", choices=RULES, default="fixed", help="the guard's thresholds on the disagreement "
+                        "ratio: the preset's, or learned on synthetic shifts of the calibration images")
+    parser.add_argument("--leave-out", action="store_true", help="with --rule learned: each corruption's domains are "
+                        "guarded by a rule fitted without that corruption's synthetic shifts")
     parser.add_argument("--work", type=Path, default=Path("/tmp/guard_work"), help="cache (outside the repository)")
     parser.add_argument("--reuse", type=Path, help="a grid CSV whose source and unguarded accuracies (same model, "
                         "method, domain and --n) are taken instead of running them again")
@@ -123,9 +131,11 @@ def main() -> None:
         data = corrupted("digits" if name == "digits" else "cifar", x, args.work)
         stream = DomainStream(data, y, args.batch_size)
 
-        def run(method: str, guard: str | None, _net: Any = net, _stream: Any = stream,
-                _calibration: Any = calibration) -> tuple[pd.DataFrame, list[int]]:
+        def run(method: str, guard: Any, _net: Any = net, _stream: Any = stream, _calibration: Any = calibration,
+                leave_out: str | None = None) -> tuple[pd.DataFrame, list[int]]:
             adapted = tta.adapt(_net, method, guard=guard, source_data=_calibration if guard else None)
+            if leave_out is not None:
+                adapted.guard.rule = fit_rule(adapted.guard.outcomes, exclude=[leave_out])
             answers: list[str] = []  # who answered each batch, in stream order (the domains' batches in turn)
             if adapted.guard is not None:
                 watch, before = adapted.guard, adapted.guard.after_batch
@@ -158,7 +168,18 @@ def main() -> None:
             plain = earlier(method, "unguarded_acc")
             if plain is None:
                 plain, _ = run(method, None)
-            guarded, mixed = run(method, args.guard)
+            config = dataclasses.replace(PRESETS[args.guard], rule=args.rule)
+            if args.leave_out:
+                by_domain: dict[Domain, tuple[pd.Series, int]] = {}
+                for corruption in dict.fromkeys(d.corruption for d in stream.domains):
+                    sub = DomainStream({d: v for d, v in data.items() if d.corruption == corruption}, y,
+                                       args.batch_size)
+                    part, part_mixed = run(method, config, _stream=sub, leave_out=corruption)
+                    by_domain.update({d: (part.iloc[i], part_mixed[i]) for i, d in enumerate(sub.domains)})
+                guarded = pd.DataFrame([by_domain[d][0] for d in stream.domains]).reset_index(drop=True)
+                mixed = [by_domain[d][1] for d in stream.domains]
+            else:
+                guarded, mixed = run(method, config)
             for i, domain in enumerate(stream.domains):
                 rows.append({"model": name, "method": method, "corruption": domain.corruption,
                              "severity": domain.severity, "n": len(y), "source_acc": source["accuracy"][i],

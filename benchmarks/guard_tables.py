@@ -1,7 +1,8 @@
 """The guard's documentation tables, generated from the committed result files of its benchmarks.
 
-Inputs (``docs/results``): ``guard_grid.csv`` (``benchmarks/guard_eval.py``), ``guard_collapse_runs.csv``
-(``benchmarks/guard_collapse.py``). Outputs: the summary tables ``guard_promise.csv``, ``guard_estimator.csv`` and
+Inputs (``docs/results``): ``guard_grid.csv`` and ``guard_grid_learned.csv`` (``benchmarks/guard_eval.py``, the
+second with ``--rule learned --leave-out``), ``guard_collapse_runs.csv`` (``benchmarks/guard_collapse.py``). Outputs:
+the summary tables ``guard_promise.csv``, ``guard_estimator.csv``, ``guard_learned.csv`` and
 ``guard_collapse_table.csv`` (each with the ``# command:`` line that produced it), and every
 ``<!-- table: docs/results/guard_*.csv -->`` block of ``docs/guides/guards.md`` (the same block format as the rest of
 the documentation). ``guard_cost_ratio.csv`` is written by ``benchmarks/guard_cost.py --out`` directly.
@@ -55,6 +56,27 @@ def promise(grid: pd.DataFrame) -> Table:
     return header, rows
 
 
+def learned(grid: pd.DataFrame, learned_grid: pd.DataFrame) -> Table:
+    """Per model x method of the learned rule's grid: the promise columns of the fixed rule (``guard_grid.csv``)
+    and of the learned rule (evaluated leave-corruption-out), with the estimate's mean absolute error."""
+    header = ["model", "method", "rule", "guarded", "guarded < source - 1", "worst guarded - source",
+              "gain kept < 90 %", "short by > 1 point", "estimate's mean abs. error", "batches answered by source",
+              "batches answered by the average"]
+    rows = []
+    for (model, method), g in learned_grid.groupby(["model", "method"], sort=False):
+        fixed = grid[(grid["model"] == model) & (grid["method"] == method)]
+        for rule, part in (("fixed", fixed), ("learned", g)):
+            gain = part["unguarded_acc"] - part["source_acc"]
+            kept = part["guarded_acc"] - part["source_acc"]
+            short = (gain > 0) & (kept < 0.9 * gain)
+            error = (part["estimated_acc"] - part["guarded_acc"]).dropna().abs()
+            rows.append([str(model), str(method), rule, f"{part['guarded_acc'].mean():.2f}",
+                         str(int((kept < -1).sum())), f"{kept.min():+.1f}", str(int(short.sum())),
+                         str(int((short & (0.9 * gain - kept > 1)).sum())), f"{error.mean():.1f}" if len(error)
+                         else "", str(int(part["fallbacks"].sum())), str(int(part["mixed"].sum()))])
+    return header, rows
+
+
 def estimator(grid: pd.DataFrame) -> Table:
     """Per model x shift family: the estimate's error against the guarded run's real accuracy (points)."""
     header = ["model", "shifts", "domains", "estimated", "not estimated", "mean abs. error", "worst error",
@@ -86,10 +108,13 @@ def tables() -> dict[str, tuple[str, Table]]:
     """Each summary file's name, with the command line and the table it holds."""
     grid = pd.read_csv(RESULTS / "guard_grid.csv", comment="#")
     runs = pd.read_csv(RESULTS / "guard_collapse_runs.csv", comment="#")
+    learned_grid = pd.read_csv(RESULTS / "guard_grid_learned.csv", comment="#")
     from_grid, from_runs = f"{COMMAND} (from docs/results/guard_grid.csv)", \
         f"{COMMAND} (from docs/results/guard_collapse_runs.csv)"
     return {"guard_promise.csv": (from_grid, promise(grid)), "guard_estimator.csv": (from_grid, estimator(grid)),
-            "guard_collapse_table.csv": (from_runs, collapse(runs))}
+            "guard_collapse_table.csv": (from_runs, collapse(runs)),
+            "guard_learned.csv": (f"{COMMAND} (from docs/results/guard_grid.csv and "
+                                  "docs/results/guard_grid_learned.csv)", learned(grid, learned_grid))}
 
 
 def csv_text(command: str, table: Table) -> str:

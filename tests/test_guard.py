@@ -315,17 +315,19 @@ def overconfident() -> tuple[nn.Module, tuple, tuple]:
     return model.requires_grad_(False), _prototype_images(500, g), _prototype_images(400, g, shift=True)
 
 
-def test_an_overconfident_source_model_cannot_block_healthy_adaptation(overconfident) -> None:
+@pytest.mark.parametrize("rule", ["fixed", "learned"])
+def test_an_overconfident_source_model_cannot_block_healthy_adaptation(overconfident, rule: str) -> None:
     """The source model is confidently wrong under the shift (its own ATC estimate: 100 %, for 10 % right): a rule
     trusting it would fall back on every batch. The guard lets every batch of a healthy Tent through unchanged,
-    and says that the shift is outside the range where its accuracy estimate was measured (NaN, with a note)."""
+    and says that the shift is outside the range where its accuracy estimate was measured (NaN, with a note).
+    The same with thresholds learned on synthetic shifts."""
     model, calibration, (x, y) = overconfident
     with torch.no_grad():
         source = model(x)
     assert (source.argmax(1) == y).float().mean() <= 0.15 and source.argmax(1).unique().numel() == 1
     assert source.softmax(1).amax(1).mean() > 0.99
     plain = tta.adapt(model, "tent")
-    guarded = tta.adapt(model, "tent", guard="default", source_data=calibration)
+    guarded = tta.adapt(model, "tent", guard=GuardConfig(rule=rule, shift_images=100), source_data=calibration)
     right = 0
     for xb, yb in zip(x.split(50), y.split(50), strict=True):
         out = guarded(xb)
@@ -354,6 +356,35 @@ def test_a_collapse_on_an_overconfident_model_is_refused(overconfident) -> None:
                 "reference_marginal_entropy"]
     assert collapsed > 0 and guarded.counters.skipped >= collapsed
     assert guarded.counters.fallbacks >= collapsed
+
+
+def test_the_learned_rule_answers_with_the_source_model_where_adaptation_hurts(overconfident) -> None:
+    """Tent at Adam lr 1 loses to this model's source model on the synthetic shifts of its calibration images. On
+    contrast 3 (other images) the fixed rule lets it answer (its disagreement with the source model looks like a
+    strong shift); the learned rule, fitted on those synthetic shifts, answers every batch with the source model,
+    and not because of a collapse."""
+    from tta.corruptions import corrupt_indexed
+
+    model, calibration, _ = overconfident
+    x, y = _prototype_images(200, torch.Generator().manual_seed(7))
+    x = corrupt_indexed(x, 0, "contrast", 3, 5)
+    plain = tta.adapt(model, "tent", lr=1.0)
+    fixed = tta.adapt(model, "tent", lr=1.0, guard="default", source_data=calibration)
+    learned = tta.adapt(model, "tent", lr=1.0, guard=GuardConfig(rule="learned", shift_images=100),
+                        source_data=calibration)
+    assert learned.guard.rule is not None and learned.guard.thresholds[0] > fixed.guard.thresholds[1]
+    right = {"plain": 0, "learned": 0}
+    for i, (xb, yb) in enumerate(zip(x.split(50), y.split(50), strict=True)):
+        out = learned(xb)
+        fixed(xb)
+        if i == 0:
+            assert fixed.guard.answer == "adapted"
+        assert learned.guard.answer == "source" and not learned.guard.unhealthy
+        with torch.no_grad():
+            assert torch.equal(out, model(xb))
+        right["learned"] += int((out.argmax(1) == yb).sum())
+        right["plain"] += int((plain(xb).argmax(1) == yb).sum())
+    assert learned.counters.skipped == 4 and right["learned"] >= right["plain"] + 6
 
 
 def test_the_guide_and_its_tables_match_the_committed_results() -> None:

@@ -179,9 +179,10 @@ def _deprecated(new: str) -> Callable[[click.Context, click.Parameter, Any], Any
 @click.option("--window", type=click.IntRange(min=0, max=4096),
               help="adapt single images on a sliding window of this many recent images (default: 64 with "
               "--batch-size 1, else off)")
-@click.option("--guard", type=click.Choice(["default", "monitor", "fallback"]),
+@click.option("--guard", type=click.Choice(["default", "monitor", "fallback", "learned"]),
               help="watch label-free signals and skip updates, answer with the source model, roll back or reset "
-                   "when adaptation degrades (monitor: signals only); calibrates on --source-data when given")
+                   "when adaptation degrades (monitor: signals only; learned: thresholds fitted on corrupted "
+                   "--source-data); calibrates on --source-data when given")
 @click.option("--contexts", type=click.Choice(["oracle", "infer"]),
               help="dsbn/context-norm: route samples by the stream's domain ids (oracle) or infer them (infer); "
                    "same as --set contexts=...")

@@ -28,6 +28,10 @@ which adaptation helps most. It decides from two things the source model's confi
   pays for the source model reading the whole batch;
   - otherwise the adapted model answers.
 
+  ``near_source`` and ``mild`` are fixed (``rule="fixed"``), or, with ``rule="learned"``, fitted per model and
+  method on synthetic corruptions of the calibration images (``shift_images`` per corruption and severity), where
+  the guard can see which answer is right (``tta.monitor.learn``); the estimates are then calibrated there too.
+
   An overconfident or collapsed source model cannot turn this against healthy adaptation: under a strong shift it
   disagrees with the adapted model on most images, so the ratio is high and the adapted model answers, whatever
   the source model's confidence. The source model takes part only where the two mostly agree; and where they
@@ -70,6 +74,7 @@ from torch import nn
 from tta.core.validate import check_range
 from tta.errors import ConfigError
 from tta.monitor.calibrate import SourceStats, calibrate, calibrate_adapted, mixture
+from tta.monitor.learn import LearnedRule, ShiftOutcome, fit_rule, learned_outcomes
 from tta.monitor.signals import MovingAverage, batch_signals
 
 if TYPE_CHECKING:
@@ -80,6 +85,7 @@ if TYPE_CHECKING:
 MIN_DISAGREEMENT = 0.01  # floor of the clean disagreement (a method that keeps the source model's predictions)
 DRIFT = 0.2  # an adapted model's pooled estimate this far above its clean accuracy is not quoted
 SUBSAMPLE_MARGIN = 1.25  # the subsample reads the whole batch when its disagreement ratio is below this x ``mild``
+RULES = ("fixed", "learned")  # thresholds on the disagreement ratio: the config's, or fitted on synthetic shifts
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class GuardConfig:
     decay: float = 0.9
     calibration_images: int = 2000
     calibration_batch: int = 64
+    rule: str = "fixed"
+    shift_images: int = 250
 
     def __post_init__(self) -> None:
         try:
@@ -111,10 +119,13 @@ class GuardConfig:
             check_range("decay", self.decay, low=0.0, high=1.0, high_open=True)
         except ValueError as err:
             raise ConfigError(f"guard setting: {err}") from None
-        for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0), ("calibration_batch", 2)):
+        for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0), ("calibration_batch", 2),
+                          ("shift_images", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or value > 1_000_000:
                 raise ConfigError(f"guard setting {name} must be an integer in [{low}, 1000000], got {value!r}")
+        if self.rule not in RULES:
+            raise ConfigError(f"guard setting rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if self.near_source > self.mild:
             raise ConfigError(f"guard setting near_source ({self.near_source}) must not exceed mild ({self.mild})")
 
@@ -126,6 +137,8 @@ PRESETS: dict[str, GuardConfig] = {
     "monitor": GuardConfig(skip=False, fallback=False, rollback=False, reset=False),
     # keep adapting whatever happens, but answer like "default" (source model, or both models' average)
     "fallback": GuardConfig(skip=False, rollback=False, reset=False),
+    # like "default", with the thresholds and estimates fitted on synthetic corruptions of the calibration images
+    "learned": GuardConfig(rule="learned"),
 }
 
 
@@ -155,6 +168,8 @@ class Guard:
         self.source_model: nn.Module | None = None
         self.stats: SourceStats | None = None
         self.adapted_stats: SourceStats | None = None
+        self.outcomes: list[ShiftOutcome] = []  # rule="learned": the synthetic shifts its thresholds were fitted on
+        self.rule: LearnedRule | None = None  # rule="learned": the fitted thresholds (replace it to refit)
         self.signals: dict[str, float] = {}
         self.averages = MovingAverage(config.decay)
         self.unhealthy: list[str] = []
@@ -181,11 +196,15 @@ class Guard:
         model = copy.deepcopy(source_model).eval().requires_grad_(False)
         self._identity = isinstance(adapted, Source)
         source = self.source_data or adapted.source_data
-        self.stats = self.adapted_stats = None
+        self.stats = self.adapted_stats = self.rule = None
+        self.outcomes = []
         if source is not None:
             self.stats = calibrate(model, source, self.config.calibration_images)
             self.adapted_stats = self.stats if self._identity else calibrate_adapted(
                 adapted, model, source, self.config.calibration_images, self.config.calibration_batch)
+            if self.config.rule == "learned" and not self._identity:
+                self.outcomes = learned_outcomes(adapted, model, source, self.adapted_stats, self.config)
+                self.rule = fit_rule(self.outcomes)
         self.source_model = model
         self._resets_seen = adapted.counters.resets
         self._forget()
@@ -230,7 +249,7 @@ class Guard:
             self._mix_with = None
             assert self.adapted_stats is not None  # a mix needs the calibration
             if self.estimate_note == "":
-                self._quote(_above(mixed, self.adapted_stats.mix_threshold))
+                self._quote(_above(mixed, self._threshold("mix", self.adapted_stats.mix_threshold)))
             return dataclasses.replace(out, logits=mixed)
         if self._fallback_logits is None:
             return out
@@ -264,7 +283,20 @@ class Guard:
         self._pooled_estimate, self._pooled_n = (float(v) for v in state.get("pooled_estimate", [0.0, 0.0]))
         self._mass = state.get("mass")
 
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        """``(near_source, mild)`` in use: the fitted ones with ``rule="learned"`` (once calibrated), else the
+        config's."""
+        if self.rule is not None:
+            return self.rule.near_source, self.rule.mild
+        return self.config.near_source, self.config.mild
+
     # ---------------------------------------------------------------------------------------------- helpers
+    def _threshold(self, answer: str, clean: float) -> float:
+        """The ATC threshold of ``answer``'s estimate: fitted on the synthetic shifts it answers with
+        ``rule="learned"``, else (or where no synthetic shift fell in its band) the clean calibration's."""
+        return clean if self.rule is None else self.rule.thresholds.get(answer, clean)
+
     def _forget(self) -> None:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
         self._pooled, self._mass = [0.0, 0.0], None
@@ -283,7 +315,7 @@ class Guard:
         if self.adapted_stats is None or not self.config.fallback:
             return False
         agree = float((logits.argmax(1) == src.argmax(1)).sum())
-        return self._disagreement(logits.shape[0], agree) < SUBSAMPLE_MARGIN * self.config.mild
+        return self._disagreement(logits.shape[0], agree) < SUBSAMPLE_MARGIN * self.thresholds[1]
 
     def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
         """The batch's signals (one synchronisation), with the pooled sums and the reference updated."""
@@ -327,10 +359,11 @@ class Guard:
         else:
             self._bad_run = 0
         disagreement = self.signals.get("disagreement", math.inf)
-        near = cfg.fallback and not collapse and disagreement < cfg.near_source
+        near_source, mild = self.thresholds
+        near = cfg.fallback and not collapse and disagreement < near_source
         if cfg.fallback and (collapse or near or (self._probation > 0 and not collapse)):
             self.answer = "source"
-        elif cfg.fallback and disagreement < cfg.mild:
+        elif cfg.fallback and disagreement < mild:
             self.answer = "mix"
         if not collapse and self._probation > 0:
             self._probation -= 1
@@ -381,7 +414,7 @@ class Guard:
         self.signals["estimated_accuracy"] = float("nan")
         if not note and self.answer != "mix":
             assert stats is not None and returned is not None
-            above = _above(returned, stats.threshold)
+            above = _above(returned, self._threshold(self.answer, stats.threshold))
             if self.answer == "adapted":
                 # An estimate of the adapted model far above its clean accuracy, or every image above the threshold,
                 # pooled over recent batches, means updates have sharpened its confidences beyond the calibration.
@@ -415,7 +448,7 @@ def _above(logits: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def make_guard(guard: Guard | GuardConfig | str | None, **overrides: Any) -> Guard | None:
-    """A ``Guard`` from a preset name (``default``, ``monitor``, ``fallback``), a config or a guard."""
+    """A ``Guard`` from a preset name (``default``, ``monitor``, ``fallback``, ``learned``), a config or a guard."""
     if guard is None or isinstance(guard, Guard):
         return guard
     if isinstance(guard, GuardConfig):
