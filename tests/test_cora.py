@@ -187,9 +187,9 @@ def test_the_source_context_keeps_the_source_affine_and_target_contexts_share_th
     assert (layer(x) - source).abs().max() > 0.1  # without it the source context takes the adapted affine
 
 
-def test_source_like_batches_keep_the_source_model_and_still_step(bn_model: nn.Module) -> None:
+def test_with_source_affine_source_like_batches_keep_the_source_model(bn_model: nn.Module) -> None:
     adapted = tta.adapt(bn_model, "cora", lr=1e-2, source_prior=float("inf"), use_prior_correction=False,
-                        source_data=_clean())
+                        source_affine=True, source_data=_clean())
     adapted(torch.zeros(32, 3, 16, 16) + 0.02 * _batch(5, n=32))  # a shifted batch: a target context, a step
     assert adapted.counters.updates == 1 and not torch.equal(adapted.model.layers()[0].weight,
                                                              adapted.model.layers()[0].source_weight)

@@ -12,9 +12,9 @@ setting to be told which stream it is on:
   that has just changed domain catches up within a batch, and a context's small shares in a mixed batch borrow from
   its history. Images routed to the source context are normalised with the source statistics blended with their
   own share as if the source were ``source_prior`` images (inf: the source statistics alone); the source's
-  statistics themselves never change, and it keeps the source BN's affine parameters (``source_affine``): the
-  adapted affine serves the target contexts only, so images that look like source images stay on the source model;
-- one gradient step per batch on the BN affine parameters, shared by every target context (``update_affine``): ROID's
+  statistics themselves never change. With ``source_affine`` it also keeps the source BN's affine parameters and
+  the adapted affine serves the target contexts only (off by default: measured, it did not pay);
+- one gradient step per batch on the BN affine parameters, shared by every context (``update_affine``): ROID's
   certainty times diversity weighted soft likelihood ratio (``use_weighting``), weight ensembling with the source
   after the step (``src_momentum``; 1 switches it off) and the smoothed batch prior on the returned logits
   (``use_prior_correction``). ROID's augmentation consistency is left out: it doubles the cost.
@@ -52,7 +52,7 @@ class CoraConfig(OptimizerConfig):
     min_subset: int = 2
     immediate: bool = True
     source_prior: float = 64.0
-    source_affine: bool = True
+    source_affine: bool = False
     descriptor: Literal["first", "early", "half", "all"] = "half"
     split_quantile: float = 0.99
     calibration_images: int = 1000
