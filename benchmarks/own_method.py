@@ -68,6 +68,7 @@ ABLATION: dict[str, tuple[str, dict[str, object]]] = {
     "contexts route from the next batch only (immediate off)": ("cora", {"immediate": False}),
     "cumulative statistics (stats_memory inf)": ("cora", {"stats_memory": float("inf")}),
     "fixed source context (source_prior inf)": ("cora", {"source_prior": float("inf")}),
+    "source context keeps the source affine (source_affine on)": ("cora", {"source_affine": True}),
     "no certainty/diversity weighting": ("cora", {"use_weighting": False}),
     "no weight ensembling (src_momentum 1)": ("cora", {"src_momentum": 1.0}),
     "no prior correction": ("cora", {"use_prior_correction": False}),

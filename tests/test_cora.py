@@ -164,3 +164,34 @@ def test_imagenet_preset_uses_roids_imagenet_optimiser(bn_model: nn.Module) -> N
     assert isinstance(adapted.optimizer, torch.optim.SGD) and adapted.config.lr == 2.5e-4
     adapted(_batch(2))
     assert adapted.counters.updates == 1
+
+
+def test_the_source_context_keeps_the_source_affine_and_target_contexts_share_the_adapted_one() -> None:
+    layer = _layer(memory=8.0, source_prior=float("inf"))
+    layer.source_affine = True
+    with torch.no_grad():
+        layer.weight.mul_(3.0).add_(0.5)  # an adapted shared affine, unlike the source's
+        layer.bias.add_(1.0)
+    x = torch.randn(8, 3, 5, 5)
+    _route(layer, 8, 0)
+    source = nn.functional.batch_norm(x, layer.source_mean, layer.source_var, layer.source_weight, layer.source_bias,
+                                      False, 0.0, layer.eps)
+    torch.testing.assert_close(layer(x), source)  # source images: the source BatchNorm exactly
+    _route(layer, 8, 1)
+    out = layer(x)
+    mean, var = layer.ctx_mean[1].float(), layer.ctx_var[1].float()
+    target = nn.functional.batch_norm(x, mean, var, layer.weight.detach(), layer.bias.detach(), False, 0.0, layer.eps)
+    torch.testing.assert_close(out, target)  # a target context: its statistics and the adapted affine
+    layer.source_affine = False
+    _route(layer, 8, 0)
+    assert (layer(x) - source).abs().max() > 0.1  # without it the source context takes the adapted affine
+
+
+def test_with_source_affine_source_like_batches_keep_the_source_model(bn_model: nn.Module) -> None:
+    adapted = tta.adapt(bn_model, "cora", lr=1e-2, source_prior=float("inf"), use_prior_correction=False,
+                        source_affine=True, source_data=_clean())
+    adapted(torch.zeros(32, 3, 16, 16) + 0.02 * _batch(5, n=32))  # a shifted batch: a target context, a step
+    assert adapted.counters.updates == 1 and not torch.equal(adapted.model.layers()[0].weight,
+                                                             adapted.model.layers()[0].source_weight)
+    x = _clean(16)[0]  # source images: routed to the source context, which keeps the source BatchNorm
+    torch.testing.assert_close(adapted(x), bn_model.eval()(x), atol=1e-5, rtol=1e-5)

@@ -12,7 +12,8 @@ setting to be told which stream it is on:
   that has just changed domain catches up within a batch, and a context's small shares in a mixed batch borrow from
   its history. Images routed to the source context are normalised with the source statistics blended with their
   own share as if the source were ``source_prior`` images (inf: the source statistics alone); the source's
-  statistics themselves never change;
+  statistics themselves never change. With ``source_affine`` it also keeps the source BN's affine parameters and
+  the adapted affine serves the target contexts only (off by default: measured, it did not pay);
 - one gradient step per batch on the BN affine parameters, shared by every context (``update_affine``): ROID's
   certainty times diversity weighted soft likelihood ratio (``use_weighting``), weight ensembling with the source
   after the step (``src_momentum``; 1 switches it off) and the smoothed batch prior on the returned logits
@@ -51,6 +52,7 @@ class CoraConfig(OptimizerConfig):
     min_subset: int = 2
     immediate: bool = True
     source_prior: float = 64.0
+    source_affine: bool = False
     descriptor: Literal["first", "early", "half", "all"] = "half"
     split_quantile: float = 0.99
     calibration_images: int = 1000
@@ -92,9 +94,18 @@ class RecentContextNorm(DomainContextNorm):
     """
 
     def __init__(self, num_features: int, memory: float = 64.0, source_prior: float = math.inf,
-                 **kwargs: Any) -> None:
+                 source_affine: bool = False, **kwargs: Any) -> None:
         super().__init__(num_features, **{**kwargs, "stats_update": "ema"})
-        self.memory, self.source_prior = float(memory), float(source_prior)
+        self.memory, self.source_prior, self.source_affine = float(memory), float(source_prior), source_affine
+
+    def _affine(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """With ``source_affine``, context 0 takes the source BN's affine and the others the shared one."""
+        gamma, beta = super()._affine(dtype)
+        if not self.source_affine or gamma is None or beta is None or self.per_context_affine:
+            return gamma, beta
+        k = self.num_contexts - 1
+        return (torch.cat([self.source_weight.to(dtype)[None], gamma.expand(k, -1)]),
+                torch.cat([self.source_bias.to(dtype)[None], beta.expand(k, -1)]))
 
     def _context_stats(self, x: torch.Tensor, w: torch.Tensor, store: bool) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -160,7 +171,8 @@ class Cora(DomainNormMethod):
             if cfg.infers else None
         wrapped = convert_context_norm(
             model, prior_n=cfg.prior_n, min_subset=cfg.min_subset, inference=inference,
-            layer=RecentContextNorm, layer_options={"memory": cfg.stats_memory, "source_prior": cfg.source_prior})
+            layer=RecentContextNorm, layer_options={"memory": cfg.stats_memory, "source_prior": cfg.source_prior,
+                                        "source_affine": cfg.source_affine})
         wrapped.router.immediate = cfg.immediate
         wrapped.requires_grad_(False)
         for layer in wrapped.layers():
