@@ -27,7 +27,6 @@ state (saved, and reset to where the warm-up left it).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,6 +39,7 @@ from tta.core.base import AdaptedModel, StepOutput
 from tta.core.losses import symmetric_cross_entropy
 from tta.core.params import OptimizerConfig, ema_update, make_optimizer
 from tta.core.reliable import eval_with_batch_statistics
+from tta.core.replay import replay_batch
 from tta.core.requirements import Requirements
 from tta.core.teacher import weight_and_bias
 from tta.core.validate import check_range
@@ -151,15 +151,9 @@ class RMT(AdaptedModel):
         return weight_and_bias(self.model) + list(self.projector.parameters())
 
     def _source_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``index``-th source batch: passes over the source images, each in its own shuffled order, cut into
-        batches of ``source_batch_size`` (a last single image joins the batch before it)."""
-        n, size = len(self.source_labels), self.config.source_batch_size
-        per_pass = max(1, math.ceil(n / size) - (1 if n % size == 1 and n > size else 0))
-        epoch, k = divmod(index, per_pass)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.source_seed + 1 + epoch))
-        pick = order[k * size:n if k == per_pass - 1 else (k + 1) * size].to(self.source_labels.device)
-        like = next(self.model.parameters())
-        return self.source_images[pick].to(like.dtype).div(255), self.source_labels[pick]
+        """The ``index``-th batch of the source stream (``tta.core.replay.replay_batch``)."""
+        return replay_batch(self.source_images, self.source_labels, index, self.config.source_batch_size,
+                            self.config.source_seed, next(self.model.parameters()).dtype)
 
     def loss(self, x: torch.Tensor, domain: torch.Tensor | None) -> StepOutput:
         cfg = self.config
