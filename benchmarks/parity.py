@@ -9,6 +9,12 @@ reference implementation saw and compare accuracies per corruption.
     python benchmarks/parity.py --data DATA --order order.csv --reference md.csv --checkpoint resnet20.th \\
         --arch resnet20 --method eata --reference-method eata --source-data npz:train.npz [--set key=value ...]
 
+RMT's source warm-up is one random draw per side (the order of the source batches). To compare the adaptation
+itself, keep the reference's warm-up: run md_reference.py with a kept ``CKPT_DIR`` instead of its temporary one (the
+reference then writes, and on later runs reuses, ``CKPT_DIR/warmup/ckpt_warmup_cifar10_c_Standard_bs200.pth``) and
+give that file to ``--reference-warmup`` with ``--set warmup_samples=0``: tta's student, teacher and Adam state
+start where the reference's warm-up left them (the projector and the source replay remain each side's own draws).
+
 ``--data`` is the CIFAR-10-C-layout folder both runs read (``DATA/CIFAR-10-C/<corruption>.npy``). The reset rule
 is the reference's: before every pass for ``reset_each_shift`` (and its ``_correlated`` variant), once at the start
 otherwise. Prints one row per corruption with both accuracies and their difference, and appends them to ``--out``.
@@ -40,6 +46,25 @@ def read_order(path: Path) -> dict[tuple[str, str, int], list[tuple[str, int]]]:
     return {k: [(c, row) for _, c, row in sorted(v)] for k, v in passes.items()}
 
 
+def load_reference_warmup(adapted: tta.AdaptedModel, path: Path) -> None:
+    """Start tta's ``rmt`` from the reference's saved warm-up (student, teacher, Adam state), so that ``reset()``
+    returns there. Parameters are matched in module order (the reference saves whole state dicts under its own
+    names); its optimizer holds the model's parameters and then the projector's, the order of ``rmt.params()``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for module, state in ((adapted.model, ckpt["model"]), (adapted.teacher, ckpt["model_ema"])):
+        theirs = [v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("weight", "bias")]
+        mine = list(module.parameters())
+        if [tuple(t.shape) for t in theirs] != [tuple(p.shape) for p in mine]:
+            raise SystemExit(f"{path} does not hold this architecture's parameters")
+        with torch.no_grad():
+            for p, t in zip(mine, theirs, strict=True):
+                p.copy_(t)
+    state = adapted.optimizer.state_dict()
+    state["state"] = ckpt["optimizer"]["state"]
+    adapted.optimizer.load_state_dict(state)
+    adapted._snapshot = adapted._capture()  # what reset() returns to
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -57,6 +82,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--reference-warmup", type=Path,
+                        help="rmt: start from the reference's warm-up checkpoint (use with --set warmup_samples=0)")
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -64,6 +91,8 @@ def main() -> None:
     model = load_model(checkpoint=a.checkpoint, arch=a.arch)
     adapted = tta.adapt(model, a.method, source_data=a.source_data, window=a.window, preset=a.preset,
                         **parse_overrides(a.overrides))
+    if a.reference_warmup:
+        load_reference_warmup(adapted, a.reference_warmup)
     labels = np.load(a.data / "CIFAR-10-C" / "labels.npy")
     files: dict[str, np.ndarray] = {}
     hits: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
