@@ -27,6 +27,7 @@ from tta.source import SourceData, derived
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel
 
+MIN_DISAGREEMENT = 0.01  # floor of the clean disagreement (a method that keeps the source model's predictions)
 SUSPICIOUS_ACCURACY = 0.99  # above this on the calibration images, they are most likely training images
 
 

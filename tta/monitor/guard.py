@@ -73,7 +73,7 @@ from torch import nn
 
 from tta.core.validate import check_range
 from tta.errors import ConfigError
-from tta.monitor.calibrate import SourceStats, calibrate, calibrate_adapted, mixture
+from tta.monitor.calibrate import MIN_DISAGREEMENT, SourceStats, calibrate, calibrate_adapted, mixture
 from tta.monitor.learn import LearnedRule, ShiftOutcome, fit_rule, learned_outcomes
 from tta.monitor.signals import MovingAverage, batch_signals
 
@@ -82,7 +82,6 @@ if TYPE_CHECKING:
     from tta.source import SourceData
 
 
-MIN_DISAGREEMENT = 0.01  # floor of the clean disagreement (a method that keeps the source model's predictions)
 DRIFT = 0.2  # an adapted model's pooled estimate this far above its clean accuracy is not quoted
 SUBSAMPLE_MARGIN = 1.25  # the subsample reads the whole batch when its disagreement ratio is below this x ``mild``
 RULES = ("fixed", "learned")  # thresholds on the disagreement ratio: the config's, or fitted on synthetic shifts

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from tta.errors import ConfigError
-from tta.monitor.calibrate import SourceStats, atc_threshold, mixture
+from tta.monitor.calibrate import MIN_DISAGREEMENT, SourceStats, atc_threshold, mixture
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel
@@ -189,7 +189,6 @@ def learned_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: Sou
     name and settings."""
     from tta.config import to_dict
     from tta.corruptions import BENCHMARK_CORRUPTIONS
-    from tta.monitor.guard import MIN_DISAGREEMENT
     from tta.source import derived
 
     images, _ = source.sample(1, seed=0)
