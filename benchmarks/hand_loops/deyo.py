@@ -6,19 +6,13 @@ import math
 import torch
 from torch import nn
 
+from hand_loops.tent import bn_affine_on_batch_statistics
 from tta.core.views import patch_shuffle
 
 
 def make(model: nn.Module, device: torch.device, source: object = None):
     model.eval()
-    model.requires_grad_(False)
-    params = []
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats, m.running_mean, m.running_var = False, None, None
-            m.weight.requires_grad_(True)
-            m.bias.requires_grad_(True)
-            params += [m.weight, m.bias]
+    params = bn_affine_on_batch_statistics(model)
     optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(0)
 

@@ -7,17 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hand_loops.tent import bn_affine_on_batch_statistics
+
 
 def make(model: nn.Module, device: torch.device, source: object = None, fisher_alpha: float = 0.0):
     model.eval()
-    model.requires_grad_(False)
-    params = []
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats, m.running_mean, m.running_var = False, None, None
-            m.weight.requires_grad_(True)
-            m.bias.requires_grad_(True)
-            params += [m.weight, m.bias]
+    params = bn_affine_on_batch_statistics(model)
     optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
     e0, state = 0.4 * math.log(10), {"probs": None}
     penalty = _fisher_penalty(model, params, source, fisher_alpha) if fisher_alpha > 0 else None

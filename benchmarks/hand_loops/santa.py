@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hand_loops.tent import bn_affine_on_batch_statistics
 from tta.core.augment import tta_augment
 
 
@@ -57,14 +58,7 @@ def nearest(features: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
 
 def make(model: nn.Module, device: torch.device, source: tuple | None = None):
     model.eval()
-    model.requires_grad_(False)
-    params = []
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats, m.running_mean, m.running_var = False, None, None
-            m.weight.requires_grad_(True)
-            m.bias.requires_grad_(True)
-            params += [m.weight, m.bias]
+    params = bn_affine_on_batch_statistics(model)
     anchor = copy.deepcopy(model).requires_grad_(False)
     seen = features_hook(model)
     protos = prototypes(model, seen, source, 10)

@@ -3,17 +3,12 @@
 import torch
 from torch import nn
 
+from hand_loops.tent import bn_affine_on_batch_statistics
+
 
 def make(model: nn.Module, device: torch.device, source: object = None):
     model.eval()
-    model.requires_grad_(False)
-    params = []
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats, m.running_mean, m.running_var = False, None, None
-            m.weight.requires_grad_(True)
-            m.bias.requires_grad_(True)
-            params += [m.weight, m.bias]
+    params = bn_affine_on_batch_statistics(model)
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
     def step(x: torch.Tensor) -> torch.Tensor:

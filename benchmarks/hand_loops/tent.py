@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 
-def make(model: nn.Module, device: torch.device, source: object = None):
-    model.train()
+def bn_affine_on_batch_statistics(model: nn.Module) -> list[nn.Parameter]:
+    """BatchNorm on batch statistics, only its affine parameters trainable (returned); the mode is the caller's."""
     model.requires_grad_(False)
     params = []
     for m in model.modules():
@@ -14,6 +14,12 @@ def make(model: nn.Module, device: torch.device, source: object = None):
             m.weight.requires_grad_(True)
             m.bias.requires_grad_(True)
             params += [m.weight, m.bias]
+    return params
+
+
+def make(model: nn.Module, device: torch.device, source: object = None):
+    model.train()
+    params = bn_affine_on_batch_statistics(model)
     optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
 
     def step(x: torch.Tensor) -> torch.Tensor:
