@@ -184,3 +184,23 @@ def _adapt_any(model: nn.Module, method: str, **overrides: object) -> nn.Module:
 def adapt_any() -> Callable[..., nn.Module]:
     """``tta.adapt`` for any registered method, with small clean source data for the methods that need it."""
     return _adapt_any
+
+
+@pytest.fixture
+def record_steps() -> Callable[[nn.Module], list[list[torch.Tensor]]]:
+    """Wraps an adapted model's ``optimizer.step`` so that the model's parameters after every step are recorded in
+    the list it returns."""
+
+    def wrap(adapted: nn.Module) -> list[list[torch.Tensor]]:
+        stepped: list[list[torch.Tensor]] = []
+        step = adapted.optimizer.step
+
+        def record(*args: object, **kwargs: object) -> object:
+            result = step(*args, **kwargs)
+            stepped.append([p.detach().clone() for p in adapted.model.parameters()])
+            return result
+
+        adapted.optimizer.step = record
+        return stepped
+
+    return wrap

@@ -3,6 +3,8 @@ is the one between the two steps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,24 +24,11 @@ def _source(n: int = 48, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 3, size, size, generator=g) * 0.8 + 0.1, torch.arange(n) % 10
 
 
-def _recording(adapted: nn.Module) -> list[list[torch.Tensor]]:
-    """The model's parameters after every optimizer step."""
-    stepped: list[list[torch.Tensor]] = []
-    step = adapted.optimizer.step
-
-    def record(*args: object, **kwargs: object) -> object:
-        result = step(*args, **kwargs)
-        stepped.append([p.detach().clone() for p in adapted.model.parameters()])
-        return result
-
-    adapted.optimizer.step = record
-    return stepped
-
-
-def test_two_steps_per_batch_and_the_prediction_comes_between_them(bn_model: nn.Module) -> None:
+def test_two_steps_per_batch_and_the_prediction_comes_between_them(bn_model: nn.Module,
+                                                                   record_steps: Callable) -> None:
     adapted = tta.adapt(bn_model, "gtta", source_data=_source(), lr=1e-2, source_batch_size=16)
     adapted.mean_confidence.fill_(0.0)  # every pseudo-label passes: the target step runs
-    stepped = _recording(adapted)
+    stepped = record_steps(adapted)
     x = _batch()
     out = adapted(x)
     assert len(stepped) == 2 and adapted.counters.updates == 2
@@ -68,11 +57,11 @@ def test_the_source_step_is_the_cross_entropy_of_source_images_mixed_towards_the
         torch.testing.assert_close(adapted.last.diagnostics["source_ce"], expected)
 
 
-def test_unconfident_batches_take_only_the_source_step(bn_model: nn.Module) -> None:
+def test_unconfident_batches_take_only_the_source_step(bn_model: nn.Module, record_steps: Callable) -> None:
     adapted = tta.adapt(bn_model, "gtta", source_data=_source(), source_batch_size=16)
     probs = adapted.model(_batch()).softmax(1)
     assert probs.max() < 0.9 ** 0.5  # an untrained model: no prediction reaches the threshold
-    stepped = _recording(adapted)
+    stepped = record_steps(adapted)
     adapted(_batch())
     assert len(stepped) == 1
     torch.testing.assert_close(adapted.mean_confidence, 0.9 * torch.tensor(0.9) + 0.1 * probs.max(1).values.mean())

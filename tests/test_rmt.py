@@ -4,6 +4,7 @@ returns to, and source replay walks through the source batches."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,17 +22,10 @@ def _source(n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 3, 16, 16, generator=g) * 0.8 + 0.1, torch.arange(n) % 10
 
 
-def test_teacher_is_an_ema_of_the_student_and_the_prediction_their_sum(bn_model: nn.Module) -> None:
+def test_teacher_is_an_ema_of_the_student_and_the_prediction_their_sum(bn_model: nn.Module,
+                                                                        record_steps: Callable) -> None:
     adapted = tta.adapt(bn_model, "rmt", source_data=_source(), warmup_samples=0, lr=1e-2, source_batch_size=16)
-    stepped: list[list[torch.Tensor]] = []
-    step = adapted.optimizer.step
-
-    def record(*args: object, **kwargs: object) -> object:
-        result = step(*args, **kwargs)
-        stepped.append([p.detach().clone() for p in adapted.model.parameters()])
-        return result
-
-    adapted.optimizer.step = record
+    stepped = record_steps(adapted)
     for seed in (1, 2):
         x = _batch(seed)
         teacher_before = [p.detach().clone() for p in adapted.teacher.parameters()]
