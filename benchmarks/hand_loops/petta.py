@@ -4,17 +4,17 @@ batch: symmetric cross-entropy against the teacher, a cosine regulariser towards
 rate 0.001 * (1 - divergence)."""
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hand_loops.rotta import BalancedMemory
 from tta.core.augment import tta_augment
 from tta.norm.convert import replace_batchnorms
 from tta.norm.robust_bn import RobustBN
 
-CAP, CLASSES = 64, 10
+CLASSES = 10
 
 
 def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -51,25 +51,7 @@ def make(model: nn.Module, device: torch.device, source: tuple | None = None):
             mean[c], var[c] = f[pred == c].mean(0), f[pred == c].var(0)
     mean, var = mean.float().to(device), var.float().to(device)
     prototypes = mean.clone()
-    memory: list[list] = [[] for _ in range(CLASSES)]  # per class: [image, entropy, birth]
-    seen = [0]
-
-    def score(age: int, entropy: float) -> float:
-        return 1 / (1 + math.exp(-age / CAP)) + entropy / math.log(CLASSES)
-
-    def add(image: torch.Tensor, label: int, entropy: float) -> None:
-        counts = [len(c) for c in memory]
-        if counts[label] < CAP / CLASSES:
-            if sum(counts) < CAP:
-                memory[label].append([image, entropy, seen[0]])
-                return
-            classes = [c for c, n in enumerate(counts) if n == max(counts)]
-        else:
-            classes = [label]
-        best = max((score(seen[0] - item[2], item[1]), c, i) for c in classes for i, item in enumerate(memory[c]))
-        if best[0] > score(0, entropy):
-            memory[best[1]].pop(best[2])
-            memory[label].append([image, entropy, seen[0]])
+    memory = BalancedMemory()
 
     def step(x: torch.Tensor) -> torch.Tensor:
         model.eval()
@@ -84,9 +66,8 @@ def make(model: nn.Module, device: torch.device, source: tuple | None = None):
             p = logits.softmax(1)
             entropy = -(p * torch.log(p + 1e-6)).sum(1)
         for i, (label, ent) in enumerate(zip(labels.tolist(), entropy.tolist(), strict=True)):
-            add(x[i], label, ent)
-            seen[0] += 1
-        data = torch.stack([item[0] for c in memory for item in c])
+            memory.add(x[i], label, ent)
+        data = torch.stack([item[0] for item in memory.items()])
         for net in (teacher, model, anchor):
             net.train()
         with torch.enable_grad():
