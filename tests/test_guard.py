@@ -476,3 +476,55 @@ def test_roid_is_estimated_from_its_logits_before_the_prior_correction(overconfi
         right += int((out.argmax(1) == yb).sum())
         above += int(guarded.guard.above.sum())
     assert abs(above - right) / len(y) < 0.1
+
+
+def _drifted(model: nn.Module, calibration: tuple, drift_every: int) -> tta.AdaptedModel:
+    """Tent on ``model`` whose BatchNorm affine parameters were then moved far from the source model's, as a long
+    continual run at a high learning rate moves them: on clean images it now disagrees with the source model on
+    many images, although the images are not shifted at all."""
+    guarded = tta.adapt(model, "tent", guard=Guard(near_source=2.0, mild=2.0, drift_every=drift_every),
+                        source_data=calibration)
+    with torch.no_grad():
+        bn = next(m for m in guarded.modules() if isinstance(m, nn.BatchNorm2d))
+        bn.weight.copy_(torch.tensor([0.6, 1.6, 1.0]))
+        bn.bias.copy_(torch.tensor([0.3, -0.3, 0.1]))
+    return guarded
+
+
+def test_a_drifted_model_does_not_pass_clean_batches_for_a_shift(overconfident) -> None:
+    """The drifted model disagrees with the source model on clean batches far more often than the model as reset
+    did: without the drift check that reads as a strong shift and the drifted model answers. Every second batch the
+    guard measures the drifted model on clean calibration images and, that rate being clearly higher than as reset,
+    measures the disagreement against it: the clean batches then look clean and the source model answers them."""
+    model, calibration, _ = overconfident
+    x, _ = _prototype_images(300, torch.Generator().manual_seed(9))
+    blind, checked = _drifted(model, calibration, 0), _drifted(model, calibration, 2)
+    answers = {"blind": [], "checked": []}
+    for xb in x.split(50):
+        blind(xb)
+        out = checked(xb)
+        answers["blind"].append(blind.guard.answer)
+        answers["checked"].append(checked.guard.answer)
+    assert answers["blind"] == ["adapted"] * 6 and blind.guard.signals["drift"] == 1.0
+    assert checked.guard.signals["drift"] > 2.0
+    assert answers["checked"] == ["adapted"] + ["source"] * 5  # from the first check (second batch) on
+    with torch.no_grad():
+        assert torch.equal(out, model(xb))
+
+
+def test_the_drift_check_starts_afresh_after_a_reset(overconfident) -> None:
+    """A reset returns the model to the state the check compares with: the factor goes back to 1 and the count of
+    batches since the reset restarts (a stream reset every few batches is never checked)."""
+    model, calibration, _ = overconfident
+    x, _ = _prototype_images(200, torch.Generator().manual_seed(9))
+    guarded = _drifted(model, calibration, 2)
+    for xb in x.split(50)[:2]:
+        guarded(xb)
+    assert guarded.guard.signals["drift"] > 2.0
+    saved = guarded.guard.state_dict()
+    restored = _drifted(model, calibration, 2)
+    restored.guard.load_state_dict(saved)
+    assert restored.guard._drift == guarded.guard._drift
+    guarded.reset()
+    guarded(x[:50])
+    assert guarded.guard.signals["drift"] == 1.0 and guarded.guard._since_reset == 1

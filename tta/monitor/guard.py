@@ -107,6 +107,7 @@ class GuardConfig:
     calibration_batch: int = 64
     rule: str = "fixed"
     shift_images: int = 250
+    drift_every: int = 10
 
     def __post_init__(self) -> None:
         try:
@@ -119,7 +120,7 @@ class GuardConfig:
         except ValueError as err:
             raise ConfigError(f"guard setting: {err}") from None
         for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0), ("calibration_batch", 2),
-                          ("shift_images", 1)):
+                          ("shift_images", 1), ("drift_every", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or value > 1_000_000:
                 raise ConfigError(f"guard setting {name} must be an integer in [{low}, 1000000], got {value!r}")
@@ -186,6 +187,12 @@ class Guard:
         self._pooled_estimate = self._pooled_n = 0.0  # discounted sums: images above the threshold, images
         self._fallback_logits: torch.Tensor | None = None
         self._mix_with: torch.Tensor | None = None  # the source logits to average the returned prediction with
+        # drift: clean images, the source model's classes on them, the model as reset's disagreement with those
+        self._drift_images: torch.Tensor | None = None
+        self._drift_classes: torch.Tensor | None = None
+        self._drift_reset = 0.0
+        self._drift = 1.0  # the clean disagreement's factor: the drifted model's over the model as reset's
+        self._since_reset = 0  # batches since the last reset
 
     # ------------------------------------------------------------------------------------------------ setup
     def attach(self, adapted: AdaptedModel, source_model: nn.Module) -> None:
@@ -204,6 +211,12 @@ class Guard:
             if self.config.rule == "learned" and not self._identity:
                 self.outcomes = learned_outcomes(adapted, model, source, self.adapted_stats, self.config)
                 self.rule = fit_rule(self.outcomes)
+        self._drift_images = self._drift_classes = None
+        if source is not None and not self._identity and self.config.drift_every > 0:
+            self._drift_images, _ = source.sample(self.config.calibration_batch, seed=0)
+            with torch.no_grad():
+                self._drift_classes = model(self._drift_images.to(*_placement(model))).argmax(1).cpu()
+            self._drift_reset = self._clean_disagreement(adapted, reset=True)
         self.source_model = model
         self._resets_seen = adapted.counters.resets
         self._forget()
@@ -216,6 +229,9 @@ class Guard:
         if adapted.counters.resets != self._resets_seen:  # reset since the last batch: history no longer applies
             self._forget()
             self._resets_seen = adapted.counters.resets
+        self._since_reset += 1
+        if self._drift_images is not None and self._since_reset % self.config.drift_every == 0:
+            self._measure_drift(adapted)
         self._fallback_logits = self._mix_with = None
         self.answer = "adapted"
         if out.logits.ndim != 2 or out.logits.shape[0] != x.shape[0]:
@@ -266,7 +282,8 @@ class Guard:
                 "bad_run": self._bad_run, "probation": self._probation, "averages": dict(self.averages.values),
                 "reference": self._reference, "pooled": list(self._pooled),
                 "pooled_estimate": [self._pooled_estimate, self._pooled_n],
-                "mass": None if self._mass is None else self._mass.cpu().clone()}
+                "mass": None if self._mass is None else self._mass.cpu().clone(),
+                "drift": [self._since_reset, self._drift]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (after ``attach``); settings other than this guard's are an error."""
@@ -281,6 +298,8 @@ class Guard:
         self._pooled = [float(v) for v in state.get("pooled", [0.0, 0.0])]
         self._pooled_estimate, self._pooled_n = (float(v) for v in state.get("pooled_estimate", [0.0, 0.0]))
         self._mass = state.get("mass")
+        since, drift = state.get("drift", [0, 1.0])
+        self._since_reset, self._drift = int(since), float(drift)
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -300,14 +319,42 @@ class Guard:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
         self._pooled, self._mass = [0.0, 0.0], None
         self._pooled_estimate = self._pooled_n = 0.0
+        self._since_reset, self._drift = 0, 1.0
         self.averages.clear()
+
+    def _clean_disagreement(self, adapted: AdaptedModel, reset: bool) -> float:
+        """How often a copy of ``adapted`` (as reset, or in its current state) predicts another class than the
+        source model on the drift check's clean images, read where the guard reads it (the method's loss logits);
+        the copy adapts nothing and is discarded."""
+        assert self._drift_images is not None and self._drift_classes is not None
+        guard, adapted.guard = adapted.guard, None  # the copy must not carry the guard
+        try:
+            probe = copy.deepcopy(adapted)
+        finally:
+            adapted.guard = guard
+        if reset:
+            probe.reset()
+        with torch.no_grad():
+            logits = probe.loss(self._drift_images.to(*_placement(probe)), None).logits
+        return float((logits.argmax(1).cpu() != self._drift_classes).float().mean())
+
+    def _measure_drift(self, adapted: AdaptedModel) -> None:
+        """Compare the adapted model in its current state with the model as reset on clean images (see the module
+        docstring): when it disagrees with the source model there clearly more often (by more than twice the
+        standard error of its rate), the excess is added to the clean disagreement the ratio is measured against
+        (``drift``: the clean disagreement's factor, 1 without drift)."""
+        assert self._drift_images is not None and self.adapted_stats is not None
+        now, m = self._clean_disagreement(adapted, reset=False), self._drift_images.shape[0]
+        excess = now - self._drift_reset
+        clean = max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT)
+        self._drift = 1.0 + excess / clean if excess > 2.0 * math.sqrt(now * (1.0 - now) / m) else 1.0
 
     def _disagreement(self, images: float, agreements: float) -> float:
         """The pooled disagreement with these images added, relative to the clean calibration's (``inf``: none)."""
         n, agree = self.config.decay * self._pooled[0] + images, self.config.decay * self._pooled[1] + agreements
         if self.adapted_stats is None or n <= 0:
             return math.inf
-        return (1.0 - agree / n) / max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT)
+        return (1.0 - agree / n) / (max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT) * self._drift)
 
     def _may_need_source(self, logits: torch.Tensor, src: torch.Tensor) -> bool:
         """Whether the subsample puts the batch near the ``mild`` range (with a margin for the subsample's noise)."""
@@ -334,6 +381,7 @@ class Guard:
         if self._reference is None:  # the first batch since a reset: the adapted model before any update
             self._reference = values["marginal_entropy"]
         values["reference_marginal_entropy"] = self._reference
+        values["drift"] = self._drift
         if self.adapted_stats is not None and not self._identity:
             values["disagreement"] = self._disagreement(m, m * values["agreement"])
             decay, (n, agree) = self.config.decay, self._pooled
@@ -433,6 +481,12 @@ class Guard:
 
     def __repr__(self) -> str:
         return f"Guard({self.config})"
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of ``model``'s parameters (CPU float32 without any)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return device, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _subsample(n: int, fraction: float, device: torch.device) -> torch.Tensor:
