@@ -28,6 +28,16 @@ which adaptation helps most. It decides from two things the source model's confi
   pays for the source model reading the whole batch;
   - otherwise the adapted model answers.
 
+  The clean disagreement belongs to the model as reset. A model that adapts for long (a continual stream, a high
+  learning rate) drifts: it then disagrees with the source model more often on clean images too, and near-source
+  batches would read as a shift. Every ``drift_every`` batches since the last reset the guard therefore runs a
+  copy of the adapted model in its current state (no update) on ``calibration_batch`` clean calibration images and
+  compares its disagreement with the source model there (pooled over the checks since the reset, weight 0.5) with
+  the model as reset's on the same images; an excess clearly above the noise (twice the standard error of the
+  rate) is added to the clean disagreement the ratio is
+  measured against (signal ``drift``: that denominator's factor, 1 without drift). A stream reset more often than
+  every ``drift_every`` batches is never checked, and a reset starts the count afresh.
+
   ``near_source`` and ``mild`` are fixed (``rule="fixed"``), or, with ``rule="learned"``, fitted per model and
   method on synthetic corruptions of the calibration images (``shift_images`` per corruption and severity), where
   the guard can see which answer is right (``tta.monitor.learn``); the estimates are then calibrated there too.
@@ -83,6 +93,7 @@ if TYPE_CHECKING:
 
 
 DRIFT = 0.2  # an adapted model's pooled estimate this far above its clean accuracy is not quoted
+DRIFT_DECAY = 0.5  # weight of the earlier drift checks in the pooled one
 SUBSAMPLE_MARGIN = 1.25  # the subsample reads the whole batch when its disagreement ratio is below this x ``mild``
 RULES = ("fixed", "learned")  # thresholds on the disagreement ratio: the config's, or fitted on synthetic shifts
 
@@ -193,6 +204,7 @@ class Guard:
         self._drift_reset = 0.0
         self._drift = 1.0  # the clean disagreement's factor: the drifted model's over the model as reset's
         self._since_reset = 0  # batches since the last reset
+        self._drift_sums = [0.0, 0.0]  # discounted sums over the drift checks: disagreements, images
 
     # ------------------------------------------------------------------------------------------------ setup
     def attach(self, adapted: AdaptedModel, source_model: nn.Module) -> None:
@@ -283,7 +295,7 @@ class Guard:
                 "reference": self._reference, "pooled": list(self._pooled),
                 "pooled_estimate": [self._pooled_estimate, self._pooled_n],
                 "mass": None if self._mass is None else self._mass.cpu().clone(),
-                "drift": [self._since_reset, self._drift]}
+                "drift": [self._since_reset, self._drift, *self._drift_sums]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (after ``attach``); settings other than this guard's are an error."""
@@ -298,8 +310,8 @@ class Guard:
         self._pooled = [float(v) for v in state.get("pooled", [0.0, 0.0])]
         self._pooled_estimate, self._pooled_n = (float(v) for v in state.get("pooled_estimate", [0.0, 0.0]))
         self._mass = state.get("mass")
-        since, drift = state.get("drift", [0, 1.0])
-        self._since_reset, self._drift = int(since), float(drift)
+        since, drift, *sums = state.get("drift", [0, 1.0, 0.0, 0.0])
+        self._since_reset, self._drift, self._drift_sums = int(since), float(drift), [float(v) for v in sums]
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -319,7 +331,7 @@ class Guard:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
         self._pooled, self._mass = [0.0, 0.0], None
         self._pooled_estimate = self._pooled_n = 0.0
-        self._since_reset, self._drift = 0, 1.0
+        self._since_reset, self._drift, self._drift_sums = 0, 1.0, [0.0, 0.0]
         self.averages.clear()
 
     def _clean_disagreement(self, adapted: AdaptedModel, reset: bool) -> float:
@@ -345,9 +357,12 @@ class Guard:
         (``drift``: the clean disagreement's factor, 1 without drift)."""
         assert self._drift_images is not None and self.adapted_stats is not None
         now, m = self._clean_disagreement(adapted, reset=False), self._drift_images.shape[0]
-        excess = now - self._drift_reset
+        # pooled over the checks since the reset (weight DRIFT_DECAY), like the disagreement over batches
+        self._drift_sums = [DRIFT_DECAY * self._drift_sums[0] + m * now, DRIFT_DECAY * self._drift_sums[1] + m]
+        rate, n = self._drift_sums[0] / self._drift_sums[1], self._drift_sums[1]
+        excess = rate - self._drift_reset
         clean = max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT)
-        self._drift = 1.0 + excess / clean if excess > 2.0 * math.sqrt(now * (1.0 - now) / m) else 1.0
+        self._drift = 1.0 + excess / clean if excess > 2.0 * math.sqrt(rate * (1.0 - rate) / n) else 1.0
 
     def _disagreement(self, images: float, agreements: float) -> float:
         """The pooled disagreement with these images added, relative to the clean calibration's (``inf``: none)."""
