@@ -478,11 +478,11 @@ def test_roid_is_estimated_from_its_logits_before_the_prior_correction(overconfi
     assert abs(above - right) / len(y) < 0.1
 
 
-def _drifted(model: nn.Module, calibration: tuple, drift_every: int) -> tta.AdaptedModel:
+def _drifted(model: nn.Module, calibration: tuple, drift_every: int, reset: bool = False) -> tta.AdaptedModel:
     """Tent on ``model`` whose BatchNorm affine parameters were then moved far from the source model's, as a long
     continual run at a high learning rate moves them: on clean images it now disagrees with the source model on
     many images, although the images are not shifted at all."""
-    guarded = tta.adapt(model, "tent", guard=Guard(near_source=2.0, mild=2.0, drift_every=drift_every),
+    guarded = tta.adapt(model, "tent", guard=Guard(near_source=5.0, mild=5.0, drift_every=drift_every, reset=reset),
                         source_data=calibration)
     with torch.no_grad():
         bn = next(m for m in guarded.modules() if isinstance(m, nn.BatchNorm2d))
@@ -495,7 +495,8 @@ def test_a_drifted_model_does_not_pass_clean_batches_for_a_shift(overconfident) 
     """The drifted model disagrees with the source model on clean batches far more often than the model as reset
     did: without the drift check that reads as a strong shift and the drifted model answers. Every second batch the
     guard measures the drifted model on clean calibration images and, that rate being clearly higher than as reset,
-    measures the disagreement against it: the clean batches then look clean and the source model answers them."""
+    measures the disagreement against it (``reset=False``: the model is kept): the clean batches then look clean
+    and the source model answers them."""
     model, calibration, _ = overconfident
     x, _ = _prototype_images(300, torch.Generator().manual_seed(9))
     blind, checked = _drifted(model, calibration, 0), _drifted(model, calibration, 2)
@@ -510,6 +511,27 @@ def test_a_drifted_model_does_not_pass_clean_batches_for_a_shift(overconfident) 
     assert answers["checked"] == ["adapted"] + ["source"] * 5  # from the first check (second batch) on
     with torch.no_grad():
         assert torch.equal(out, model(xb))
+    assert checked.counters.resets == 0 and checked.guard.unhealthy == ["drift"]  # the sixth batch is a check
+
+
+def test_a_drifted_model_is_reset(overconfident) -> None:
+    """With ``reset`` (the default) the check batch that finds drift is answered by the source model without an
+    update, and the model is reset: from then on it is the model as reset, which on clean batches disagrees with
+    the source model about as on the calibration images, and the source model answers the clean batches (one
+    subsample's single disagreement aside)."""
+    model, calibration, _ = overconfident
+    x, _ = _prototype_images(300, torch.Generator().manual_seed(9))
+    guarded = _drifted(model, calibration, 2, reset=True)
+    answers, drift = [], []
+    for xb in x.split(50):
+        guarded(xb)
+        answers.append(guarded.guard.answer)
+        drift.append("drift" in guarded.guard.unhealthy)
+    assert drift == [False, True, False, False, False, False] and guarded.counters.resets == 1
+    assert answers[:2] == ["adapted", "source"] and answers[3:] == ["source"] * 3
+    bn = next(m for m in guarded.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.allclose(bn.weight, torch.ones(3), atol=0.01)  # as reset (and at most one small update since)
+    assert guarded.guard.signals["drift"] == 1.0
 
 
 def test_the_drift_check_starts_afresh_after_a_reset(overconfident) -> None:

@@ -34,9 +34,11 @@ which adaptation helps most. It decides from two things the source model's confi
   copy of the adapted model in its current state (no update) on ``calibration_batch`` clean calibration images and
   compares its disagreement with the source model there (pooled over the checks since the reset, weight 0.5) with
   the model as reset's on the same images; an excess clearly above the noise (twice the standard error of the
-  rate) is added to the clean disagreement the ratio is
-  measured against (signal ``drift``: that denominator's factor, 1 without drift). A stream reset more often than
-  every ``drift_every`` batches is never checked, and a reset starts the count afresh.
+  rate) is ``drift``: with ``reset`` the guard answers that batch with the source model, skips its update and
+  resets the adapted model (the model as reset answers from then on); without it the excess is added to the clean
+  disagreement the ratio is measured against (signal ``drift``: that denominator's factor, 1 without drift). A
+  stream reset more often than every ``drift_every`` batches is never checked, and a reset starts the count
+  afresh.
 
   ``near_source`` and ``mild`` are fixed (``rule="fixed"``), or, with ``rule="learned"``, fitted per model and
   method on synthetic corruptions of the calibration images (``shift_images`` per corruption and severity), where
@@ -205,6 +207,7 @@ class Guard:
         self._drift = 1.0  # the clean disagreement's factor: the drifted model's over the model as reset's
         self._since_reset = 0  # batches since the last reset
         self._drift_sums = [0.0, 0.0]  # discounted sums over the drift checks: disagreements, images
+        self._drifted = False  # this batch's drift check found drift
 
     # ------------------------------------------------------------------------------------------------ setup
     def attach(self, adapted: AdaptedModel, source_model: nn.Module) -> None:
@@ -242,6 +245,7 @@ class Guard:
             self._forget()
             self._resets_seen = adapted.counters.resets
         self._since_reset += 1
+        self._drifted = False
         if self._drift_images is not None and self._since_reset % self.config.drift_every == 0:
             self._measure_drift(adapted)
         self._fallback_logits = self._mix_with = None
@@ -362,7 +366,8 @@ class Guard:
         rate, n = self._drift_sums[0] / self._drift_sums[1], self._drift_sums[1]
         excess = rate - self._drift_reset
         clean = max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT)
-        self._drift = 1.0 + excess / clean if excess > 2.0 * math.sqrt(rate * (1.0 - rate) / n) else 1.0
+        self._drifted = excess > 2.0 * math.sqrt(rate * (1.0 - rate) / n)
+        self._drift = 1.0 + excess / clean if self._drifted else 1.0
 
     def _disagreement(self, images: float, agreements: float) -> float:
         """The pooled disagreement with these images added, relative to the clean calibration's (``inf``: none)."""
@@ -408,13 +413,24 @@ class Guard:
         if not self._identity and (s["subsample_marginal_entropy"] < ratio * s["source_marginal_entropy"]
                                    or s["marginal_entropy"] < ratio * s["reference_marginal_entropy"]):
             return ["collapse"]
-        return []
+        return ["drift"] if self._drifted else []
 
     def _act(self, adapted: AdaptedModel, x: torch.Tensor, logits: torch.Tensor, src: torch.Tensor,
              rows: torch.Tensor) -> bool:
         """Decide what the batch returns and whether its update goes ahead; sets ``above`` and the estimate."""
         cfg = self.config
         collapse = "collapse" in self.unhealthy
+        if "drift" in self.unhealthy and cfg.reset:
+            # the adapted model has drifted from what it was as reset: the model as reset answers from now on, this
+            # batch the source model (the batch's adapted prediction came from the drifted model)
+            adapted.reset()  # counted in adapted.counters.resets
+            self._forget()
+            self._resets_seen = adapted.counters.resets
+            if cfg.fallback:
+                self.answer = "source"
+                self._fallback_logits = self._source_logits(x, src, rows)
+            self._estimate(self._fallback_logits if cfg.fallback else logits, False)
+            return False
         if collapse:
             self._bad_run += 1
             self._probation = cfg.probation
