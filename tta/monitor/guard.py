@@ -159,10 +159,10 @@ class Guard:
     """Label-free monitor of an adapted model with actions when a signal crosses its threshold.
 
     ``guard.signals`` holds the last batch's signals, ``guard.averages`` their moving averages, ``guard.unhealthy``
-    the rules that fired on the last batch (``collapse``), ``guard.answer`` who answered it (``adapted``, ``mix``
-    or ``source``), ``guard.estimate_note`` why the last batch has no accuracy estimate (empty when it has one);
-    ``guard.stats`` and ``guard.adapted_stats`` the calibrations of the source model and of the adapted model as
-    reset (``None`` without source data); ``guard.source_model`` the frozen source copy.
+    the rules that fired on the last batch (``collapse`` or ``drift``), ``guard.answer`` who answered it
+    (``adapted``, ``mix`` or ``source``), ``guard.estimate_note`` why the last batch has no accuracy estimate
+    (empty when it has one); ``guard.stats`` and ``guard.adapted_stats`` the calibrations of the source model and
+    of the adapted model as reset (``None`` without source data); ``guard.source_model`` the frozen source copy.
     """
 
     def __init__(self, config: GuardConfig | None = None, *, source_data: SourceData | str | tuple[Any, Any] | None
