@@ -246,14 +246,14 @@ class Guard:
             self._resets_seen = adapted.counters.resets
         self._since_reset += 1
         self._drifted = False
-        if self._drift_images is not None and self._since_reset % self.config.drift_every == 0:
-            self._measure_drift(adapted)
         self._fallback_logits = self._mix_with = None
         self.answer = "adapted"
         if out.logits.ndim != 2 or out.logits.shape[0] != x.shape[0]:
             # The method predicts only after its update (MEMO): nothing to judge before it.
             self.above, self.estimate_note = None, "the method predicts after its update"
             return True
+        if self._drift_images is not None and self._since_reset % self.config.drift_every == 0:
+            self._measure_drift(adapted)
         assert self.source_model is not None  # attach() ran
         logits = out.logits.detach()
         n = logits.shape[0]
@@ -350,8 +350,11 @@ class Guard:
             adapted.guard = guard
         if reset:
             probe.reset()
+        x = self._drift_images.to(*_placement(probe))
         with torch.no_grad():
-            logits = probe.loss(self._drift_images.to(*_placement(probe)), None).logits
+            logits = probe.loss(x, None).logits
+            if logits.ndim != 2 or logits.shape[0] != x.shape[0]:  # no per-image loss logits (MEMO): its prediction
+                logits = probe.predict(x, None)
         return float((logits.argmax(1).cpu() != self._drift_classes).float().mean())
 
     def _measure_drift(self, adapted: AdaptedModel) -> None:
