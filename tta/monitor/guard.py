@@ -360,8 +360,9 @@ class Guard:
     def _measure_drift(self, adapted: AdaptedModel) -> None:
         """Compare the adapted model in its current state with the model as reset on clean images (see the module
         docstring): when it disagrees with the source model there clearly more often (by more than twice the
-        standard error of its rate), the excess is added to the clean disagreement the ratio is measured against
-        (``drift``: the clean disagreement's factor, 1 without drift)."""
+        standard error of its rate), the batch reports ``drift`` (``_act`` resets the model, with ``reset``) and the
+        excess is added to the clean disagreement the ratio is measured against (signal ``drift``: the clean
+        disagreement's factor, 1 without drift)."""
         assert self._drift_images is not None and self.adapted_stats is not None
         now, m = self._clean_disagreement(adapted, reset=False), self._drift_images.shape[0]
         # pooled over the checks since the reset (weight DRIFT_DECAY), like the disagreement over batches
