@@ -75,6 +75,8 @@ class ContextRouter(GrowingContexts):
         self.initial_contexts, self.fallback, self.assigner = 1 + declared, fallback, assigner
         # whether the contexts a batch creates (split, merge) route that batch itself, not only the next ones
         self.immediate = False
+        # whether a batch that is one cloud of descriptors is routed whole to the context most responsible for it
+        self.whole_batch = False
         self.routing = routing if routing is not None else Routing()  # a plain object: never saved
         self.register_buffer("seen", torch.zeros(self.initial_contexts, dtype=torch.float64))
         # structural changes decided by the last batch, applied before the next (op code, a, b); saved state
@@ -142,6 +144,8 @@ class ContextRouter(GrowingContexts):
                 if self.immediate and ops:  # the batch's own new contexts route it
                     applied += self.apply_pending()
                     weights = self.assigner.assign(descriptors)
+            if self.whole_batch and self.assigner.one_domain(descriptors):
+                weights = F.one_hot(weights.sum(0).argmax(), weights.shape[1]).to(weights).expand_as(weights)
             self.resize(max(self.num_contexts, weights.shape[1]))
             weights = F.pad(weights, (0, self.num_contexts - weights.shape[1]))
             # statistics are estimated from each context's members (the images it is most responsible for)

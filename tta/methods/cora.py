@@ -51,6 +51,7 @@ class CoraConfig(OptimizerConfig):
     prior_n: float = 16.0
     min_subset: int = 2
     immediate: bool = True
+    whole_batch: bool = False
     source_prior: float = 64.0
     source_affine: bool = False
     descriptor: Literal["first", "early", "half", "all"] = "half"
@@ -174,6 +175,7 @@ class Cora(DomainNormMethod):
             layer=RecentContextNorm, layer_options={"memory": cfg.stats_memory, "source_prior": cfg.source_prior,
                                         "source_affine": cfg.source_affine})
         wrapped.router.immediate = cfg.immediate
+        wrapped.router.whole_batch = cfg.whole_batch
         wrapped.requires_grad_(False)
         for layer in wrapped.layers():
             for p in (layer.weight, layer.bias):
