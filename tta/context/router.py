@@ -7,7 +7,8 @@ merge, forget, soft responsibilities). It writes its decision into a ``Routing``
 the model's layers were given when they were built; it holds no layer. The structural changes the assignment decides
 (new, split, merged, forgotten contexts) are applied to the router's own counts before the next batch and returned,
 for the model that owns both to mirror in its layers (``mirror``). An image's routing depends only on the state
-before its batch and on the image itself (unless ``immediate`` is set: then a batch's new contexts route it).
+before its batch and on the image itself (unless ``immediate`` is set: then a batch's new contexts route it; or
+``whole_batch``: then a batch whose descriptors are one cloud goes whole to the context most responsible for it).
 """
 
 from __future__ import annotations
