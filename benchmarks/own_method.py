@@ -66,6 +66,7 @@ ABLATION: dict[str, tuple[str, dict[str, object]]] = {
     "cora": ("cora", {}),
     "one context (no inferred contexts)": ("cora", {"contexts": "single"}),
     "contexts route from the next batch only (immediate off)": ("cora", {"immediate": False}),
+    "a one-cloud batch keeps its per-image routing (whole_batch off)": ("cora", {"whole_batch": False}),
     "cumulative statistics (stats_memory inf)": ("cora", {"stats_memory": float("inf")}),
     "fixed source context (source_prior inf)": ("cora", {"source_prior": float("inf")}),
     "source context keeps the source affine (source_affine on)": ("cora", {"source_affine": True}),

@@ -195,3 +195,31 @@ def test_with_source_affine_source_like_batches_keep_the_source_model(bn_model: 
                                                              adapted.model.layers()[0].source_weight)
     x = _clean(16)[0]  # source images: routed to the source context, which keeps the source BatchNorm
     torch.testing.assert_close(adapted(x), bn_model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_that_is_one_cloud_of_descriptors_is_one_domain_and_two_clouds_are_not() -> None:
+    from tta.context.assign import ContextAssigner, calibrate
+
+    g = torch.Generator().manual_seed(0)
+    assigner = ContextAssigner(calibrate(torch.randn(400, 8, generator=g)))
+    one = torch.randn(64, 8, generator=g) + 3.0  # one shifted domain
+    two = torch.cat([torch.randn(32, 8, generator=g) + 3.0, torch.randn(32, 8, generator=g) - 3.0])
+    assert assigner.one_domain(one)
+    assert not assigner.one_domain(two[torch.randperm(64, generator=g)])
+    assert not assigner.one_domain(one[:8])  # too few images to tell
+
+
+@pytest.mark.parametrize("whole_batch", [True, False])
+def test_a_one_cloud_batch_is_routed_whole_to_one_context(bn_model: nn.Module, whole_batch: bool) -> None:
+    adapted = tta.adapt(bn_model, "cora", whole_batch=whole_batch, source_data=_clean(256))
+    seen: list[torch.Tensor] = []
+    router = adapted.model.router
+    adapted.model.layers()[0].register_forward_hook(lambda m, i, o: seen.append(router.weights.clone()))
+    adapted(_clean(64)[0] * 0.9 + 0.05)  # one mildly shifted domain: per image, soft responsibilities
+    one = seen[-1]
+    dark = torch.zeros(32, 3, 16, 16) + 0.02 * _batch(5, n=32)
+    adapted(torch.cat([dark, _clean(32)[0]]))  # two domains in one batch: routed image by image
+    two = seen[-1]
+    assert not torch.equal(two, two[:1].expand_as(two))
+    whole = torch.equal(one, one[:1].expand_as(one)) and bool(((one == 0) | (one == 1)).all())
+    assert whole == whole_batch

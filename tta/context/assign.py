@@ -380,6 +380,15 @@ class ContextAssigner(nn.Module):
                 ops.append(("split", slot, k))  # both halves start from its statistics, with half its evidence
         return ops
 
+    def one_domain(self, d: torch.Tensor) -> bool:
+        """Whether the batch of raw descriptors ``d`` (N, D) is one cloud: its held-out 2-means split separates it no
+        further than the calibrated chance separation of as many source images (a batch too small to split counts
+        as not one domain)."""
+        z = self.standardise(d)
+        if len(z) < 2 * self.min_spawn:
+            return False
+        return held_out_split(z)[0] <= self.split_threshold(len(z))
+
     def _off_source(self, members: torch.Tensor) -> bool:
         """Whether the mean of ``members`` sits further from the source centre than chance puts the mean of as many
         source images."""

@@ -7,7 +7,8 @@ merge, forget, soft responsibilities). It writes its decision into a ``Routing``
 the model's layers were given when they were built; it holds no layer. The structural changes the assignment decides
 (new, split, merged, forgotten contexts) are applied to the router's own counts before the next batch and returned,
 for the model that owns both to mirror in its layers (``mirror``). An image's routing depends only on the state
-before its batch and on the image itself (unless ``immediate`` is set: then a batch's new contexts route it).
+before its batch and on the image itself (unless ``immediate`` is set: then a batch's new contexts route it; or
+``whole_batch``: then a batch whose descriptors are one cloud goes whole to the context most responsible for it).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class ContextRouter(GrowingContexts):
         self.initial_contexts, self.fallback, self.assigner = 1 + declared, fallback, assigner
         # whether the contexts a batch creates (split, merge) route that batch itself, not only the next ones
         self.immediate = False
+        # whether a batch that is one cloud of descriptors is routed whole to the context most responsible for it
+        self.whole_batch = False
         self.routing = routing if routing is not None else Routing()  # a plain object: never saved
         self.register_buffer("seen", torch.zeros(self.initial_contexts, dtype=torch.float64))
         # structural changes decided by the last batch, applied before the next (op code, a, b); saved state
@@ -142,6 +145,8 @@ class ContextRouter(GrowingContexts):
                 if self.immediate and ops:  # the batch's own new contexts route it
                     applied += self.apply_pending()
                     weights = self.assigner.assign(descriptors)
+            if self.whole_batch and self.assigner.one_domain(descriptors):
+                weights = F.one_hot(weights.sum(0).argmax(), weights.shape[1]).to(weights).expand_as(weights)
             self.resize(max(self.num_contexts, weights.shape[1]))
             weights = F.pad(weights, (0, self.num_contexts - weights.shape[1]))
             # statistics are estimated from each context's members (the images it is most responsible for)

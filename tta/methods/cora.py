@@ -6,7 +6,10 @@ setting to be told which stream it is on:
 - every BatchNorm becomes a ``RecentContextNorm``: per-context statistics, contexts inferred from the images' style
   (``tta.context``; ``contexts: single`` puts every image in one target context instead). The contexts a batch
   creates route that batch itself (``immediate``), so the first batch of a new domain is not normalised with an
-  older domain's statistics. A context's statistics follow its recent images: each batch share of ``b`` images
+  older domain's statistics. A batch whose descriptors are one cloud (its held-out 2-means split separates it no
+  further than the calibrated chance separation of as many source images) is one domain, and is routed whole to the
+  context most responsible for it (``whole_batch``), so that its images are not normalised with a mixture of
+  contexts that differ only by chance. A context's statistics follow its recent images: each batch share of ``b`` images
   moves them with rate ``b / (b + h)``, ``h`` the context's evidence, its images seen capped at ``stats_memory`` and
   at least ``prior_n`` (a new context starts from the source statistics, worth ``prior_n`` images), so a context
   that has just changed domain catches up within a batch, and a context's small shares in a mixed batch borrow from
@@ -51,6 +54,7 @@ class CoraConfig(OptimizerConfig):
     prior_n: float = 16.0
     min_subset: int = 2
     immediate: bool = True
+    whole_batch: bool = True
     source_prior: float = 64.0
     source_affine: bool = False
     descriptor: Literal["first", "early", "half", "all"] = "half"
@@ -174,6 +178,7 @@ class Cora(DomainNormMethod):
             layer=RecentContextNorm, layer_options={"memory": cfg.stats_memory, "source_prior": cfg.source_prior,
                                         "source_affine": cfg.source_affine})
         wrapped.router.immediate = cfg.immediate
+        wrapped.router.whole_batch = cfg.whole_batch
         wrapped.requires_grad_(False)
         for layer in wrapped.layers():
             for p in (layer.weight, layer.bias):
