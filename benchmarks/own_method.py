@@ -65,7 +65,7 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
 ABLATION: dict[str, tuple[str, dict[str, object]]] = {
     "cora": ("cora", {}),
     "one context (no inferred contexts)": ("cora", {"contexts": "single"}),
-    "contexts route from the next batch only (immediate off)": ("cora", {"immediate": False}),
+    "a batch's new contexts route it (immediate on)": ("cora", {"immediate": True}),
     "a one-cloud batch keeps its per-image routing (whole_batch off)": ("cora", {"whole_batch": False}),
     "cumulative statistics (stats_memory inf)": ("cora", {"stats_memory": float("inf")}),
     "fixed source context (source_prior inf)": ("cora", {"source_prior": float("inf")}),

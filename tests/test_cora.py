@@ -134,13 +134,18 @@ def test_deterministic_for_a_seed_and_reset_returns_to_the_source(bn_model: nn.M
     assert not torch.equal(first, fresh(_batch(9)))
 
 
-def test_a_shifted_batch_gets_a_context_of_its_own_at_once(bn_model: nn.Module) -> None:
-    adapted = tta.adapt(bn_model, "cora", source_data=_clean())
+@pytest.mark.parametrize("immediate", [True, False])
+def test_a_shifted_batch_gets_its_new_context_at_once_only_with_immediate(bn_model: nn.Module, immediate: bool) -> None:
+    adapted = tta.adapt(bn_model, "cora", immediate=immediate, source_data=_clean())
     used: list[torch.Tensor] = []
     router = adapted.model.router
     adapted.model.layers()[0].register_forward_hook(lambda m, i, o: used.append(router.weights.argmax(1)))
-    adapted(torch.zeros(32, 3, 16, 16) + 0.02 * _batch(5, n=32))  # nearly black images: far from the source
-    assert router.num_contexts > 1 and bool((used[-1] > 0).all())  # the batch's new context routed it
+    dark = torch.zeros(32, 3, 16, 16) + 0.02 * _batch(5, n=32)  # nearly black images: far from the source
+    adapted(dark)
+    assert bool((used[-1] > 0).all()) == immediate  # the batch's new context routed it
+    assert bool((used[-1] == 0).all()) != immediate  # or it waited at the source, its context decided
+    adapted(dark)
+    assert router.num_contexts > 1 and bool((used[-1] > 0).all())  # the domain's next batch has its context
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -190,8 +195,10 @@ def test_the_source_context_keeps_the_source_affine_and_target_contexts_share_th
 def test_with_source_affine_source_like_batches_keep_the_source_model(bn_model: nn.Module) -> None:
     adapted = tta.adapt(bn_model, "cora", lr=1e-2, source_prior=float("inf"), use_prior_correction=False,
                         source_affine=True, source_data=_clean())
-    adapted(torch.zeros(32, 3, 16, 16) + 0.02 * _batch(5, n=32))  # a shifted batch: a target context, a step
-    assert adapted.counters.updates == 1 and not torch.equal(adapted.model.layers()[0].weight,
+    shifted = torch.zeros(32, 3, 16, 16) + 0.02 * _batch(5, n=32)
+    adapted(shifted)  # a shifted batch decides its context, which routes the domain's next batch: a step
+    adapted(shifted)
+    assert adapted.counters.updates == 2 and not torch.equal(adapted.model.layers()[0].weight,
                                                              adapted.model.layers()[0].source_weight)
     x = _clean(16)[0]  # source images: routed to the source context, which keeps the source BatchNorm
     torch.testing.assert_close(adapted(x), bn_model.eval()(x), atol=1e-5, rtol=1e-5)
@@ -215,7 +222,9 @@ def test_a_one_cloud_batch_is_routed_whole_to_one_context(bn_model: nn.Module, w
     seen: list[torch.Tensor] = []
     router = adapted.model.router
     adapted.model.layers()[0].register_forward_hook(lambda m, i, o: seen.append(router.weights.clone()))
-    adapted(_clean(64)[0] * 0.9 + 0.05)  # one mildly shifted domain: per image, soft responsibilities
+    mild = _clean(64)[0] * 0.9 + 0.05  # one mildly shifted domain: per image, soft responsibilities
+    adapted(mild)  # decides the contexts that route the next batch
+    adapted(mild)
     one = seen[-1]
     dark = torch.zeros(32, 3, 16, 16) + 0.02 * _batch(5, n=32)
     adapted(torch.cat([dark, _clean(32)[0]]))  # two domains in one batch: routed image by image

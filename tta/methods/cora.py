@@ -5,8 +5,8 @@ setting to be told which stream it is on:
 
 - every BatchNorm becomes a ``RecentContextNorm``: per-context statistics, contexts inferred from the images' style
   (``tta.context``; ``contexts: single`` puts every image in one target context instead). The contexts a batch
-  creates route that batch itself (``immediate``), so the first batch of a new domain is not normalised with an
-  older domain's statistics. A batch whose descriptors are one cloud (its held-out 2-means split separates it no
+  creates route the batches after it (with ``immediate``, that batch itself; off by default: measured, with
+  ``whole_batch`` it did not pay). A batch whose descriptors are one cloud (its held-out 2-means split separates it no
   further than the calibrated chance separation of as many source images) is one domain, and is routed whole to the
   context most responsible for it (``whole_batch``), so that its images are not normalised with a mixture of
   contexts that differ only by chance. A context's statistics follow its recent images: each batch share of ``b`` images
@@ -53,7 +53,7 @@ class CoraConfig(OptimizerConfig):
     stats_memory: float = 64.0
     prior_n: float = 16.0
     min_subset: int = 2
-    immediate: bool = True
+    immediate: bool = False
     whole_batch: bool = True
     source_prior: float = 64.0
     source_affine: bool = False
