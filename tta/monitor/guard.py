@@ -397,8 +397,8 @@ class Guard:
         whole batch is not below ``collapse_ratio`` times the reference). The marginal entropy of a dozen healthy
         predictions is too noisy to call a collapse on: the comparison is then made on the whole batch."""
         ratio = self.config.collapse_ratio
-        mine, theirs = (float(batch_signals(v)["marginal_entropy"]) for v in (logits[rows], src))
-        if mine >= ratio * theirs:
+        mine, theirs = torch.stack([batch_signals(v)["marginal_entropy"] for v in (logits[rows], src)]).tolist()
+        if mine >= ratio * theirs:  # one synchronisation on every batch; the whole batch is read only when it fires
             return False
         return self._reference is None or float(batch_signals(logits)["marginal_entropy"]) >= ratio * self._reference
 
