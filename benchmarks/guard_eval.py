@@ -80,6 +80,19 @@ def corrupted(name: str, clean: np.ndarray, work: Path) -> dict[Domain, np.ndarr
     return out
 
 
+def selected(domains: str, data: dict[Domain, np.ndarray]) -> list[Domain]:
+    """The domains named in ``domains`` (``corruption:severity,...``), in the grid's order; an unknown one exits."""
+    wanted = []
+    for item in domains.split(","):
+        corruption, _, severity = item.partition(":")
+        domain = Domain(corruption, int(severity)) if severity.isdigit() else None
+        if domain not in data:
+            sys.exit(f"unknown domain {item!r} in --domains: give corruption:severity with a benchmark corruption "
+                     f"and a severity of {', '.join(map(str, SEVERITIES))}")
+        wanted.append(domain)
+    return [d for d in data if d in wanted]
+
+
 def setup(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, np.ndarray, np.ndarray, tuple[Any, Any]]:
     """The model, the stream's clean images and labels, and the held-out clean calibration images."""
     if name == "digits":
@@ -120,6 +133,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/guard_work"), help="cache (outside the repository)")
     parser.add_argument("--reuse", type=Path, help="a grid CSV whose source and unguarded accuracies (same model, "
                         "method, domain and --n) are taken instead of running them again")
+    parser.add_argument("--domains", help="only these domains, as corruption:severity,... (default: every "
+                        "benchmark corruption at severities 5, 3 and 1)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     reuse = pd.read_csv(args.reuse, comment="#") if args.reuse else None
@@ -129,6 +144,8 @@ def main() -> None:
     for name in args.models.split(","):
         net, x, y, calibration = setup(name, args)
         data = corrupted("digits" if name == "digits" else "cifar", x, args.work)
+        if args.domains:
+            data = {d: data[d] for d in selected(args.domains, data)}
         stream = DomainStream(data, y, args.batch_size)
 
         def run(method: str, guard: Any, _net: Any = net, _stream: Any = stream, _calibration: Any = calibration,

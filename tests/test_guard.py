@@ -223,6 +223,56 @@ def test_the_source_model_reads_a_subsample_and_nothing_for_the_source_method(bn
     assert 0.0 <= plain.guard.signals["estimated_accuracy"] <= 1.0
 
 
+class _ClassFromPixel(nn.Module):
+    """A source model that reads its class from each image's first pixel (confidently) and records the rows it
+    saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x[:, 1, 0, 0].long().tolist())
+        return 6.0 * nn.functional.one_hot(x[:, 0, 0, 0].long(), 10).float()
+
+
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_a_subsample_that_looks_concentrated_is_retested_on_the_whole_batch(bn_model: nn.Module,
+                                                                             collapsed: bool) -> None:
+    """The source model reads a quarter of the batch (10 of 40 evenly spaced images). Here the adapted model puts
+    exactly those 10 into two classes, where the source model spreads them over eight: on the subsample the adapted
+    marginal entropy is well below 0.9 times the source model's. A healthy adapted model spreads the other 30 over
+    the remaining classes, so on the whole batch the comparison passes: the guard reads the source model on the
+    whole batch and lets the adapted model answer. A collapsed one puts every image into the same two classes: the
+    whole batch confirms the collapse and the source model answers, read once."""
+    n, sub = 40, torch.linspace(0, 39, 10).round().long()  # the guard's evenly spaced subsample
+    x = torch.zeros(n, 3, 16, 16)
+    x[:, 0, 0, 0] = torch.arange(n) % 10  # the source model's classes: spread on the subsample too
+    x[:, 1, 0, 0] = torch.arange(n).float()  # each image's row, for the record of what the source model read
+    adapted_classes = torch.arange(n) % 8 + 2  # the 30 other images in classes 2..9
+    adapted_classes[sub] = torch.arange(10) % 2  # the subsample in classes 0 and 1
+    if collapsed:
+        adapted_classes = torch.arange(n) % 2
+    logits = 6.0 * nn.functional.one_hot(adapted_classes, 10).float()
+    adapted = tta.adapt(bn_model, "tent")
+    guard = Guard(PRESETS["default"])
+    guard.attach(adapted, _ClassFromPixel())
+    source = guard.source_model  # the guard's frozen copy
+    on_subsample = batch_signals(logits[sub])["marginal_entropy"]
+    assert on_subsample < 0.5 * batch_signals(source(x[sub]))["marginal_entropy"]  # the subsample alone: collapse
+    source.seen.clear()
+    update = guard.before_update(adapted, x, None, tta.core.base.StepOutput(logits=logits))
+    returned = guard.after_batch(adapted, tta.core.base.StepOutput(logits=logits)).logits
+    assert source.seen == [sub.tolist(), list(range(n))]  # the subsample, then the whole batch, once
+    if collapsed:
+        assert guard.unhealthy == ["collapse"] and guard.answer == "source" and not update
+        assert torch.equal(returned.argmax(1), torch.arange(n) % 10) and adapted.counters.fallbacks == 1
+    else:
+        assert guard.unhealthy == [] and guard.answer == "adapted" and update
+        assert torch.equal(returned, logits) and adapted.counters.fallbacks == 0
+    assert guard.signals["source_rows"] == n
+
+
 def test_guard_state_round_trips_through_save(bn_model: nn.Module, tmp_path: Path) -> None:
     """Saved mid-stream and loaded onto the same source model, a guarded model goes on exactly as the original:
     same snapshot, same run of unhealthy batches, same averages, same predictions and actions."""

@@ -9,7 +9,10 @@ which adaptation helps most. It decides from two things the source model's confi
 
 - ``collapse``: the adapted predictions' marginal entropy (entropy of the batch's mean prediction) is below
   ``collapse_ratio`` times the larger of the source model's on the same subsample and the adapted model's own on
-  the first batch since its last reset (its predictions *before* any update, free to read). Adaptation is then
+  the first batch since its last reset (its predictions *before* any update, free to read). When the subsample's
+  comparison alone fires, the source model reads the whole batch and the comparison is made there: the marginal
+  entropy of a dozen healthy predictions is too noisy to call a collapse on (on a real collapse the source model
+  answers the whole batch anyway, so the read costs nothing extra there). Adaptation is then
   putting the images into fewer classes than both models it started from: the signature of entropy-minimisation
   collapse, whatever the source model's confidence;
 - the *shift*, measured by how often the adapted and the source model disagree, pooled over recent batches (weight
@@ -263,8 +266,10 @@ class Guard:
             rows = _subsample(n, self.config.source_fraction, logits.device)
             with torch.no_grad():
                 src = self.source_model.to(x.device)(x[rows])
-            if rows.numel() < n and self._may_need_source(logits[rows], src):
-                rows = torch.arange(n, device=logits.device)  # the source model may answer: read every image
+            if rows.numel() < n and (self._may_need_source(logits[rows], src)
+                                     or self._collapse_on_subsample_alone(logits, src, rows)):
+                # the source model may answer, or the subsample alone calls a collapse: read every image
+                rows = torch.arange(n, device=logits.device)
                 with torch.no_grad():
                     src = self.source_model(x)
         values = self._measure(logits, src, rows)
@@ -386,6 +391,16 @@ class Guard:
             return False
         agree = float((logits.argmax(1) == src.argmax(1)).sum())
         return self._disagreement(logits.shape[0], agree) < SUBSAMPLE_MARGIN * self.thresholds[1]
+
+    def _collapse_on_subsample_alone(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> bool:
+        """Whether the ``collapse`` rule would fire on the subsample's comparison with the source model alone (the
+        whole batch is not below ``collapse_ratio`` times the reference). The marginal entropy of a dozen healthy
+        predictions is too noisy to call a collapse on: the comparison is then made on the whole batch."""
+        ratio = self.config.collapse_ratio
+        mine, theirs = torch.stack([batch_signals(v)["marginal_entropy"] for v in (logits[rows], src)]).tolist()
+        if mine >= ratio * theirs:  # one synchronisation on every batch; the whole batch is read only when it fires
+            return False
+        return self._reference is None or float(batch_signals(logits)["marginal_entropy"]) >= ratio * self._reference
 
     def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
         """The batch's signals (one synchronisation), with the pooled sums and the reference updated."""
