@@ -66,8 +66,7 @@ def _compute(predict: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]
     from tta.monitor.signals import batch_signals
 
     images, labels = source.sample(n, seed=0)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device, dtype = placement(model)
     pairs = [predict(images[i: i + batch_size].to(device, dtype)) for i in range(0, len(images), batch_size)]
     logits = torch.cat([read.float().cpu() for read, _ in pairs])
     correct = logits.argmax(1) == labels
@@ -87,6 +86,21 @@ def _compute(predict: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]
     return {"accuracy": float(correct.float().mean()), "threshold": threshold, "precision": precision,
             "confidence": float(signals["confidence"]), "entropy": float(signals["entropy"]),
             "marginal_entropy": float(signals["marginal_entropy"]), "n": float(len(images)), **values}
+
+
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of ``model``'s parameters (CPU float32 without any)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return device, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def probe_copy(adapted: AdaptedModel) -> AdaptedModel:
+    """A deep copy of ``adapted`` without its guard, to run and discard (the copy must not carry the guard)."""
+    guard, adapted.guard = adapted.guard, None
+    try:
+        return copy.deepcopy(adapted)
+    finally:
+        adapted.guard = guard
 
 
 def mixture(logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
@@ -132,11 +146,7 @@ def calibrate_adapted(adapted: AdaptedModel, source_model: nn.Module, source: So
     discarded (no copy is kept); the result is cached by the reset state's fingerprint.
     """
     def compute() -> dict[str, float]:
-        guard, adapted.guard = adapted.guard, None  # the copy must not carry the guard
-        try:
-            probe = copy.deepcopy(adapted)
-        finally:
-            adapted.guard = guard
+        probe = probe_copy(adapted)
         probe.reset()
         probe.requires_grad_(False)
 

@@ -88,7 +88,15 @@ from torch import nn
 
 from tta.core.validate import check_range
 from tta.errors import ConfigError
-from tta.monitor.calibrate import MIN_DISAGREEMENT, SourceStats, calibrate, calibrate_adapted, mixture
+from tta.monitor.calibrate import (
+    MIN_DISAGREEMENT,
+    SourceStats,
+    calibrate,
+    calibrate_adapted,
+    mixture,
+    placement,
+    probe_copy,
+)
 from tta.monitor.learn import LearnedRule, ShiftOutcome, fit_rule, learned_outcomes
 from tta.monitor.signals import MovingAverage, batch_signals
 
@@ -233,7 +241,7 @@ class Guard:
         if source is not None and not self._identity and self.config.drift_every > 0:
             self._drift_images, _ = source.sample(self.config.calibration_batch, seed=0)
             with torch.no_grad():
-                self._drift_classes = model(self._drift_images.to(*_placement(model))).argmax(1).cpu()
+                self._drift_classes = model(self._drift_images.to(*placement(model))).argmax(1).cpu()
             self._drift_reset = self._clean_disagreement(adapted, reset=True)
         self.source_model = model
         self._resets_seen = adapted.counters.resets
@@ -348,14 +356,10 @@ class Guard:
         source model on the drift check's clean images, read where the guard reads it (the method's loss logits);
         the copy adapts nothing and is discarded."""
         assert self._drift_images is not None and self._drift_classes is not None
-        guard, adapted.guard = adapted.guard, None  # the copy must not carry the guard
-        try:
-            probe = copy.deepcopy(adapted)
-        finally:
-            adapted.guard = guard
+        probe = probe_copy(adapted)
         if reset:
             probe.reset()
-        x = self._drift_images.to(*_placement(probe))
+        x = self._drift_images.to(*placement(probe))
         with torch.no_grad():
             logits = probe.loss(x, None).logits
             if logits.ndim != 2 or logits.shape[0] != x.shape[0]:  # no per-image loss logits (MEMO): its prediction
@@ -531,12 +535,6 @@ class Guard:
 
     def __repr__(self) -> str:
         return f"Guard({self.config})"
-
-
-def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of ``model``'s parameters (CPU float32 without any)."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return device, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _subsample(n: int, fraction: float, device: torch.device) -> torch.Tensor:

@@ -29,7 +29,6 @@ synthetic shifts of that strength too.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from tta.errors import ConfigError
-from tta.monitor.calibrate import MIN_DISAGREEMENT, SourceStats, atc_threshold, mixture
+from tta.monitor.calibrate import MIN_DISAGREEMENT, SourceStats, atc_threshold, mixture, placement, probe_copy
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel
@@ -93,14 +92,9 @@ def shift_outcomes(adapted: AdaptedModel, source_model: nn.Module, source: Sourc
     """
     from tta.corruptions import corrupt_indexed
 
-    guard, adapted.guard = adapted.guard, None  # the copy must not carry the guard
-    try:
-        probe = copy.deepcopy(adapted)
-    finally:
-        adapted.guard = guard
+    probe = probe_copy(adapted)
     images, labels = source.sample(n, seed=0)
-    device = next((p.device for p in probe.parameters()), torch.device("cpu"))
-    dtype = next((p.dtype for p in probe.parameters() if p.is_floating_point()), torch.float32)
+    device, dtype = placement(probe)
     clean_disagreement = max(1.0 - clean_agreement, min_disagreement)
     outcomes = []
     for corruption in corruptions:
