@@ -274,9 +274,7 @@ class Guard:
             rows = _subsample(n, self.config.source_fraction, logits.device)
             with torch.no_grad():
                 src = self.source_model.to(x.device)(x[rows])
-            if rows.numel() < n and (self._may_need_source(logits[rows], src)
-                                     or self._collapse_on_subsample_alone(logits, src, rows)):
-                # the source model may answer, or the subsample alone calls a collapse: read every image
+            if rows.numel() < n and self._needs_whole_batch(logits, src, rows):
                 rows = torch.arange(n, device=logits.device)
                 with torch.no_grad():
                     src = self.source_model(x)
@@ -389,22 +387,22 @@ class Guard:
             return math.inf
         return (1.0 - agree / n) / (max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT) * self._drift)
 
-    def _may_need_source(self, logits: torch.Tensor, src: torch.Tensor) -> bool:
-        """Whether the subsample puts the batch near the ``mild`` range (with a margin for the subsample's noise)."""
-        if self.adapted_stats is None or not self.config.fallback:
-            return False
-        agree = float((logits.argmax(1) == src.argmax(1)).sum())
-        return self._disagreement(logits.shape[0], agree) < SUBSAMPLE_MARGIN * self.thresholds[1]
-
-    def _collapse_on_subsample_alone(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> bool:
-        """Whether the ``collapse`` rule would fire on the subsample's comparison with the source model alone (the
-        whole batch is not below ``collapse_ratio`` times the reference). The marginal entropy of a dozen healthy
-        predictions is too noisy to call a collapse on: the comparison is then made on the whole batch."""
+    def _needs_whole_batch(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> bool:
+        """Whether the source model must read every image of the batch, not only the subsample ``rows`` (one
+        synchronisation): the subsample puts the batch near the ``mild`` range, with a margin for its noise (the
+        source model may answer), or the ``collapse`` rule would fire on the subsample's comparison with the source
+        model alone, the whole batch not being below ``collapse_ratio`` times the reference (the marginal entropy of
+        a dozen healthy predictions is too noisy to call a collapse on: the comparison is then made on the whole
+        batch; on a real collapse the source model answers every image anyway)."""
+        sub = logits[rows]
+        agree, mine, theirs, whole = torch.stack([
+            (sub.argmax(1) == src.argmax(1)).float().sum(), batch_signals(sub)["marginal_entropy"],
+            batch_signals(src)["marginal_entropy"], batch_signals(logits)["marginal_entropy"]]).tolist()
+        if (self.adapted_stats is not None and self.config.fallback
+                and self._disagreement(sub.shape[0], agree) < SUBSAMPLE_MARGIN * self.thresholds[1]):
+            return True
         ratio = self.config.collapse_ratio
-        mine, theirs = torch.stack([batch_signals(v)["marginal_entropy"] for v in (logits[rows], src)]).tolist()
-        if mine >= ratio * theirs:  # one synchronisation on every batch; the whole batch is read only when it fires
-            return False
-        return self._reference is None or float(batch_signals(logits)["marginal_entropy"]) >= ratio * self._reference
+        return mine < ratio * theirs and (self._reference is None or whole >= ratio * self._reference)
 
     def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
         """The batch's signals (one synchronisation), with the pooled sums and the reference updated."""
