@@ -150,6 +150,7 @@ def main() -> None:
 
         def run(method: str, guard: Any, _net: Any = net, _stream: Any = stream, _calibration: Any = calibration,
                 leave_out: str | None = None) -> tuple[pd.DataFrame, list[int]]:
+            torch.manual_seed(0)  # the method's own random state (ROID's view generator) is drawn when it is built
             adapted = tta.adapt(_net, method, guard=guard, source_data=_calibration if guard else None)
             if leave_out is not None:
                 adapted.guard.rule = fit_rule(adapted.guard.outcomes, exclude=[leave_out])

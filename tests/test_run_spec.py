@@ -11,6 +11,7 @@ import click
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -240,3 +241,16 @@ def test_tta_run_is_the_package_and_the_function() -> None:
 
     assert callable(tta.run) and tta.run.RunSpec is RunSpec and tta.RunSpec is RunSpec
     assert tta.run.run is tta.run.execute.run
+
+
+def test_a_method_with_its_own_random_state_repeats_for_a_seed_whatever_ran_before(tmp_path: Path,
+                                                                                    digits_dir: Path) -> None:
+    """ROID draws the generator of its augmented views when it is built, before the engine seeds the run: the run
+    seeds it too, so the same spec gives the same rows whatever drew from torch's generator before."""
+    results = []
+    for before in (1, 2):
+        torch.manual_seed(before)  # whatever the process did before the run
+        out = str(tmp_path / f"{before}.csv")
+        spec = _tiny(digits_dir, method="roid", n_examples=60, **{"set.lr": 0.05, "out": out})
+        results.append(tta.run(spec).results.accuracy)
+    pd.testing.assert_series_equal(*results)

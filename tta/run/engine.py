@@ -82,6 +82,9 @@ def evaluate(
     batch of it (``BATCH_COLUMNS``: the accuracy along the stream; ``corruption`` is ``mixed`` for a batch of
     several corruptions); the hits stay on the device and are read back once per segment, like the counts.
     ``protocol`` (``Protocol``): online evaluation, the source model as reference, a long run's checkpoint.
+    ``seed`` seeds torch's generator before the first batch. A method's own random state is drawn when the method
+    is built (the generator of ROID's, DeYO's and AdaContrast's views, a randomly initialised head): call
+    ``torch.manual_seed`` before building it too for a repeatable run (``tta.run`` does both with the stream's seed).
     """
     from tta.run.cost import PassCounter, cost_row, counted_cost, reset_peak_memory
     from tta.run.online import OnlineClock, check_protocol

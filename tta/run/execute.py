@@ -147,6 +147,8 @@ def run(spec: RunSpec) -> RunResult:
     runs again in place of its partial rows; without it, rows of the same run (config hash) are a ``ConfigError``.
     Everything (settings, selection, files, model) is checked before the first batch runs.
     """
+    import torch
+
     from tta.config import config_hash
     from tta.data.sources import check_num_classes
     from tta.devices import resolve_device
@@ -164,6 +166,9 @@ def run(spec: RunSpec) -> RunResult:
     stream = build_stream(spec, dev, net.to(dev).eval())
     check_num_classes(stream, net, None if d.data is not None else d.benchmark)
     clean = _source_data(spec)
+    # a method's own random state (the generator of its augmented views, a randomly initialised head) is drawn
+    # when it is built, before the engine seeds the run: seeded here, it follows the run's seed too
+    torch.manual_seed(spec.stream.seed)
     adapted = get_method(spec.method.name)(net, spec.settings, source_data=clean, window=window)
     if spec.method.guard is not None:  # --- guard (tta.monitor)
         from tta.monitor import attach_guard
