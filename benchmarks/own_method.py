@@ -128,8 +128,9 @@ def main() -> None:
                         help="extra CORA settings for every CORA row (exploration)")
     parser.add_argument("--throughput", action="store_true", help="time CORA against ROID on the same batches "
                         "instead (continual, each twice, interleaved; the faster of the two), with counted costs")
-    parser.add_argument("--summarise-recurring", nargs="+", type=Path, default=None, metavar="RUN_CSV",
-                        help="instead: error (%%) per visit of `tta adapt --setting recurring` result files")
+    parser.add_argument("--summarise-recurring", nargs="+", default=None, metavar="[LABEL=]RUN_CSV",
+                        help="instead: error (%%) per visit of `tta adapt --setting recurring` result files, one "
+                        "row each, labelled LABEL (default: the run's method)")
     parser.add_argument("--part", choices=["online", "ccc"], default=None,
                         help="instead: `tta adapt` runs into --runs and their summary (see the module doc)")
     parser.add_argument("--runs", type=Path, default=Path("runs/own"), help="result files of --part")
@@ -261,13 +262,15 @@ def ccc(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
-def summarise_recurring(paths: list[Path]) -> list[dict[str, object]]:
-    """One row per result file (named by its method): error (%) per visit, the mean, visit 20 over visit 1."""
+def summarise_recurring(files: list[str]) -> list[dict[str, object]]:
+    """One row per result file (``LABEL=PATH``, or ``PATH`` named by its method): error (%) per visit, the mean,
+    the last visit over the first."""
     rows = []
-    for path in paths:
-        frame = pd.read_csv(path, comment="#")
+    for spec in files:
+        label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        frame = pd.read_csv(Path(path), comment="#")
         error = (frame.error * frame.n).groupby(frame.visit).sum() / frame.n.groupby(frame.visit).sum()
-        row: dict[str, object] = {"run": str(frame.method.iloc[0])}
+        row: dict[str, object] = {"run": label or str(frame.method.iloc[0])}
         row.update({f"visit {int(v)}": round(float(e), 1) for v, e in error.items()})
         row["mean"] = round(float(error.mean()), 1)
         row["last / first"] = round(float(error.iloc[-1] / error.iloc[0]), 3)

@@ -78,3 +78,14 @@ def test_official_speed_exports_a_bare_repository_and_keeps_a_working_copy(tmp_p
     root = working_copy(bare, "sub", out)
     assert root == out and (out / "sub" / "code.py").read_text() == "x = 1\n" and not (out / "other.txt").exists()
     assert working_copy(work, "sub", out) == work  # a working copy is used as it is
+
+
+def test_recurring_summary_labels_rows_and_divides_the_last_visit_by_the_first(tmp_path: Path) -> None:
+    own = _script("own_method")
+    for name, errors in (("a", (40.0, 30.0)), ("b", (20.0, 25.0))):
+        rows = [f"roid,{visit},{domain},{error},10" for visit, error in enumerate(errors, 1) for domain in "xy"]
+        (tmp_path / f"{name}.csv").write_text("method,visit,corruption,error,n\n" + "\n".join(rows) + "\n")
+    table = own.summarise_recurring([str(tmp_path / "a.csv"), f"roid (x=1)={tmp_path / 'b.csv'}"])
+    assert [r["run"] for r in table] == ["roid", "roid (x=1)"]
+    assert table[0]["last / first"] == 0.75 and table[1]["last / first"] == 1.25
+    assert table[1]["visit 2"] == 25.0 and table[1]["images / visit"] == 20
