@@ -23,11 +23,14 @@ LARGER = "192 / corruption"  # the recurring-192 part's runs
 
 
 def _label(df: pd.DataFrame) -> pd.Series:
-    return df["method"] + df["estimated_accuracy"].notna().map({True: "+guard", False: ""})
+    """The run's method, with ``+guard`` for a guarded run (named so by ``long_streams.py``); not read from the rows'
+    estimates, which a guarded run leaves empty where it does not estimate."""
+    return df["method"] + df["guarded"].map({True: "+guard", False: ""})
 
 
 def _read(folder: Path) -> pd.DataFrame:
-    frames = [pd.read_csv(p) for p in sorted(folder.glob("*.csv")) if not p.name.endswith(".batches.csv")]
+    frames = [pd.read_csv(p).assign(guarded="+guard" in p.stem) for p in sorted(folder.glob("*.csv"))
+              if not p.name.endswith(".batches.csv")]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
