@@ -89,3 +89,17 @@ def test_recurring_summary_labels_rows_and_divides_the_last_visit_by_the_first(t
     assert [r["run"] for r in table] == ["roid", "roid (x=1)"]
     assert table[0]["last / first"] == 0.75 and table[1]["last / first"] == 1.25
     assert table[1]["visit 2"] == 25.0 and table[1]["images / visit"] == 20
+
+
+def test_long_stream_tables_label_a_guarded_run_by_its_file_not_by_its_estimates(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the tables script imports the runs' names from long_streams
+    try:
+        tables = _script("long_streams_tables")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    header = "method,visit,error,n,estimated_accuracy\n"
+    (tmp_path / "tent.csv").write_text(header + "tent,1,30.0,10,\n")
+    (tmp_path / "tent+guard.csv").write_text(header + "tent,1,20.0,10,0.8\ntent,2,25.0,10,\n")
+    runs = tables._read(tmp_path)
+    assert sorted(zip(tables._label(runs), runs["error"], strict=True)) == [
+        ("tent", 30.0), ("tent+guard", 20.0), ("tent+guard", 25.0)]
