@@ -267,7 +267,7 @@ def summarise_recurring(files: list[str]) -> list[dict[str, object]]:
     the last visit over the first."""
     rows = []
     for spec in files:
-        label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        label, _, path = spec.rpartition("=")  # no "=": ("", "", spec)
         frame = pd.read_csv(Path(path), comment="#")
         error = (frame.error * frame.n).groupby(frame.visit).sum() / frame.n.groupby(frame.visit).sum()
         row: dict[str, object] = {"run": label or str(frame.method.iloc[0])}
