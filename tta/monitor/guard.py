@@ -98,7 +98,7 @@ from tta.monitor.calibrate import (
     probe_copy,
 )
 from tta.monitor.learn import LearnedRule, ShiftOutcome, fit_rule, learned_outcomes
-from tta.monitor.signals import MovingAverage, batch_signals
+from tta.monitor.signals import MovingAverage, batch_signals, marginal_entropy
 
 if TYPE_CHECKING:
     from tta.core.base import AdaptedModel, StepOutput
@@ -376,16 +376,21 @@ class Guard:
         self._drift_sums = [DRIFT_DECAY * self._drift_sums[0] + m * now, DRIFT_DECAY * self._drift_sums[1] + m]
         rate, n = self._drift_sums[0] / self._drift_sums[1], self._drift_sums[1]
         excess = rate - self._drift_reset
-        clean = max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT)
         self._drifted = excess > 2.0 * math.sqrt(rate * (1.0 - rate) / n)
-        self._drift = 1.0 + excess / clean if self._drifted else 1.0
+        self._drift = 1.0 + excess / self._clean_rate() if self._drifted else 1.0
+
+    def _clean_rate(self) -> float:
+        """How often the model as reset disagrees with the source model on the clean calibration images (at least
+        ``MIN_DISAGREEMENT``): the rate the disagreement ratio divides by, before drift."""
+        assert self.adapted_stats is not None
+        return max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT)
 
     def _disagreement(self, images: float, agreements: float) -> float:
         """The pooled disagreement with these images added, relative to the clean calibration's (``inf``: none)."""
         n, agree = self.config.decay * self._pooled[0] + images, self.config.decay * self._pooled[1] + agreements
         if self.adapted_stats is None or n <= 0:
             return math.inf
-        return (1.0 - agree / n) / (max(1.0 - self.adapted_stats.agreement, MIN_DISAGREEMENT) * self._drift)
+        return (1.0 - agree / n) / (self._clean_rate() * self._drift)
 
     def _needs_whole_batch(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> bool:
         """Whether the source model must read every image of the batch, not only the subsample ``rows`` (one
@@ -396,8 +401,8 @@ class Guard:
         batch; on a real collapse the source model answers every image anyway)."""
         sub = logits[rows]
         agree, mine, theirs, whole = torch.stack([
-            (sub.argmax(1) == src.argmax(1)).float().sum(), batch_signals(sub)["marginal_entropy"],
-            batch_signals(src)["marginal_entropy"], batch_signals(logits)["marginal_entropy"]]).tolist()
+            (sub.argmax(1) == src.argmax(1)).float().sum(), marginal_entropy(sub), marginal_entropy(src),
+            marginal_entropy(logits)]).tolist()
         if (self.adapted_stats is not None and self.config.fallback
                 and self._disagreement(sub.shape[0], agree) < SUBSAMPLE_MARGIN * self.thresholds[1]):
             return True
@@ -415,7 +420,7 @@ class Guard:
             probs = src.detach().float().softmax(1).sum(0)
             self._mass = probs if self._mass is None else self.config.decay * self._mass.to(probs.device) + probs
             names.append("source_range")
-            tensors.append(batch_signals(self._mass[None].log())["marginal_entropy"]
+            tensors.append(marginal_entropy(self._mass[None].log())
                            / max(self.stats.marginal_entropy, 1e-12))
         values = dict(zip(names, torch.stack(tensors).tolist(), strict=True))
         values["source_rows"] = m = float(rows.numel())

@@ -32,22 +32,35 @@ def batch_signals(
     ``agreement`` needs ``source_logits``; ``estimated_accuracy`` needs the ATC ``threshold``.
     """
     logits = logits.detach().float()
-    n_classes = logits.shape[1]
-    norm = math.log(n_classes) if n_classes > 1 else 1.0
+    norm = _norm(logits.shape[1])
     log_p = logits.log_softmax(1)
     p = log_p.exp()
     conf = p.amax(1)
-    mean_p = p.mean(0)
     out = {
         "entropy": -(p * log_p).sum(1).mean() / norm,
         "confidence": conf.mean(),
-        "marginal_entropy": -(mean_p * mean_p.clamp_min(1e-12).log()).sum() / norm,
+        "marginal_entropy": _entropy_of_mean(p, norm),
     }
     if source_logits is not None:
         out["agreement"] = (logits.argmax(1) == source_logits.argmax(1)).float().mean()
     if threshold is not None:
         out["estimated_accuracy"] = (conf > threshold).float().mean()
     return out
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``batch_signals``' ``marginal_entropy`` alone: the entropy of the batch's mean prediction over log(C)."""
+    logits = logits.detach().float()
+    return _entropy_of_mean(logits.log_softmax(1).exp(), _norm(logits.shape[1]))
+
+
+def _norm(n_classes: int) -> float:
+    return math.log(n_classes) if n_classes > 1 else 1.0
+
+
+def _entropy_of_mean(p: torch.Tensor, norm: float) -> torch.Tensor:
+    mean_p = p.mean(0)
+    return -(mean_p * mean_p.clamp_min(1e-12).log()).sum() / norm
 
 
 class MovingAverage:
