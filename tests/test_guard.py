@@ -192,8 +192,10 @@ def test_calibration_on_images_the_model_always_gets_right_warns(bn_model: nn.Mo
 
 def test_collapse_is_judged_against_the_first_batch_since_reset(bn_model: nn.Module) -> None:
     """The collapse reference is the adapted model's own marginal entropy on the first batch since its last reset
-    (its prediction before any update), kept until the next reset; no reset-model copy is run."""
-    adapted = tta.adapt(bn_model, "tent", lr=0.05, guard="monitor")
+    (its prediction before any update; the batch holds ``collapse_images``), kept until the next reset; no
+    reset-model copy is run."""
+    adapted = tta.adapt(bn_model, "tent", lr=0.05, guard=Guard(GuardConfig(skip=False, fallback=False,
+                                                                            reset=False, collapse_images=16)))
     fresh = copy.deepcopy(adapted)
     fresh.guard = None
     g = torch.Generator().manual_seed(3)
@@ -206,6 +208,40 @@ def test_collapse_is_judged_against_the_first_batch_since_reset(bn_model: nn.Mod
     adapted(batches[1])
     again = float(batch_signals(fresh.predict(batches[1], None))["marginal_entropy"])
     assert adapted.guard.signals["reference_marginal_entropy"] == pytest.approx(again, abs=1e-6)
+
+
+def test_small_batches_are_judged_for_collapse_over_collapse_images(bn_model: nn.Module) -> None:
+    """Batches of 16 with ``collapse_images`` 48: the reference is the marginal entropy of the first three batches'
+    predictions together, and each batch's is pooled with the two before it."""
+    adapted = tta.adapt(bn_model, "tent", lr=0.05, guard=Guard(GuardConfig(skip=False, fallback=False,
+                                                                            reset=False, collapse_images=48)))
+    g = torch.Generator().manual_seed(3)
+    outputs = [adapted(torch.rand(16, 3, 16, 16, generator=g)).detach() for _ in range(5)]
+
+    def pooled(batches: list[torch.Tensor]) -> float:
+        return float(batch_signals(torch.cat(batches))["marginal_entropy"])
+
+    assert adapted.guard.signals["reference_marginal_entropy"] == pytest.approx(pooled(outputs[:3]), abs=1e-5)
+    assert adapted.guard.signals["pooled_marginal_entropy"] == pytest.approx(pooled(outputs[2:]), abs=1e-5)
+    assert adapted.guard.signals["marginal_entropy"] == pytest.approx(pooled(outputs[4:]), abs=1e-5)
+
+
+def test_a_healthy_stream_in_small_batches_is_not_called_a_collapse(overconfident) -> None:
+    """Ten clean images per batch: one batch's marginal entropy scatters around the first batch's by chance, and
+    compared batch by batch (``collapse_images`` 10) some fall below 0.9 times it; pooled over 50 images (the
+    default) none does, while a real collapse is still caught (``test_collapse_*``)."""
+    model, calibration, _ = overconfident
+    x, _ = _prototype_images(400, torch.Generator().manual_seed(11))
+    x = x[torch.randperm(400, generator=torch.Generator().manual_seed(12))]
+    called = {}
+    for images in (10, 50):
+        guarded = tta.adapt(model, "tent", guard=Guard(skip=False, fallback=False, reset=False,
+                                                        collapse_images=images), source_data=calibration)
+        called[images] = 0
+        for xb in x.split(10):
+            guarded(xb)
+            called[images] += guarded.guard.unhealthy == ["collapse"]
+    assert called[10] > 0 and called[50] == 0
 
 
 def test_the_source_model_reads_a_subsample_and_nothing_for_the_source_method(bn_model: nn.Module) -> None:
@@ -528,12 +564,13 @@ def test_roid_is_estimated_from_its_logits_before_the_prior_correction(overconfi
     assert abs(above - right) / len(y) < 0.1
 
 
-def _drifted(model: nn.Module, calibration: tuple, drift_every: int, reset: bool = False) -> tta.AdaptedModel:
+def _drifted(model: nn.Module, calibration: tuple, drift_every: int, reset: bool = False,
+             drift_images: int = 0) -> tta.AdaptedModel:
     """Tent on ``model`` whose BatchNorm affine parameters were then moved far from the source model's, as a long
     continual run at a high learning rate moves them: on clean images it now disagrees with the source model on
     many images, although the images are not shifted at all."""
-    guarded = tta.adapt(model, "tent", guard=Guard(near_source=5.0, mild=5.0, drift_every=drift_every, reset=reset),
-                        source_data=calibration)
+    guard = Guard(near_source=5.0, mild=5.0, drift_every=drift_every, drift_images=drift_images, reset=reset)
+    guarded = tta.adapt(model, "tent", guard=guard, source_data=calibration)
     with torch.no_grad():
         bn = next(m for m in guarded.modules() if isinstance(m, nn.BatchNorm2d))
         bn.weight.copy_(torch.tensor([0.6, 1.6, 1.0]))
@@ -562,6 +599,19 @@ def test_a_drifted_model_does_not_pass_clean_batches_for_a_shift(overconfident) 
     with torch.no_grad():
         assert torch.equal(out, model(xb))
     assert checked.counters.resets == 0 and checked.guard.unhealthy == ["drift"]  # the sixth batch is a check
+
+
+def test_small_batches_are_checked_for_drift_no_sooner_than_drift_images(overconfident) -> None:
+    """The check reads as many clean images as ``calibration_batch``: with batches of 10 and ``drift_images`` 45
+    the first check comes at the fifth batch (50 images), not the second, and the next one five batches later."""
+    model, calibration, _ = overconfident
+    x, _ = _prototype_images(100, torch.Generator().manual_seed(9))
+    checked = _drifted(model, calibration, 2, drift_images=45)
+    checks = []
+    for xb in x.split(10):
+        checked(xb)
+        checks.append(checked.guard.unhealthy == ["drift"])
+    assert checks == [False] * 4 + [True] + [False] * 4 + [True]
 
 
 def test_a_drifted_model_is_reset(overconfident) -> None:
@@ -599,4 +649,4 @@ def test_the_drift_check_starts_afresh_after_a_reset(overconfident) -> None:
     assert restored.guard._drift == guarded.guard._drift
     guarded.reset()
     guarded(x[:50])
-    assert guarded.guard.signals["drift"] == 1.0 and guarded.guard._since_reset == 1
+    assert guarded.guard.signals["drift"] == 1.0 and guarded.guard._since_check == [1, 50]

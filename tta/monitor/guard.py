@@ -12,9 +12,12 @@ which adaptation helps most. It decides from two things the source model's confi
   the first batch since its last reset (its predictions *before* any update, free to read). When the subsample's
   comparison alone fires, the source model reads the whole batch and the comparison is made there: the marginal
   entropy of a dozen healthy predictions is too noisy to call a collapse on (on a real collapse the source model
-  answers the whole batch anyway, so the read costs nothing extra there). Adaptation is then
-  putting the images into fewer classes than both models it started from: the signature of entropy-minimisation
-  collapse, whatever the source model's confidence;
+  answers the whole batch anyway, so the read costs nothing extra there). For the same reason a batch smaller than
+  ``collapse_images`` is compared with its own reference pooled with the latest batches (its marginal entropy over
+  at least that many images), and the reference is likewise the first ``collapse_images`` images since the reset:
+  with batches of 20, a healthy batch's marginal entropy fell below 0.9 times that of the first batch by chance.
+  Adaptation is then putting the images into fewer classes than both models it started from: the signature of
+  entropy-minimisation collapse, whatever the source model's confidence;
 - the *shift*, measured by how often the adapted and the source model disagree, pooled over recent batches (weight
   ``decay``), relative to how often they disagree on the clean calibration images (the adapted model as reset, in
   batches of ``calibration_batch``): the ``disagreement`` ratio. On clean data the two differ only by the noise of
@@ -33,15 +36,17 @@ which adaptation helps most. It decides from two things the source model's confi
 
   The clean disagreement belongs to the model as reset. A model that adapts for long (a continual stream, a high
   learning rate) drifts: it then disagrees with the source model more often on clean images too, and near-source
-  batches would read as a shift. Every ``drift_every`` batches since the last reset the guard therefore runs a
-  copy of the adapted model in its current state (no update) on ``calibration_batch`` clean calibration images and
-  compares its disagreement with the source model there (pooled over the checks since the reset, weight 0.5) with
-  the model as reset's on the same images; an excess clearly above the noise (twice the standard error of the
-  rate) is ``drift``: with ``reset`` the guard answers that batch with the source model, skips its update and
-  resets the adapted model (the model as reset answers from then on); without it the excess is added to the clean
-  disagreement the ratio is measured against (signal ``drift``: that denominator's factor, 1 without drift). A
-  stream reset more often than every ``drift_every`` batches is never checked, and a reset starts the count
-  afresh.
+  batches would read as a shift. Every ``drift_every`` batches, and no sooner than ``drift_images`` images, since the
+  last check or reset the guard therefore runs a copy of the adapted model in its current state (no update) on
+  ``calibration_batch`` clean calibration images and compares its disagreement with the source model there (pooled
+  over the checks since the reset, weight 0.5) with the model as reset's on the same images; an excess clearly above
+  the noise (twice the standard error of the rate) is ``drift``: with ``reset`` the guard answers that batch with the
+  source model, skips its update and resets the adapted model (the model as reset answers from then on); without it
+  the excess is added to the clean disagreement the ratio is measured against (signal ``drift``: that denominator's
+  factor, 1 without drift). A stream reset more often than that is never checked, and a reset starts the count afresh.
+  The image minimum (640, ten times the 64 images a check reads) keeps the check's forward passes under a tenth of the
+  stream's at any batch size; counted in batches alone, a stream of batches of 16 would read 64 clean images every
+  160.
 
   ``near_source`` and ``mild`` are fixed (``rule="fixed"``), or, with ``rule="learned"``, fitted per model and
   method on synthetic corruptions of the calibration images (``shift_images`` per corruption and severity), where
@@ -116,6 +121,7 @@ class GuardConfig:
     """Rules and actions of a ``Guard`` (see the module docstring); ratios and margins are fractions."""
 
     collapse_ratio: float = 0.9
+    collapse_images: int = 50
     near_source: float = 0.8
     mild: float = 1.3
     estimate_range: float = 0.2
@@ -132,6 +138,7 @@ class GuardConfig:
     rule: str = "fixed"
     shift_images: int = 250
     drift_every: int = 10
+    drift_images: int = 640
 
     def __post_init__(self) -> None:
         try:
@@ -144,7 +151,8 @@ class GuardConfig:
         except ValueError as err:
             raise ConfigError(f"guard setting: {err}") from None
         for name, low in (("reset_after", 1), ("calibration_images", 1), ("probation", 0), ("calibration_batch", 2),
-                          ("shift_images", 1), ("drift_every", 0)):
+                          ("shift_images", 1), ("drift_every", 0), ("drift_images", 0),
+                          ("collapse_images", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or value > 1_000_000:
                 raise ConfigError(f"guard setting {name} must be an integer in [{low}, 1000000], got {value!r}")
@@ -205,7 +213,8 @@ class Guard:
         self._bad_run = 0
         self._probation = 0  # batches still to be answered by the source model
         self._resets_seen = 0
-        self._reference: float | None = None  # marginal entropy of the first batch since the last reset
+        self._reference: float | None = None  # marginal entropy of the first collapse_images since the last reset
+        self._recent: list[tuple[torch.Tensor, int]] = []  # latest batches: summed adapted probabilities, images
         self._pooled = [0.0, 0.0]  # discounted sums over the images compared: images, agreements
         self._mass: torch.Tensor | None = None  # discounted sum of the source model's probabilities
         self._pooled_estimate = self._pooled_n = 0.0  # discounted sums: images above the threshold, images
@@ -216,7 +225,7 @@ class Guard:
         self._drift_classes: torch.Tensor | None = None
         self._drift_reset = 0.0
         self._drift = 1.0  # the clean disagreement's factor: the drifted model's over the model as reset's
-        self._since_reset = 0  # batches since the last reset
+        self._since_check = [0, 0]  # batches, images since the last drift check or reset
         self._drift_sums = [0.0, 0.0]  # discounted sums over the drift checks: disagreements, images
         self._drifted = False  # this batch's drift check found drift
 
@@ -255,7 +264,7 @@ class Guard:
         if adapted.counters.resets != self._resets_seen:  # reset since the last batch: history no longer applies
             self._forget()
             self._resets_seen = adapted.counters.resets
-        self._since_reset += 1
+        self._since_check = [self._since_check[0] + 1, self._since_check[1] + x.shape[0]]
         self._drifted = False
         self._fallback_logits = self._mix_with = None
         self.answer = "adapted"
@@ -263,22 +272,27 @@ class Guard:
             # The method predicts only after its update (MEMO): nothing to judge before it.
             self.above, self.estimate_note = None, "the method predicts after its update"
             return True
-        if self._drift_images is not None and self._since_reset % self.config.drift_every == 0:
+        if (self._drift_images is not None and self._since_check[0] >= self.config.drift_every
+                and self._since_check[1] >= self.config.drift_images):
+            self._since_check = [0, 0]
             self._measure_drift(adapted)
         assert self.source_model is not None  # attach() ran
         logits = out.logits.detach()
         n = logits.shape[0]
+        pooled = self._pooled_entropy(logits)
         if self._identity:
             rows, src = torch.arange(n, device=logits.device), logits
         else:
             rows = _subsample(n, self.config.source_fraction, logits.device)
+            if placement(self.source_model)[0] != x.device:  # moved once: ``.to`` walks every module
+                self.source_model.to(x.device)
             with torch.no_grad():
-                src = self.source_model.to(x.device)(x[rows])
-            if rows.numel() < n and self._needs_whole_batch(logits, src, rows):
+                src = self.source_model(x[rows])
+            if rows.numel() < n and self._needs_whole_batch(logits, src, rows, pooled[0]):
                 rows = torch.arange(n, device=logits.device)
                 with torch.no_grad():
                     src = self.source_model(x)
-        values = self._measure(logits, src, rows)
+        values = self._measure(logits, src, rows, pooled)
         self.signals = values
         self.averages.update(values)
         self.unhealthy = self._rules(values)
@@ -308,9 +322,10 @@ class Guard:
         return {"config": dataclasses.asdict(self.config), "good": copy.deepcopy(self._good),
                 "bad_run": self._bad_run, "probation": self._probation, "averages": dict(self.averages.values),
                 "reference": self._reference, "pooled": list(self._pooled),
+                "recent": [(mass.cpu().clone(), n) for mass, n in self._recent],
                 "pooled_estimate": [self._pooled_estimate, self._pooled_n],
                 "mass": None if self._mass is None else self._mass.cpu().clone(),
-                "drift": [self._since_reset, self._drift, *self._drift_sums]}
+                "drift": [*self._since_check, self._drift, *self._drift_sums]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (after ``attach``); settings other than this guard's are an error."""
@@ -322,11 +337,13 @@ class Guard:
         self._probation = int(state.get("probation", 0))
         self.averages.values = dict(state["averages"])
         self._reference = state.get("reference")
+        self._recent = [(mass, int(n)) for mass, n in state.get("recent", [])]
         self._pooled = [float(v) for v in state.get("pooled", [0.0, 0.0])]
         self._pooled_estimate, self._pooled_n = (float(v) for v in state.get("pooled_estimate", [0.0, 0.0]))
         self._mass = state.get("mass")
-        since, drift, *sums = state.get("drift", [0, 1.0, 0.0, 0.0])
-        self._since_reset, self._drift, self._drift_sums = int(since), float(drift), [float(v) for v in sums]
+        batches, images, drift, *sums = state.get("drift", [0, 0, 1.0, 0.0, 0.0])
+        self._since_check, self._drift, self._drift_sums = [int(batches), int(images)], float(drift), [
+            float(v) for v in sums]
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -344,9 +361,10 @@ class Guard:
 
     def _forget(self) -> None:
         self._good, self._bad_run, self._probation, self._reference = None, 0, 0, None
+        self._recent = []
         self._pooled, self._mass = [0.0, 0.0], None
         self._pooled_estimate = self._pooled_n = 0.0
-        self._since_reset, self._drift, self._drift_sums = 0, 1.0, [0.0, 0.0]
+        self._since_check, self._drift, self._drift_sums = [0, 0], 1.0, [0.0, 0.0]
         self.averages.clear()
 
     def _clean_disagreement(self, adapted: AdaptedModel, reset: bool) -> float:
@@ -392,30 +410,53 @@ class Guard:
             return math.inf
         return (1.0 - agree / n) / (self._clean_rate() * self._drift)
 
-    def _needs_whole_batch(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> bool:
+    def _pooled_entropy(self, logits: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """The adapted predictions' marginal entropy over at least ``collapse_images`` images where the stream has
+        them: this batch's alone when it is that large, else this batch pooled with the latest ones (their summed
+        probabilities); with the number of images it covers and this batch's summed probabilities (nothing is
+        stored here: ``_measure`` keeps them)."""
+        mass = logits.float().softmax(1).sum(0)
+        n = logits.shape[0]
+        if n >= self.config.collapse_images or not self._recent:
+            return marginal_entropy(logits), n, mass
+        total, images = mass, n
+        for earlier, count in reversed(self._recent):
+            if images >= self.config.collapse_images:
+                break
+            total, images = total + earlier.to(mass.device), images + count
+        return marginal_entropy(total[None].log()), images, mass
+
+    def _needs_whole_batch(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor,
+                           whole: torch.Tensor) -> bool:
         """Whether the source model must read every image of the batch, not only the subsample ``rows`` (one
         synchronisation): the subsample puts the batch near the ``mild`` range, with a margin for its noise (the
         source model may answer), or the ``collapse`` rule would fire on the subsample's comparison with the source
-        model alone, the whole batch not being below ``collapse_ratio`` times the reference (the marginal entropy of
-        a dozen healthy predictions is too noisy to call a collapse on: the comparison is then made on the whole
-        batch; on a real collapse the source model answers every image anyway)."""
+        model alone, the batch (``whole``: its pooled marginal entropy) not being below ``collapse_ratio`` times the
+        reference (the marginal entropy of a dozen healthy predictions is too noisy to call a collapse on: the
+        comparison is then made on the whole batch; on a real collapse the source model answers every image
+        anyway)."""
         sub = logits[rows]
-        agree, mine, theirs, whole = torch.stack([
+        agree, mine, theirs, whole_value = torch.stack([
             (sub.argmax(1) == src.argmax(1)).float().sum(), marginal_entropy(sub), marginal_entropy(src),
-            marginal_entropy(logits)]).tolist()
+            whole]).tolist()
         if (self.adapted_stats is not None and self.config.fallback
                 and self._disagreement(sub.shape[0], agree) < SUBSAMPLE_MARGIN * self.thresholds[1]):
             return True
         ratio = self.config.collapse_ratio
-        return mine < ratio * theirs and (self._reference is None or whole >= ratio * self._reference)
+        return mine < ratio * theirs and (self._reference is None or whole_value >= ratio * self._reference)
 
-    def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
+    def _measure(self, logits: torch.Tensor, src: torch.Tensor, rows: torch.Tensor,
+                 pooled: tuple[torch.Tensor, int, torch.Tensor]) -> dict[str, float]:
         """The batch's signals (one synchronisation), with the pooled sums and the reference updated."""
         mine = batch_signals(logits, None, None if self.adapted_stats is None else self.adapted_stats.threshold)
         sub = batch_signals(logits[rows], src, None)
         theirs = batch_signals(src, None, None if self.stats is None else self.stats.threshold)
-        names = [*mine, "agreement", "subsample_marginal_entropy", *(f"source_{k}" for k in theirs)]
-        tensors = [*mine.values(), sub["agreement"], sub["marginal_entropy"], *theirs.values()]
+        names = [*mine, "pooled_marginal_entropy", "agreement", "subsample_marginal_entropy",
+                 *(f"source_{k}" for k in theirs)]
+        tensors = [*mine.values(), pooled[0], sub["agreement"], sub["marginal_entropy"], *theirs.values()]
+        self._recent.append((pooled[2], logits.shape[0]))
+        while len(self._recent) > 1 and sum(n for _, n in self._recent[1:]) >= self.config.collapse_images:
+            self._recent.pop(0)  # no later pooling reaches it
         if self.stats is not None:
             probs = src.detach().float().softmax(1).sum(0)
             self._mass = probs if self._mass is None else self.config.decay * self._mass.to(probs.device) + probs
@@ -424,9 +465,13 @@ class Guard:
                            / max(self.stats.marginal_entropy, 1e-12))
         values = dict(zip(names, torch.stack(tensors).tolist(), strict=True))
         values["source_rows"] = m = float(rows.numel())
-        if self._reference is None:  # the first batch since a reset: the adapted model before any update
-            self._reference = values["marginal_entropy"]
-        values["reference_marginal_entropy"] = self._reference
+        if self._reference is None and pooled[1] >= self.config.collapse_images:
+            # the first collapse_images since a reset: the adapted model before any update (its first batch), or
+            # as few updates as batches of that size allow
+            self._reference = values["pooled_marginal_entropy"]
+        # until then the reference so far (the rules do not compare with it yet)
+        values["reference_marginal_entropy"] = (values["pooled_marginal_entropy"] if self._reference is None
+                                                else self._reference)
         values["drift"] = self._drift
         if self.adapted_stats is not None and not self._identity:
             values["disagreement"] = self._disagreement(m, m * values["agreement"])
@@ -437,7 +482,8 @@ class Guard:
     def _rules(self, s: dict[str, float]) -> list[str]:
         ratio = self.config.collapse_ratio
         if not self._identity and (s["subsample_marginal_entropy"] < ratio * s["source_marginal_entropy"]
-                                   or s["marginal_entropy"] < ratio * s["reference_marginal_entropy"]):
+                                   or (self._reference is not None
+                                       and s["pooled_marginal_entropy"] < ratio * self._reference)):
             return ["collapse"]
         return ["drift"] if self._drifted else []
 
