@@ -578,6 +578,33 @@ def _drifted(model: nn.Module, calibration: tuple, drift_every: int, reset: bool
     return guarded
 
 
+def test_a_stream_of_small_batches_is_compared_with_clean_batches_of_its_size(overconfident) -> None:
+    """Batch statistics of 8 images are noisier than of 64: on clean images the adapted model then disagrees with
+    the source model more often, so the guard calibrates the model as reset again in batches of the stream's first
+    batch when that is less than half of ``calibration_batch``, and clean batches of 8 read as clean (ratio near
+    1); a stream of batches of 40 keeps the calibration in batches of 64."""
+    from tta.monitor.calibrate import calibrate_adapted
+    from tta.source import as_source_data
+
+    model, calibration, _ = overconfident
+    x, _ = _prototype_images(160, torch.Generator().manual_seed(13))
+    by_size = {}
+    for size in (8, 40):
+        guarded = tta.adapt(model, "tent", guard=Guard(skip=False, fallback=False, reset=False),
+                            source_data=calibration)
+        ratios = []
+        for xb in x.split(size):
+            guarded(xb)
+            ratios.append(guarded.guard.signals["disagreement"])
+        by_size[size] = guarded.guard.adapted_stats.agreement, sum(ratios) / len(ratios)
+    source = as_source_data(calibration)
+    in_8 = calibrate_adapted(tta.adapt(model, "tent"), model, source, 2000, 8).agreement
+    in_64 = calibrate_adapted(tta.adapt(model, "tent"), model, source, 2000, 64).agreement
+    assert in_8 < in_64  # the premise: more disagreement in small batches
+    assert by_size[8][0] == pytest.approx(in_8) and by_size[40][0] == pytest.approx(in_64)
+    assert 0.5 < by_size[8][1] < 1.5
+
+
 def test_a_drifted_model_does_not_pass_clean_batches_for_a_shift(overconfident) -> None:
     """The drifted model disagrees with the source model on clean batches far more often than the model as reset
     did: without the drift check that reads as a strong shift and the drifted model answers. Every second batch the
