@@ -5,7 +5,8 @@
         [--streams clean,gaussian_noise-5]
 
 Both sides go through ``tta.adapt`` + ``tta.evaluate`` on the same uint8 batches; the guarded side calibrates on
-512 clean images before the clock starts. With ``--checkpoint`` and ``--images`` the model is a real one and the
+512 clean images before the clock starts (for batches under 32 once more, in batches of that size:
+``Guard.calibrate_for_batch``). With ``--checkpoint`` and ``--images`` the model is a real one and the
 batches are real images (the first ``--n-images``; the calibration images are the next 512), so the guard takes
 the paths it takes in use: on clean images (``--streams clean``) the source model or the two models' average
 answers (the source model reads whole batches and updates are skipped); under a strong shift (e.g.
@@ -101,6 +102,7 @@ def main() -> None:
                 plain.append(run(tta.adapt(model, method), x, y, args.batch_size, device))
                 guard = make_guard(args.guard, **parse_overrides(args.guard_set))
                 adapted = tta.adapt(model, method, guard=guard, source_data=clean)  # calibrates here
+                adapted.guard.calibrate_for_batch(adapted, args.batch_size)  # small batches: once more, for them
                 guarded.append(run(adapted, x, y, args.batch_size, device))
             p, g = statistics.median(plain), statistics.median(guarded)
             c = adapted.counters

