@@ -1,11 +1,12 @@
 """The guard's documentation tables, generated from the committed result files of its benchmarks.
 
-Inputs (``docs/results``): ``guard_grid.csv`` and ``guard_grid_learned.csv`` (``benchmarks/guard_eval.py``, the
-second with ``--rule learned --leave-out``), ``guard_collapse_runs.csv`` (``benchmarks/guard_collapse.py``). Outputs:
-the summary tables ``guard_promise.csv``, ``guard_estimator.csv``, ``guard_learned.csv`` and
-``guard_collapse_table.csv`` (each with the ``# command:`` line that produced it), and every
-``<!-- table: docs/results/guard_*.csv -->`` block of ``docs/guides/guards.md`` (the same block format as the rest of
-the documentation). ``guard_cost_ratio.csv`` is written by ``benchmarks/guard_cost.py --out`` directly.
+Inputs (``docs/results``): ``guard_grid.csv``, ``guard_grid_learned.csv`` and ``guard_grid_small.csv``
+(``benchmarks/guard_eval.py``, the second with ``--rule learned --leave-out``, the third with ``--batch-size 16``),
+``guard_collapse_runs.csv`` (``benchmarks/guard_collapse.py``). Outputs: the summary tables ``guard_promise.csv``,
+``guard_estimator.csv``, ``guard_learned.csv``, ``guard_promise_small.csv`` and ``guard_collapse_table.csv`` (each
+with the ``# command:`` line that produced it), and every ``<!-- table: docs/results/guard_*.csv -->`` block of
+``docs/guides/guards.md`` (the same block format as the rest of the documentation). ``guard_cost_ratio.csv`` is
+written by ``benchmarks/guard_cost.py --out`` directly.
 
     python benchmarks/guard_tables.py            # rewrite the summaries and the page's blocks
     python benchmarks/guard_tables.py --check    # exit status 1 if anything is stale (tests/test_guard.py)
@@ -109,10 +110,12 @@ def tables() -> dict[str, tuple[str, Table]]:
     grid = pd.read_csv(RESULTS / "guard_grid.csv", comment="#")
     runs = pd.read_csv(RESULTS / "guard_collapse_runs.csv", comment="#")
     learned_grid = pd.read_csv(RESULTS / "guard_grid_learned.csv", comment="#")
+    small = pd.read_csv(RESULTS / "guard_grid_small.csv", comment="#")
     from_grid, from_runs = f"{COMMAND} (from docs/results/guard_grid.csv)", \
         f"{COMMAND} (from docs/results/guard_collapse_runs.csv)"
     return {"guard_promise.csv": (from_grid, promise(grid)), "guard_estimator.csv": (from_grid, estimator(grid)),
             "guard_collapse_table.csv": (from_runs, collapse(runs)),
+            "guard_promise_small.csv": (f"{COMMAND} (from docs/results/guard_grid_small.csv)", promise(small)),
             "guard_learned.csv": (f"{COMMAND} (from docs/results/guard_grid.csv and "
                                   "docs/results/guard_grid_learned.csv)", learned(grid, learned_grid))}
 
